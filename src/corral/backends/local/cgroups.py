@@ -1,0 +1,219 @@
+"""Per-sandbox cgroups for the local backend: limits, usage and a kill switch.
+
+Works on cgroup v2 (one hierarchy) and on hybrid hosts (v1 memory, pids and cpu
+controllers, plus the v2 hierarchy for ``cgroup.kill``). Without a writable
+hierarchy, ``CgroupLayout.detect()`` returns None and the backend says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import attrs
+
+ROOT = Path("/sys/fs/cgroup")
+_GROUP = "corral"
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}
+
+
+@attrs.frozen
+class CgroupLayout:
+    """Where corral's cgroups live on this host."""
+
+    unified: Path | None  # v2 folder for corral (kill, and limits when v2-only)
+    memory: Path | None  # v1 controller folders (hybrid hosts)
+    pids: Path | None
+    cpu: Path | None
+    v2_controllers: frozenset[str] = frozenset()
+
+    @classmethod
+    def detect(cls) -> CgroupLayout | None:
+        """The writable layout, or None when cgroups cannot be made here."""
+        if (ROOT / "cgroup.controllers").is_file():  # pure v2
+            base = ROOT / _GROUP
+            try:
+                base.mkdir(exist_ok=True)
+                wanted = {"memory", "pids", "cpu"} & set((ROOT / "cgroup.controllers").read_text().split())
+                with contextlib.suppress(OSError):
+                    _write(ROOT / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+                _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
+                enabled = frozenset((base / "cgroup.subtree_control").read_text().split())
+            except OSError:
+                return None
+            return cls(base, None, None, None, enabled)
+        folders: dict[str, Path | None] = {}
+        for name, folder in (("memory", "memory"), ("pids", "pids"), ("cpu", "cpu"), ("unified", "unified")):
+            path = ROOT / folder / _GROUP
+            try:
+                path.mkdir(exist_ok=True)
+                folders[name] = path
+            except OSError:
+                folders[name] = None
+        if not any(folders.values()):
+            return None
+        return cls(folders["unified"], folders["memory"], folders["pids"], folders["cpu"])
+
+    def has(self, controller: str) -> bool:
+        if self.memory is None and self.pids is None and self.cpu is None:
+            return controller in self.v2_controllers
+        return getattr(self, controller) is not None
+
+    @property
+    def can_kill(self) -> bool:
+        return self.unified is not None
+
+
+@attrs.define
+class Cgroup:
+    """One sandbox's cgroups (a folder per hierarchy)."""
+
+    layout: CgroupLayout
+    name: str
+    folders: dict[str, Path] = attrs.field(factory=dict)
+
+    @classmethod
+    def create(
+        cls, layout: CgroupLayout, name: str, memory: int, pids: int, cpus: float | None
+    ) -> Cgroup:
+        group = cls(layout, name)
+        try:
+            group._make(memory, pids, cpus)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def _make(self, memory: int, pids: int, cpus: float | None) -> None:
+        L = self.layout
+        v2_only = L.memory is None and L.pids is None and L.cpu is None
+        if L.unified is not None:
+            self.folders["unified"] = L.unified / self.name
+            self.folders["unified"].mkdir(exist_ok=True)
+        period = 100_000
+        if v2_only:
+            f = self.folders["unified"]
+            if "memory" in L.v2_controllers:
+                _write(f / "memory.max", str(memory))
+                _write(f / "memory.swap.max", "0")
+            if "pids" in L.v2_controllers:
+                _write(f / "pids.max", str(pids))
+            if cpus is not None and "cpu" in L.v2_controllers:
+                _write(f / "cpu.max", f"{int(cpus * period)} {period}")
+            return
+        if L.memory is not None:
+            f = self.folders["memory"] = L.memory / self.name
+            f.mkdir(exist_ok=True)
+            _write(f / "memory.limit_in_bytes", str(memory))
+            with contextlib.suppress(OSError):  # absent without swap accounting
+                _write(f / "memory.memsw.limit_in_bytes", str(memory))
+            with contextlib.suppress(OSError):
+                _write(f / "memory.swappiness", "0")
+        if L.pids is not None:
+            f = self.folders["pids"] = L.pids / self.name
+            f.mkdir(exist_ok=True)
+            _write(f / "pids.max", str(pids))
+        if L.cpu is not None:
+            f = self.folders["cpu"] = L.cpu / self.name
+            f.mkdir(exist_ok=True)
+            if cpus is not None:
+                _write(f / "cpu.cfs_period_us", str(period))
+                _write(f / "cpu.cfs_quota_us", str(int(cpus * period)))
+
+    def add(self, pid: int) -> None:
+        """Move a process (before it runs the command) into every hierarchy."""
+        for folder in self.folders.values():
+            _write(folder / "cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        for folder in self.folders.values():
+            try:
+                return [int(p) for p in (folder / "cgroup.procs").read_text().split()]
+            except OSError:
+                continue
+        return []
+
+    def kill(self) -> None:
+        """SIGKILL every process in the sandbox, forks racing included."""
+        unified = self.folders.get("unified")
+        if unified is not None and (unified / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(unified / "cgroup.kill", "1")
+        for _ in range(50):  # v1 fallback, and waiting for the kernel to finish
+            left = self.pids()
+            if not left:
+                return
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+    def oom_kills(self) -> int:
+        if "memory" in self.folders:
+            return _read_keyed(self.folders["memory"] / "memory.oom_control").get("oom_kill", 0)
+        if "unified" in self.folders:
+            return _read_keyed(self.folders["unified"] / "memory.events").get("oom_kill", 0)
+        return 0
+
+    def usage(self) -> dict[str, int | float | None]:
+        """CPU seconds, memory now and peak, and process count, where known."""
+        out: dict[str, int | float | None] = {}
+        if "memory" in self.folders:
+            f = self.folders["memory"]
+            out["memory"] = _read_int(f / "memory.usage_in_bytes")
+            out["memory_peak"] = _read_int(f / "memory.max_usage_in_bytes")
+        elif "unified" in self.folders:
+            f = self.folders["unified"]
+            out["memory"] = _read_int(f / "memory.current")
+            out["memory_peak"] = _read_int(f / "memory.peak")
+        if "pids" in self.folders:
+            out["pids"] = _read_int(self.folders["pids"] / "pids.current")
+        elif "unified" in self.folders:
+            out["pids"] = _read_int(self.folders["unified"] / "pids.current")
+        if "unified" in self.folders:
+            usec = _read_keyed(self.folders["unified"] / "cpu.stat").get("usage_usec")
+            out["cpu"] = usec / 1e6 if usec is not None else None
+        return out
+
+    def remove(self) -> None:
+        """Kill what is left and remove the folders. Idempotent."""
+        self.kill()
+        for folder in self.folders.values():
+            with contextlib.suppress(FileNotFoundError):
+                for _ in range(20):
+                    try:
+                        folder.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.01)
+
+    @classmethod
+    def existing(cls, layout: CgroupLayout, name: str) -> Cgroup:
+        """A handle on a sandbox's cgroups made earlier (by this or another process)."""
+        group = cls(layout, name)
+        for key in ("unified", "memory", "pids", "cpu"):
+            base = getattr(layout, key)
+            if base is not None and (base / name).is_dir():
+                group.folders[key] = base / name
+        return group

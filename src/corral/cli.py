@@ -1,0 +1,655 @@
+"""The ``corral`` command: run commands in sandboxes, and inspect and clean up what corral made."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from typing import Any, NoReturn
+
+import attrs
+
+import corral
+from corral.core import settings as settings_module
+from corral.core.backend import Availability
+from corral.core.plugins import get_host
+from corral.core.sandbox import _select_backend_name
+from corral.core.spec import ExecRequest
+
+# Exit statuses of `run` and `exec`, as `docker run` and GNU `timeout` use them, so that a
+# script can tell the command's own failure from corral's.
+EXIT_TIMEOUT = 124
+EXIT_CORRAL_FAILED = 125
+EXIT_OOM = 137
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program killed by SIGPIPE
+# Every other command fails with 1, and a usage error is 2, as most tools do.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# The commands that take a command line of their own after "--".
+COMMAND_VERBS = ("run", "exec")
+
+Args = argparse.Namespace
+Command = Callable[[Args], int]
+
+
+# -- small output helpers ----------------------------------------------------------------
+
+def _say(message: str) -> None:
+    print(f"corral: {message}", file=sys.stderr)
+
+
+def _progress(message: str) -> None:
+    # Progress is for a person watching; a pipe or a log file gets only the real output.
+    if sys.stderr.isatty():
+        _say(message)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print(line.rstrip())
+
+
+def _span(seconds: float) -> str:
+    """A rough, short length of time: 42s, 5m, 3h, 2d."""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _ago(timestamp: float, now: float) -> str:
+    return f"{_span(now - timestamp)} ago"
+
+
+def _until(timestamp: float, now: float) -> str:
+    return f"in {_span(timestamp - now)}" if timestamp > now else f"expired {_ago(timestamp, now)}"
+
+
+def _size(value: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if value >= factor:
+            return f"{value / factor:.1f}{unit}"
+    return f"{value}B"
+
+
+def _release(sandbox: corral.Sandbox) -> None:
+    """Let go of a handle while the sandbox lives on (``--keep``, ``exec``, ``stats``).
+
+    Only ``close()`` silences a handle's "never closed" ResourceWarning, and closing
+    removes the sandbox; the core has no public way to drop a handle, so the warning
+    is filtered for this one sandbox instead.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape(f"sandbox {sandbox.id} was never closed"),
+        category=ResourceWarning,
+    )
+
+
+# -- running commands ----------------------------------------------------------------------
+
+def _exit_status(result: corral.ExecResult) -> int:
+    """The status `corral run` exits with for a command that ended this way."""
+    if result.timed_out:
+        return EXIT_TIMEOUT
+    if result.oom_killed:
+        return EXIT_OOM
+    if result.signal:
+        return 128 + result.signal
+    if result.exit_code < 0:  # killed by a signal, told the way subprocess tells it
+        return 128 - result.exit_code
+    return min(result.exit_code, 255)
+
+
+def _env_pairs(items: Sequence[str] | None) -> dict[str, str] | None:
+    """``--env K=V`` options as a mapping; the core checks the names themselves."""
+    if not items:
+        return None
+    env = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise corral.ConfigError("--env", f"{item!r} is not K=V")
+        env[key] = value
+    return env
+
+
+def _exec_options(args: Args, *, for_exec: bool) -> dict[str, Any]:
+    """The keywords of ``Sandbox.exec`` and ``Sandbox.stream`` that the options set."""
+    options: dict[str, Any] = {"timeout": args.timeout}
+    if args.interactive:
+        options["stdin"] = sys.stdin.buffer.read()
+    if for_exec:  # `run` puts these on the sandbox itself instead
+        options.update(env=_env_pairs(args.env), workdir=args.workdir, user=args.user)
+    return options
+
+
+def _check_command(args: Args) -> None:
+    # The command and timeout are checked by the same model the core uses, before a
+    # sandbox is made for a command that could never run.
+    ExecRequest(argv=args.command, timeout=args.timeout)  # type: ignore[arg-type]
+
+
+def _stream(
+    sandbox: corral.Sandbox, argv: Sequence[str], options: dict[str, Any]
+) -> corral.ExecResult:
+    """Copy the command's output to ours as it comes; the result at the end."""
+    outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    # closing(): leaving early (Ctrl-C, a closed pipe) stops the command at once.
+    with closing(sandbox.stream(argv, **options)) as events:
+        for event in events:
+            if isinstance(event, corral.ExecResult):
+                return event
+            output = outputs[event.stream]
+            output.write(event.data)
+            output.flush()
+    raise corral.InternalError("the command's output ended without a result", sandbox_id=sandbox.id)
+
+
+def _result_json(sandbox: corral.Sandbox, result: corral.ExecResult) -> dict[str, Any]:
+    return {
+        "exit_code": result.exit_code,
+        "stdout": result.text,
+        "stderr": result.stderr_text,
+        "timed_out": result.timed_out,
+        "oom_killed": result.oom_killed,
+        "truncated": result.truncated,
+        "signal": result.signal,
+        "duration": result.duration,
+        "sandbox_id": sandbox.id,
+        "backend": sandbox.backend_name,
+    }
+
+
+def _run_in(sandbox: corral.Sandbox, args: Args, options: dict[str, Any]) -> int:
+    if args.json:
+        result = sandbox.exec(args.command, **options)
+        _print_json(_result_json(sandbox, result))
+    else:
+        result = _stream(sandbox, args.command, options)
+    if result.truncated and not args.json:
+        _say("the output was cut at the max_output setting")
+    return _exit_status(result)
+
+
+def cmd_run(args: Args) -> int:
+    """Run a command in a fresh sandbox, stream its output, then remove the sandbox.
+
+    Exits with the command's status: 124 when it timed out, 137 when it was killed
+    for memory, 125 when corral itself failed.
+    """
+    _check_command(args)
+    settings = corral.load_settings()
+    options = _exec_options(args, for_exec=False)
+    _progress("creating a sandbox")
+    sandbox = corral.create(
+        args.image,
+        backend=args.backend,
+        env=_env_pairs(args.env),
+        workdir=args.workdir,
+        user=args.user,
+        mounts=args.mount,
+        memory=args.memory,
+        cpus=args.cpus,
+        pids=args.pids,
+        lifetime=args.lifetime,
+        network=args.network,
+        settings=settings,
+    )
+    if not args.keep:
+        with sandbox:  # removed however the command ends, Ctrl-C included
+            status = _run_in(sandbox, args, options)
+            _progress(f"removing sandbox {sandbox.id}")
+        return status
+    _release(sandbox)
+    try:
+        return _run_in(sandbox, args, options)
+    finally:
+        _say(f"kept sandbox {sandbox.id}")
+
+
+def cmd_exec(args: Args) -> int:
+    """Run a command in an existing sandbox and stream its output; the sandbox stays."""
+    _check_command(args)
+    settings = corral.load_settings()
+    options = _exec_options(args, for_exec=True)
+    sandbox = corral.attach(args.id, backend=args.backend, settings=settings)
+    _release(sandbox)
+    return _run_in(sandbox, args, options)
+
+
+# -- sandboxes -------------------------------------------------------------------------------
+
+def cmd_ls(args: Args) -> int:
+    """List the sandboxes corral made on a backend."""
+    infos = sorted(
+        corral.list(backend=args.backend, settings=corral.load_settings()),
+        key=lambda info: info.created,
+    )
+    if args.json:
+        _print_json([attrs.asdict(info) for info in infos])
+        return 0
+    now = time.time()
+    rows = [
+        (info.id, info.backend, info.status, _ago(info.created, now),
+         _until(info.expires, now), info.image or "-")
+        for info in infos
+    ]
+    _print_table(("ID", "BACKEND", "STATUS", "CREATED", "EXPIRES", "IMAGE"), rows)
+    return 0
+
+
+def cmd_rm(args: Args) -> int:
+    """Remove sandboxes by id, and everything in them."""
+    settings = corral.load_settings()
+    failed = False
+    for sandbox_id in args.ids:
+        # One missing sandbox must not stop the others from being removed.
+        try:
+            corral.attach(sandbox_id, backend=args.backend, settings=settings).close()
+        except (corral.NotFoundError, corral.ConflictError) as e:
+            _say(f"error: {e}")
+            failed = True
+            continue
+        print(sandbox_id)
+    return EXIT_FAILURE if failed else 0
+
+
+def cmd_gc(args: Args) -> int:
+    """Remove the sandboxes whose lifetime is over (every one of corral's with --all)."""
+    removed = corral.gc(backend=args.backend, settings=corral.load_settings(), everything=args.all)
+    for sandbox_id in removed:
+        print(sandbox_id)
+    if not removed:
+        _progress("nothing to remove")
+    return 0
+
+
+def cmd_stats(args: Args) -> int:
+    """Show what a sandbox uses now: CPU time, memory, processes, network and disk I/O."""
+    sandbox = corral.attach(args.id, backend=args.backend, settings=corral.load_settings())
+    _release(sandbox)
+    usage = sandbox.usage()
+    if args.json:
+        _print_json({"sandbox_id": sandbox.id, **attrs.asdict(usage)})
+        return 0
+    rows = []
+    for field in attrs.fields(corral.ResourceUsage):
+        value = getattr(usage, field.name)
+        if field.name == "timestamp":
+            continue
+        if value is None:
+            text = "unknown"
+        elif field.name.endswith("_bytes"):
+            text = _size(value)
+        elif field.name == "cpu_seconds":
+            text = f"{value:.2f}s"
+        else:
+            text = str(value)
+        rows.append((field.name, text))
+    _print_table(("FIELD", "VALUE"), rows)
+    return 0
+
+
+# -- plugins, backends and settings ----------------------------------------------------------
+
+def _availability(name: str, settings: corral.Settings | None) -> Availability:
+    if settings is None:
+        return Availability(False, "the settings cannot be read", "fix them (see corral config)")
+    try:
+        return get_host().availability(name, settings)
+    except Exception as e:  # one broken plugin must not hide the other backends
+        return Availability(False, f"its check failed: {e}", "report it to the plugin's authors")
+
+
+def _provenance(distribution: str | None, version: str | None) -> str:
+    return " ".join(part for part in (distribution, version) if part) or "-"
+
+
+def cmd_backends(args: Args) -> int:
+    """List the installed backends, where they come from and whether they can run here."""
+    settings = corral.load_settings()
+    found = []
+    for name, record in sorted(get_host().backends().items()):
+        available = _availability(name, settings)
+        found.append((name, record, available))
+    if args.json:
+        _print_json([
+            {
+                "name": name, "description": record.info.description, "plugin": record.plugin,
+                "distribution": record.distribution, "version": record.version,
+                "available": available.ok, "reason": available.reason, "fix": available.fix,
+            }
+            for name, record, available in found
+        ])
+        return 0
+    rows = [
+        (name, _provenance(record.distribution, record.version),
+         "yes" if available.ok else "no", "" if available.ok else str(available))
+        for name, record, available in found
+    ]
+    _print_table(("NAME", "DISTRIBUTION", "AVAILABLE", "WHY NOT"), rows)
+    return 0
+
+
+def cmd_plugins(args: Args) -> int:
+    """List the loaded plugins with their distributions, versions and hooks."""
+    records = get_host().plugins()
+    if args.json:
+        _print_json([attrs.asdict(record) for record in records])
+        return 0
+    rows = [
+        (r.name, _provenance(r.distribution, r.version), ", ".join(r.hooks) or "-")
+        for r in records
+    ]
+    _print_table(("NAME", "DISTRIBUTION", "HOOKS"), rows)
+    return 0
+
+
+def cmd_doctor(args: Args) -> int:
+    """Check this host: Python, corral, configuration files and every backend.
+
+    Exits 0 when the default backend can run here, 1 otherwise.
+    """
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"corral    {corral.__version__}")
+    print(f"platform  {platform.platform()}")
+    settings: corral.Settings | None = None
+    try:
+        found = [name for name, _ in settings_module.sources()]
+        settings = corral.load_settings()
+    except corral.ConfigError as e:
+        found = [f"cannot be read: {e}"]
+    found = found or ["none found (built-in defaults)"]
+    print("config    " + "\n          ".join(found))
+    default = _select_backend_name(None, settings or corral.Settings())
+    print("backends")
+    records = get_host().backends()
+    statuses = {name: _availability(name, settings) for name in sorted(records)}
+    for name, status in statuses.items():
+        if status.ok:
+            print(f"  {name}: {status}")
+            continue
+        print(f"  {name}: not available")
+        print(f"    why: {status.reason or 'no reason given'}")
+        if status.fix:
+            print(f"    fix: {status.fix}")
+    ok = default in statuses and statuses[default].ok
+    if default not in statuses:
+        print(f"default backend: {default} is not installed")
+    else:
+        print(f"default backend: {default} ({'available' if ok else 'not available'})")
+    return 0 if ok else EXIT_FAILURE
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + ", ".join(pairs) + " }"
+    # JSON's string escapes are valid in TOML basic strings.
+    return json.dumps(str(value))
+
+
+def _toml_lines(table: dict[str, Any], name: str = "") -> list[str]:
+    """A table as TOML: plain values first, then sub-tables; unset values as comments."""
+    lines = []
+    for key, value in table.items():
+        if value is None:
+            lines.append(f"# {_toml_key(key)} is not set")
+        elif not isinstance(value, dict):
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in table.items():
+        if isinstance(value, dict):
+            full = f"{name}.{_toml_key(key)}" if name else _toml_key(key)
+            lines += ["", f"[{full}]", *_toml_lines(value, full)]
+    return lines
+
+
+def cmd_config(args: Args) -> int:
+    """Show the effective settings and the files and variables they came from."""
+    found = [name for name, _ in settings_module.sources()]
+    described = settings_module.describe(corral.load_settings())
+    if args.json:
+        _print_json({"settings": described, "sources": found})
+        return 0
+    print("# sources, weakest first:")
+    for name in found or ["(none: built-in defaults only)"]:
+        print(f"#   {name}")
+    print("\n".join(_toml_lines(described)))
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line and an exit status per command."""
+
+    def __init__(self, *args: Any, usage_status: int = EXIT_USAGE, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_status = usage_status
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(self.usage_status)
+
+
+def _summary(command: Command) -> str:
+    return (command.__doc__ or "").strip().splitlines()[0]
+
+
+def _add_command(
+    commands: Any,
+    name: str,
+    command: Command,
+    parents: list[argparse.ArgumentParser],
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    # `run` and `exec` fail with 125 even on a usage error, so a script never mistakes
+    # corral's failure for the command's own status.
+    status = EXIT_CORRAL_FAILED if name in COMMAND_VERBS else EXIT_USAGE
+    parser = commands.add_parser(
+        name,
+        help=_summary(command),
+        description=inspect.cleandoc(command.__doc__ or ""),
+        parents=parents,
+        usage_status=status,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+    failure_status = EXIT_CORRAL_FAILED if name in COMMAND_VERBS else EXIT_FAILURE
+    parser.set_defaults(func=command, failure_status=failure_status, parser=parser)
+    return parser
+
+
+def _command_options(parser: argparse.ArgumentParser) -> None:
+    """Options that `run` and `exec` share: how the one command runs."""
+    parser.add_argument("--timeout", metavar="T",
+                        help="stop the command after T (seconds, or 30s, 5m); exit 124")
+    parser.add_argument("--env", "-e", action="append", metavar="K=V",
+                        help="set a variable (repeatable)")
+    parser.add_argument("--workdir", "-w", metavar="DIR", help="folder to run in")
+    parser.add_argument("--user", "-u", metavar="UID[:GID]", help="user to run as")
+    parser.add_argument("--interactive", "-i", action="store_true",
+                        help="send our standard input to the command (read to its end first)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with the result instead of streaming")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``corral`` argument parser, with one sub-command per ``cmd_*`` function."""
+    parser = _Parser(prog="corral", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks and debug logs (also CORRAL_DEBUG=1)")
+    # --debug works after the command too; SUPPRESS keeps the global value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument("--backend", "-b", metavar="NAME",
+                         help="backend to use (default: CORRAL_BACKEND, the settings, or local)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON")
+    commands = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+
+    run = _add_command(commands, "run", cmd_run, [common, backend],
+                       usage="corral run [options] -- CMD...")
+    run.add_argument("--image", help="image to start from (container backends)")
+    run.add_argument("--memory", "-m", metavar="SIZE", help="memory limit (512MiB, 1g)")
+    run.add_argument("--cpus", type=float, help="CPU limit, in CPUs (0.5, 2)")
+    run.add_argument("--pids", type=int, help="limit on the number of processes")
+    run.add_argument("--network", choices=("none", "bridge"), help="network (default: none)")
+    run.add_argument("--mount", action="append", metavar="SRC:DST[:ro|rw]",
+                     help="bind a host folder; read-only unless :rw (repeatable)")
+    run.add_argument("--lifetime", metavar="T", help="remove the sandbox after T at the latest")
+    run.add_argument("--keep", action="store_true",
+                     help="keep the sandbox afterwards and print its id (to stderr)")
+    _command_options(run)
+
+    exec_ = _add_command(commands, "exec", cmd_exec, [common, backend],
+                         usage="corral exec ID [options] -- CMD...")
+    exec_.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
+    _command_options(exec_)
+
+    _add_command(commands, "ls", cmd_ls, [common, backend, as_json])
+    rm = _add_command(commands, "rm", cmd_rm, [common, backend])
+    rm.add_argument("ids", nargs="+", metavar="ID", help="the sandboxes to remove")
+    gc = _add_command(commands, "gc", cmd_gc, [common, backend])
+    gc.add_argument("--all", action="store_true", help="remove every sandbox of corral's")
+    stats = _add_command(commands, "stats", cmd_stats, [common, backend, as_json])
+    stats.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
+    _add_command(commands, "backends", cmd_backends, [common, as_json])
+    _add_command(commands, "plugins", cmd_plugins, [common, as_json])
+    _add_command(commands, "doctor", cmd_doctor, [common])
+    _add_command(commands, "config", cmd_config, [common, as_json])
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """The parsed arguments; for `run` and `exec`, ``command`` is what follows ``--``."""
+    argv = list(argv)
+    parser = build_parser()
+    verb = next((arg for arg in argv if not arg.startswith("-")), None)
+    if verb not in COMMAND_VERBS:
+        return parser.parse_args(argv)
+    # Everything after the first "--" is the command, verbatim: argparse's own handling
+    # of "--" inside sub-commands differs between Python versions.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:cut])
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}; "
+                          f"put the command after --, as in: {args.parser.usage}")
+    args.command = argv[cut + 1:]
+    if not args.command:
+        args.parser.error(f"no command given; put it after --, as in: {args.parser.usage}")
+    return args
+
+
+# -- the entry point ----------------------------------------------------------------------------
+
+class _LogFormatter(logging.Formatter):
+    """Log records as one line each; the traceback only when debugging."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and not self.debug:
+            message = f"{message}: {error}"
+        line = f"corral: {record.levelname.lower()}: {message}"
+        if error is not None and self.debug:
+            line += "\n" + self.formatException(record.exc_info)  # type: ignore[arg-type]
+        return line
+
+
+def _configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(debug))
+    logger = logging.getLogger("corral")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logger.propagate = False
+
+
+def _on_terminate(signum: int, frame: Any) -> NoReturn:
+    # Raised in the main thread, so every `with sandbox` block on the way out removes
+    # what it made, as Ctrl-C does.
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _on_terminate)
+
+
+def _quiet_stdout() -> None:
+    # After a closed pipe, Python's own flush at exit would fail again, noisily.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``corral`` command; returns the exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    debug = args.debug or os.environ.get("CORRAL_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    _configure_logging(debug)
+    _install_signal_handlers()
+    try:
+        return args.func(args)
+    except corral.SandboxError as e:
+        if debug:
+            traceback.print_exc()
+        for line in str(e).splitlines() or [type(e).__name__]:
+            _say(f"error: {line}")
+        return args.failure_status
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as e:  # a bug in corral or a plugin: still one line unless debugging
+        if debug:
+            traceback.print_exc()
+        _say(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return args.failure_status

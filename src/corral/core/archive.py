@@ -1,0 +1,255 @@
+"""Safe tar archives: the one place corral builds and reads them.
+
+Uploads are uncompressed tars of regular files and folders only, setuid, setgid and
+sticky bits cleared, owned by the sandbox user. Downloads are read as a stream and
+refused member by member: anything but a regular file or a folder, absolute names,
+``..``, over-long names, and archives past the size or member caps. Extraction goes
+into a fresh folder that nobody else writes, and is removed if anything fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+import attrs
+
+from .errors import ArchiveError, ConfigError, ConflictError, PathSecurityError, ResourceLimitError
+
+__all__ = [
+    "ArchiveLimits",
+    "build_tar_from_bytes",
+    "build_tar_from_path",
+    "check_sandbox_path",
+    "extract",
+    "iter_members",
+    "read_single_file",
+]
+
+_SPOOL = 8 * 1024 * 1024  # build small archives in memory, big ones on disk
+_NAME_MAX = 4096
+
+
+@attrs.frozen
+class ArchiveLimits:
+    """Caps on what a download may bring back."""
+
+    max_bytes: int = 1024**3
+    max_members: int = 100_000
+    max_file_bytes: int = 1024**3
+
+
+def check_sandbox_path(path: object, field: str = "path") -> str:
+    """A path inside a sandbox: absolute, no ``..``, no NUL; returned normalised."""
+    if not isinstance(path, str):
+        raise PathSecurityError(f"{field}: {path!r} is not a string path")
+    if "\0" in path:
+        raise PathSecurityError(f"{field}: {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        raise PathSecurityError(f"{field}: {path!r} is not absolute")
+    if ".." in path.split("/"):
+        raise PathSecurityError(f"{field}: {path!r} contains '..'")
+    return posixpath.normpath(path)
+
+
+def _safe_mode(mode: int, is_dir: bool) -> int:
+    # Keep the owner's execute bit for scripts; never setuid, setgid or sticky.
+    return (mode & 0o777) | (0o700 if is_dir else 0o600)
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int]) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = _safe_mode(mode, kind == tarfile.DIRTYPE)
+    info.size = size
+    info.uid, info.gid = owner
+    info.uname = info.gname = ""
+    return info
+
+
+def _spooled() -> IO[bytes]:
+    return tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - returned to caller
+
+
+def build_tar_from_bytes(name: str, data: bytes, mode: int, owner: tuple[int, int]) -> IO[bytes]:
+    """An uncompressed tar holding one regular file ``name`` (a bare file name)."""
+    if "/" in name or name in ("", ".", ".."):
+        raise PathSecurityError(f"{name!r} is not a file name")
+    out = _spooled()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_tarinfo(name, tarfile.REGTYPE, mode, len(data), owner), io.BytesIO(data))
+    out.seek(0)
+    return out
+
+
+def build_tar_from_path(source: Path, owner: tuple[int, int]) -> IO[bytes]:
+    """An uncompressed tar of a local file or folder, named by its base name.
+
+    Only regular files and folders go in; a symlink, device or socket anywhere in the
+    tree is refused (PathSecurityError), since following it could ship host files the
+    caller never meant to send.
+    """
+    source = Path(source)
+    root = source.name
+    out = _spooled()
+    try:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path, arcname in _walk(source, root):
+                st = path.lstat()
+                if stat.S_ISDIR(st.st_mode):
+                    tar.addfile(_tarinfo(arcname, tarfile.DIRTYPE, st.st_mode, 0, owner))
+                elif stat.S_ISREG(st.st_mode):
+                    with path.open("rb") as f:
+                        info = _tarinfo(arcname, tarfile.REGTYPE, st.st_mode, st.st_size, owner)
+                        tar.addfile(info, f)
+                else:
+                    raise PathSecurityError(
+                        f"{path}: only regular files and folders can be uploaded"
+                    )
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return out
+
+
+def _walk(source: Path, arcname: str) -> Iterator[tuple[Path, str]]:
+    if not source.exists() and not source.is_symlink():
+        raise ConfigError("source", f"{str(source)!r}: no such file or folder")
+    yield source, arcname
+    if source.is_dir() and not source.is_symlink():
+        for child in sorted(source.iterdir()):
+            yield from _walk(child, f"{arcname}/{child.name}")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks, for streaming tar reads."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
+        while not self._buffer:
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+def _member_name(member: tarfile.TarInfo) -> str:
+    name = member.name
+    if not name or "\0" in name or len(name) > _NAME_MAX:
+        raise ArchiveError(f"archive member {name!r} has an invalid name")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ArchiveError(f"archive member {name!r} would land outside the destination")
+    normal = posixpath.normpath(name)
+    if normal in (".", ""):
+        return "."
+    return normal
+
+
+def iter_members(
+    chunks: Iterable[bytes] | IO[bytes], limits: ArchiveLimits = ArchiveLimits()
+) -> Iterator[tuple[str, tarfile.TarInfo, IO[bytes] | None]]:
+    """Each member of a tar stream as ``(normalised name, info, data)``, checked.
+
+    Refuses (ArchiveError) links, devices, FIFOs and unsafe names; stops
+    (ResourceLimitError) past the caps. ``data`` is None for folders and must be read
+    before the next member is asked for.
+    """
+    fileobj = chunks if hasattr(chunks, "read") else io.BufferedReader(_ChunkReader(chunks))
+    total = members = 0
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|")  # type: ignore[arg-type]
+    except tarfile.TarError as e:
+        raise ArchiveError(f"not a tar archive: {e}") from None
+    with tar:
+        try:
+            for member in tar:
+                members += 1
+                if members > limits.max_members:
+                    raise ResourceLimitError(f"the archive has more than {limits.max_members} members")
+                name = _member_name(member)
+                if member.isdir():
+                    yield name, member, None
+                    continue
+                if not member.isreg():
+                    raise ArchiveError(
+                        f"archive member {member.name!r} is not a regular file or a folder "
+                        "(links and devices are never extracted)"
+                    )
+                if member.size > limits.max_file_bytes:
+                    raise ResourceLimitError(
+                        f"{member.name!r} is larger than {limits.max_file_bytes} bytes"
+                    )
+                total += member.size
+                if total > limits.max_bytes:
+                    raise ResourceLimitError(f"the archive holds more than {limits.max_bytes} bytes")
+                yield name, member, tar.extractfile(member)
+        except tarfile.TarError as e:
+            raise ArchiveError(f"broken tar archive: {e}") from None
+
+
+def extract(
+    chunks: Iterable[bytes] | IO[bytes], destination: Path, limits: ArchiveLimits = ArchiveLimits()
+) -> Path:
+    """Extract a tar stream so that its single top entry becomes ``destination``.
+
+    ``destination`` must not exist. Everything is written first into a new, private
+    folder beside it and moved into place at the end; on any failure that folder is
+    removed, so a refused archive leaves nothing behind.
+    """
+    destination = Path(destination)
+    if destination.exists() or destination.is_symlink():
+        raise ConflictError(f"{destination} already exists", retryable=False)
+    staging = Path(tempfile.mkdtemp(prefix=".corral-download-", dir=destination.parent))
+    try:
+        top = None
+        for name, member, data in iter_members(chunks, limits):
+            head = name.split("/", 1)[0]
+            if top is None:
+                top = head
+            elif head != top:
+                raise ArchiveError(f"archive has more than one top entry ({top!r}, {head!r})")
+            target = staging / name
+            if data is None:
+                target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(target, _safe_mode(member.mode, True) & 0o777)
+                continue
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(data, f)
+            os.chmod(target, _safe_mode(member.mode, False) & 0o755)
+        if top is None:
+            raise ArchiveError("the archive is empty")
+        os.rename(staging / top, destination)
+        return destination
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_single_file(chunks: Iterable[bytes], max_bytes: int) -> bytes:
+    """The content of the one regular file a tar stream holds (``read_file``)."""
+    limits = ArchiveLimits(max_bytes=max_bytes, max_members=1, max_file_bytes=max_bytes)
+    for name, _, data in iter_members(chunks, limits):
+        if data is None:
+            raise ConfigError("path", f"{name!r} is a folder, not a file")
+        return data.read()
+    raise ArchiveError("the archive is empty")

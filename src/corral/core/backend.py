@@ -1,0 +1,228 @@
+"""The Backend base class, the capability flags and the registration record."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from .errors import CapabilityError
+
+if TYPE_CHECKING:
+    from .output import OutputSink
+    from .results import Health, ResourceUsage, SandboxInfo
+    from .spec import ExecRequest, SandboxSpec
+
+__all__ = [
+    "Availability",
+    "Backend",
+    "BackendInfo",
+    "Capability",
+    "ExecStatus",
+    "NoSettings",
+    "required_capabilities",
+]
+
+
+class Capability(enum.Flag):
+    """What a backend really enforces. A spec that needs more is refused before create."""
+
+    ISOLATION = enum.auto()  # own filesystem view, pid, ipc and uts namespaces
+    NETWORK_NONE = enum.auto()  # loopback only
+    NETWORK_BRIDGE = enum.auto()  # outbound network through the engine
+    DNS = enum.auto()
+    MEMORY_LIMIT = enum.auto()
+    CPU_LIMIT = enum.auto()
+    PIDS_LIMIT = enum.auto()
+    NOFILE_LIMIT = enum.auto()
+    NPROC_LIMIT = enum.auto()
+    CPU_TIME_LIMIT = enum.auto()
+    FILE_SIZE_LIMIT = enum.auto()
+    DISK_LIMIT = enum.auto()
+    LIFETIME = enum.auto()
+    READ_ONLY_ROOT = enum.auto()
+    BIND_MOUNTS = enum.auto()
+    TMPFS = enum.auto()
+    VOLUMES = enum.auto()
+    CAP_ADD = enum.auto()
+    NO_NEW_PRIVILEGES = enum.auto()
+    SECCOMP = enum.auto()
+    APPARMOR = enum.auto()
+    SELINUX = enum.auto()
+    MASKED_PATHS = enum.auto()
+    IMAGES = enum.auto()
+    INIT_COMMAND = enum.auto()  # a spec.command run as the sandbox's PID 1
+    USER = enum.auto()
+    HEALTHCHECK = enum.auto()
+    PAUSE = enum.auto()
+
+
+def required_capabilities(spec: SandboxSpec) -> dict[Capability, str]:
+    """Each capability the spec needs, with the field (and value) that needs it."""
+    C = Capability
+    need: dict[Capability, str] = {}
+    sec, lim = spec.security, spec.limits
+    if sec.isolate:
+        need[C.ISOLATION] = "sandbox.security.isolate = true"
+        need[C.NETWORK_NONE if spec.network.mode == "none" else C.NETWORK_BRIDGE] = (
+            f"sandbox.network.mode = {spec.network.mode!r}"
+        )
+        if sec.read_only_root:
+            need[C.READ_ONLY_ROOT] = "sandbox.security.read_only_root = true"
+        if sec.no_new_privileges:
+            need[C.NO_NEW_PRIVILEGES] = "sandbox.security.no_new_privileges = true"
+    if spec.network.dns:
+        need[C.DNS] = "sandbox.network.dns"
+    need[C.MEMORY_LIMIT] = "sandbox.limits.memory"
+    if lim.cpus is not None:
+        need[C.CPU_LIMIT] = "sandbox.limits.cpus"
+    need[C.PIDS_LIMIT] = "sandbox.limits.pids"
+    need[C.NOFILE_LIMIT] = "sandbox.limits.nofile"
+    need[C.NPROC_LIMIT] = "sandbox.limits.nproc"
+    need[C.LIFETIME] = "sandbox.limits.lifetime"
+    for field, cap in (
+        ("cputime", C.CPU_TIME_LIMIT),
+        ("file_size", C.FILE_SIZE_LIMIT),
+        ("disk", C.DISK_LIMIT),
+    ):
+        if getattr(lim, field) is not None:
+            need[cap] = f"sandbox.limits.{field}"
+    kinds = {m.kind for m in spec.mounts}
+    for kind, cap in (("bind", C.BIND_MOUNTS), ("tmpfs", C.TMPFS), ("volume", C.VOLUMES)):
+        if kind in kinds:
+            need[cap] = f"sandbox.mounts ({kind})"
+    optional = (
+        (sec.cap_add, C.CAP_ADD, "sandbox.security.cap_add"),
+        (sec.seccomp, C.SECCOMP, "sandbox.security.seccomp"),
+        (sec.apparmor, C.APPARMOR, "sandbox.security.apparmor"),
+        (sec.selinux_label, C.SELINUX, "sandbox.security.selinux_label"),
+        (sec.masked_paths, C.MASKED_PATHS, "sandbox.security.masked_paths"),
+        (spec.image, C.IMAGES, "sandbox.image"),
+        (spec.command, C.INIT_COMMAND, "sandbox.command"),
+        (spec.healthcheck, C.HEALTHCHECK, "sandbox.healthcheck"),
+    )
+    for value, cap, field in optional:
+        if value:
+            need[cap] = field
+    return need
+
+
+@attrs.frozen
+class Availability:
+    """Whether a backend can run here; when not, why and how to fix it."""
+
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "available" + (f" ({self.reason})" if self.reason else "")
+        return self.reason + (f"; fix: {self.fix}" if self.fix else "")
+
+
+@attrs.frozen
+class ExecStatus:
+    """How a command ended, as a backend reports it; the output is in the sink."""
+
+    exit_code: int
+    timed_out: bool = False
+    oom_killed: bool = False
+    signal: int | None = None
+
+
+@attrs.frozen
+class NoSettings:
+    """Settings of a backend that has none."""
+
+
+class Backend(abc.ABC):
+    """A place where sandboxes run. Subclass it, then register it with ``corral_backends``.
+
+    The methods are a stateless operation layer keyed by sandbox id, so a sandbox made
+    by one process can be used from another (``corral.attach``). Every method raises
+    only SandboxError subclasses: translate the engine's exceptions (``raise ... from``).
+    """
+
+    #: The name users select the backend by.
+    name: ClassVar[str]
+    #: An attrs class for the backend's options, filled from ``[backends.NAME]``.
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def check(self) -> Availability:
+        """Whether the backend can run here, cheaply; never raises."""
+
+    @abc.abstractmethod
+    def capabilities(self) -> Capability:
+        """What this backend enforces on this host (may depend on the host)."""
+
+    @abc.abstractmethod
+    def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        """Make and start the sandbox. On failure, leave nothing behind."""
+
+    @abc.abstractmethod
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        """Run ``request.argv``, feeding output to ``sink`` as it comes.
+
+        On timeout (``request.timeout``) or when ``sink.cancelled`` becomes true, stop
+        every process the command started and return with ``timed_out`` set.
+        """
+
+    @abc.abstractmethod
+    def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
+        """Unpack an uncompressed tar (built by ``corral.core.archive``) into folder ``path``."""
+
+    @abc.abstractmethod
+    def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
+        """A tar stream of ``path`` (a file or a folder), as chunks."""
+
+    @abc.abstractmethod
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        """What the sandbox uses now."""
+
+    @abc.abstractmethod
+    def destroy(self, sandbox_id: str) -> None:
+        """Remove the sandbox and everything it holds. Idempotent; gone is fine."""
+
+    @abc.abstractmethod
+    def list(self) -> list[SandboxInfo]:
+        """Every sandbox of this backend's that carries corral's labels."""
+
+    @abc.abstractmethod
+    def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
+        """One sandbox and its spec, for ``corral.attach``; NotFoundError when gone."""
+
+    def capability_hint(self, missing: Capability) -> str:
+        """Why this host lacks ``missing`` and how to fix it, for the refusal message."""
+        return ""
+
+    def health(self, sandbox_id: str) -> Health:
+        """The healthcheck's state; backends that run healthchecks override this."""
+        from .results import Health
+
+        return Health(status="none")
+
+    def pause(self, sandbox_id: str) -> None:
+        raise CapabilityError(f"the {self.name} backend cannot pause sandboxes", backend=self.name)
+
+    def resume(self, sandbox_id: str) -> None:
+        raise CapabilityError(f"the {self.name} backend cannot pause sandboxes", backend=self.name)
+
+    def close(self) -> None:
+        """Release clients and connections; called once when the process is done with it."""
+
+
+@attrs.frozen
+class BackendInfo:
+    """What a plugin's ``corral_backends`` hook returns for each backend it provides."""
+
+    name: str
+    backend: type[Backend]
+    description: str = ""

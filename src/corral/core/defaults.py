@@ -1,0 +1,35 @@
+"""The core's own answers to its dispatch hooks, called after every plugin's (trylast)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .hookspecs import hookimpl
+from .results import ExecResult, ResourceUsage
+
+if TYPE_CHECKING:
+    from .output import OutputSink
+    from .sandbox import Sandbox
+    from .spec import ExecRequest
+
+
+@hookimpl(trylast=True)
+def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> ExecResult:
+    started = time.monotonic()
+    status = sandbox.backend.exec(sandbox.id, request, sink)
+    return ExecResult(
+        exit_code=status.exit_code,
+        stdout=sink.value("stdout"),
+        stderr=sink.value("stderr"),
+        duration=time.monotonic() - started,
+        timed_out=status.timed_out,
+        oom_killed=status.oom_killed,
+        truncated=sink.truncated,
+        signal=status.signal,
+    )
+
+
+@hookimpl(trylast=True)
+def corral_usage(sandbox: Sandbox) -> ResourceUsage:
+    return sandbox.backend.usage(sandbox.id)

@@ -1,0 +1,296 @@
+"""Every hook corral calls: the contract between the core and its plugins.
+
+Kinds, by name: registration and contribution hooks are plural nouns
+(``corral_backends``, ``corral_extra_mounts``); notifications are a subject and an
+event (``corral_sandbox_created``); dispatch points are verbs (``corral_exec``,
+``corral_usage``), answered first by plugins and last by the core's own default.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .backend import BackendInfo
+    from .output import OutputSink
+    from .results import ExecResult, ResourceUsage
+    from .sandbox import Sandbox
+    from .spec import ExecRequest, MountLike, SandboxSpec
+
+PROJECT = "corral"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# -- registration ----------------------------------------------------------------------
+
+@hookspec
+def corral_backends() -> list[BackendInfo]:
+    """Declare the backends this plugin provides.
+
+    Called once, when the plugin manager is first used in a process. Each plugin
+    returns a list of :class:`corral.BackendInfo` records; the host checks that names do
+    not clash (a clash is a PluginError naming both providers) and remembers which
+    distribution provided each backend.
+
+    Returns:
+        A list of BackendInfo (may be empty).
+
+    May raise: no; an exception here is reported as a PluginError naming the plugin.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_backends():
+            return [corral.BackendInfo(name="firecracker", backend=FirecrackerBackend,
+                                       description="microVMs")]
+    """
+
+
+# -- contributions at create -----------------------------------------------------------
+
+@hookspec
+def corral_extra_mounts(spec: SandboxSpec, backend: str) -> list[MountLike]:
+    """Contribute mounts to a sandbox about to be created.
+
+    Called by ``corral.create`` after the spec is validated and before policy checks,
+    once per plugin. The mounts returned are appended to ``spec.mounts`` and go through
+    the same checks as the user's own (sensitive sources are still refused).
+
+    Args:
+        spec: the spec as the user gave it (defaults applied).
+        backend: the name of the chosen backend.
+
+    Returns:
+        A list of Mount, Tmpfs or Volume (may be empty).
+
+    May raise: ConfigError or PolicyError to refuse the sandbox.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_extra_mounts(spec, backend):
+            return [corral.Tmpfs("/cache", size="128MiB")]
+    """
+
+
+@hookspec
+def corral_extra_env(spec: SandboxSpec, backend: str) -> dict[str, str]:
+    """Contribute environment variables to a sandbox about to be created.
+
+    Called by ``corral.create`` right after ``corral_extra_mounts``. The variables are
+    merged under the user's own: a variable the spec sets itself always wins.
+
+    Args:
+        spec: the spec as the user gave it.
+        backend: the name of the chosen backend.
+
+    Returns:
+        A mapping of names to values (may be empty).
+
+    May raise: ConfigError or PolicyError to refuse the sandbox.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_extra_env(spec, backend):
+            return {"GIT_AUTHOR_NAME": "corral"}
+    """
+
+
+@hookspec
+def corral_check_spec(spec: SandboxSpec, backend: str) -> None:
+    """Accept or refuse the final spec, before anything is created.
+
+    Called by ``corral.create`` after contributions are merged and corral's own policy
+    (unsafe options, mount sources) has passed, and before the capability check. A
+    policy plugin raises PolicyError to refuse; returning means no objection.
+
+    Args:
+        spec: the final spec.
+        backend: the name of the chosen backend.
+
+    May raise: PolicyError (or ConfigError) to refuse the sandbox.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_check_spec(spec, backend):
+            if spec.network.mode != "none":
+                raise corral.PolicyError("this service allows no network")
+    """
+
+
+# -- lifecycle notifications -----------------------------------------------------------
+
+@hookspec
+def corral_sandbox_creating(spec: SandboxSpec, sandbox_id: str, backend: str) -> None:
+    """Notification: a sandbox is about to be created (the spec passed every check).
+
+    Called once, just before ``Backend.create``. Raising aborts the create (nothing has
+    been made yet) and the exception reaches the caller.
+
+    Args:
+        spec: the final spec.
+        sandbox_id: the id the sandbox will have.
+        backend: the backend's name.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_sandbox_creating(spec, sandbox_id, backend):
+            log.info("creating %s on %s", sandbox_id, backend)
+    """
+
+
+@hookspec
+def corral_sandbox_created(sandbox: Sandbox) -> None:
+    """Notification: a sandbox is created and started.
+
+    Called once per sandbox, after ``Backend.create`` returned. If an implementation
+    raises, the sandbox is destroyed and the exception reaches the caller of
+    ``corral.create``, so nothing leaks.
+
+    Args:
+        sandbox: the new sandbox.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_sandbox_created(sandbox):
+            registry.add(sandbox.id)
+    """
+
+
+@hookspec
+def corral_sandbox_destroying(sandbox: Sandbox) -> None:
+    """Notification: a sandbox is about to be destroyed (``close()`` was called).
+
+    Called once per sandbox, before ``Backend.destroy``, while the sandbox can still be
+    used (to collect logs or files). Exceptions are logged and ignored: a plugin can
+    never keep a sandbox alive.
+
+    Args:
+        sandbox: the sandbox being closed.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_sandbox_destroying(sandbox):
+            save(sandbox.read_file("/workspace/report.json"))
+    """
+
+
+@hookspec
+def corral_sandbox_destroyed(sandbox_id: str, backend: str, error: BaseException | None) -> None:
+    """Notification: a sandbox is gone (or its removal failed, with ``error``).
+
+    Called once per sandbox after ``Backend.destroy``. Exceptions are logged and ignored.
+
+    Args:
+        sandbox_id: the id the sandbox had.
+        backend: the backend's name.
+        error: the removal's error, or None when it succeeded.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_sandbox_destroyed(sandbox_id, backend, error):
+            registry.discard(sandbox_id)
+    """
+
+
+# -- dispatch --------------------------------------------------------------------------
+
+@hookspec(firstresult=True)
+def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> ExecResult | None:
+    """Run one command in a sandbox: the dispatch point every exec goes through.
+
+    The core answers last (``trylast``) by asking the backend and building the
+    ExecResult from ``sink``. A plugin may answer first (record/replay: return a
+    result without running anything), or wrap the call with ``wrapper=True`` to
+    observe or change it (audit, tracing, retries, policy on argv).
+
+    Args:
+        sandbox: the sandbox.
+        request: the validated request (argv, env, workdir, user, stdin, timeout).
+        sink: where output goes; bounded by ``request.max_output``.
+
+    Returns:
+        The ExecResult, or None to let the next implementation answer.
+
+    May raise: PolicyError to refuse the command; SandboxError from the backend.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl(wrapper=True)
+        def corral_exec(sandbox, request, sink):
+            started = time.monotonic()
+            result = yield
+            log.info("%s took %.3fs", request.argv, time.monotonic() - started)
+            return result
+    """
+
+
+@hookspec(firstresult=True)
+def corral_usage(sandbox: Sandbox) -> ResourceUsage | None:
+    """Read what a sandbox uses now: the dispatch point behind ``sandbox.usage()``.
+
+    The core answers last by asking the backend. A plugin may answer first (for
+    example from its own metrics agent) or wrap the call.
+
+    Args:
+        sandbox: the sandbox.
+
+    Returns:
+        A ResourceUsage, or None to let the next implementation answer.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl(tryfirst=True)
+        def corral_usage(sandbox):
+            return agent.sample(sandbox.id)  # None when the agent does not know it
+    """
+
+
+@hookspec
+def corral_usage_sampled(sandbox: Sandbox, usage: ResourceUsage) -> None:
+    """Notification: a usage sample was read; exporters forward it.
+
+    Called after every ``sandbox.usage()``. Exceptions are logged and ignored, so a
+    broken exporter never breaks the caller.
+
+    Args:
+        sandbox: the sandbox.
+        usage: the sample.
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_usage_sampled(sandbox, usage):
+            gauge.labels(sandbox.id).set(usage.memory_bytes or 0)
+    """

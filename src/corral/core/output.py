@@ -1,0 +1,64 @@
+"""The output sink the core hands every exec: bounded capture and live streaming."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .results import OutputChunk
+
+__all__ = ["OutputSink"]
+
+
+class OutputSink:
+    """Collects a command's output up to ``max_output`` bytes per stream.
+
+    Backends call ``write`` as bytes arrive (from any thread) and must keep draining
+    the command's pipes after the cap is hit, so the command is never blocked by a
+    full pipe; bytes past the cap are dropped and ``truncated`` is set. ``on_chunk``
+    sees every kept chunk as it comes (for streaming). ``cancel()`` asks the backend
+    to stop the command, as a timeout would.
+    """
+
+    def __init__(
+        self,
+        max_output: int,
+        on_chunk: Callable[[OutputChunk], None] | None = None,
+    ) -> None:
+        self.max_output = max_output
+        self.truncated = False
+        self._on_chunk = on_chunk
+        self._parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        self._sizes = {"stdout": 0, "stderr": 0}
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def write(self, stream: str, data: bytes) -> None:
+        if not data:
+            return
+        with self._lock:
+            room = self.max_output - self._sizes[stream]
+            if len(data) > room:
+                self.truncated = True
+                data = data[: max(room, 0)]
+                if not data:
+                    return
+            self._parts[stream].append(data)
+            self._sizes[stream] += len(data)
+        if self._on_chunk is not None:
+            self._on_chunk(OutputChunk(stream, data))  # type: ignore[arg-type]
+
+    def value(self, stream: str) -> bytes:
+        with self._lock:
+            return b"".join(self._parts[stream])
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def wait_cancelled(self, timeout: float | None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early when cancelled."""
+        return self._cancelled.wait(timeout)

@@ -1,0 +1,233 @@
+"""The plugin host: one pluggy manager per process, entry points, backend selection."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .backend import Availability, Backend, BackendInfo
+from .convert import structure
+from .errors import BackendUnavailableError, ConfigError, PluginError
+from .settings import Settings
+
+__all__ = ["PluginHost", "PluginRecord", "get_host", "reset_host"]
+
+ENTRY_POINT_GROUP = "corral"
+OWN_DISTRIBUTION = "corral"
+
+
+@attrs.frozen
+class PluginRecord:
+    """A loaded plugin and where it came from."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+
+
+@attrs.frozen
+class BackendRecord:
+    """A registered backend with the plugin and distribution that provided it."""
+
+    info: BackendInfo
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+
+def _flag(environ: Any, name: str) -> bool:
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class PluginHost:
+    """The core's typed door to its plugins.
+
+    Built lazily and once per process (``get_host()``). Loading order: hookspecs, the
+    core's own default implementations, then every entry point in the ``corral`` group
+    (corral's own built-in backends included, exactly like a third party's), except
+    those named in ``CORRAL_DISABLE_PLUGINS``; with ``CORRAL_DISABLE_PLUGIN_AUTOLOAD=1``
+    only corral's own distribution is loaded. ``check_pending()`` then refuses any hook
+    implementation that matches no specification.
+    """
+
+    def __init__(self, environ: Any = None) -> None:
+        environ = os.environ if environ is None else environ
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._provenance: dict[str, tuple[str | None, str | None]] = {}
+        self._backends: dict[str, BackendRecord] | None = None
+        self._instances: dict[str, Backend] = {}
+        self._lock = threading.RLock()
+        self.blocked = tuple(
+            n.strip() for n in environ.get("CORRAL_DISABLE_PLUGINS", "").split(",") if n.strip()
+        )
+        for name in self.blocked:
+            self.pm.set_blocked(name)
+        if _flag(environ, "CORRAL_TRACE_PLUGINS"):
+            self.pm.trace.root.setwriter(sys.stderr.write)
+            self.pm.enable_tracing()
+        from . import defaults
+
+        self.register(defaults, "corral.core", OWN_DISTRIBUTION)
+        self._load_entry_points(autoload=not _flag(environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD"))
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"plugin {e.plugin_name!r} is invalid: {e}") from e
+
+    # -- loading -------------------------------------------------------------------
+
+    def register(self, plugin: ModuleType | object, name: str, distribution: str | None = None) -> None:
+        """Register a plugin object; its hooks are checked against the specifications."""
+        with self._lock:
+            try:
+                self.pm.register(plugin, name=name)
+            except (pluggy.PluginValidationError, ValueError) as e:
+                raise PluginError(f"plugin {name!r} cannot be registered: {e}") from e
+            try:
+                # pluggy only refuses a hook without a specification in check_pending().
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as e:
+                self.pm.unregister(name=name)
+                raise PluginError(f"plugin {name!r} cannot be registered: {e}") from e
+            version = None
+            if distribution:
+                try:
+                    version = metadata.version(distribution)
+                except metadata.PackageNotFoundError:
+                    version = None
+            self._provenance[name] = (distribution, version)
+            self._backends = None  # rebuilt on next use
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self.pm.unregister(name=name)
+            self._provenance.pop(name, None)
+            self._backends = None
+            self._instances.pop(name, None)
+
+    def _load_entry_points(self, autoload: bool) -> None:
+        for dist in metadata.distributions():
+            dist_name = dist.metadata["Name"]
+            for ep in dist.entry_points:
+                if ep.group != ENTRY_POINT_GROUP:
+                    continue
+                own = (dist_name or "").lower() == OWN_DISTRIBUTION
+                if (not own and not autoload) or self.pm.is_blocked(ep.name):
+                    continue
+                if self.pm.has_plugin(ep.name):
+                    continue  # the same distribution seen twice on sys.path
+                try:
+                    plugin = ep.load()
+                except Exception as e:  # noqa: BLE001 - any import failure is the plugin's
+                    raise PluginError(
+                        f"plugin {ep.name!r} from {dist_name} failed to load: {e}"
+                    ) from e
+                self.register(plugin, ep.name, dist_name)
+
+    def plugins(self) -> list[PluginRecord]:
+        """Every registered plugin, with its distribution, version and hooks."""
+        records = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            dist, version = self._provenance.get(name, (None, None))
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
+            records.append(PluginRecord(name, dist, version, hooks))
+        return records
+
+    # -- backends ------------------------------------------------------------------
+
+    def backends(self) -> dict[str, BackendRecord]:
+        """Every registered backend by name; a name two plugins claim is a PluginError."""
+        with self._lock:
+            if self._backends is not None:
+                return self._backends
+            found: dict[str, BackendRecord] = {}
+            for impl in self.pm.hook.corral_backends.get_hookimpls():
+                dist, version = self._provenance.get(impl.plugin_name, (None, None))
+                for info in impl.function() or ():
+                    if not isinstance(info, BackendInfo) or not (
+                        isinstance(info.backend, type) and issubclass(info.backend, Backend)
+                    ):
+                        raise PluginError(
+                            f"plugin {impl.plugin_name!r} returned {info!r} from "
+                            "corral_backends; expected BackendInfo records of Backend classes"
+                        )
+                    if info.name in found:
+                        other = found[info.name]
+                        raise PluginError(
+                            f"backend {info.name!r} is provided twice: by plugin "
+                            f"{other.plugin!r} ({other.distribution}) and by "
+                            f"{impl.plugin_name!r} ({dist})"
+                        )
+                    found[info.name] = BackendRecord(info, impl.plugin_name, dist, version)
+            self._backends = found
+            return found
+
+    def backend(self, name: str, settings: Settings) -> Backend:
+        """The backend called ``name``, made once per process and checked available."""
+        with self._lock:
+            instance = self._instances.get(name)
+            if instance is None:
+                instance = self.make_backend(name, settings)
+                self._instances[name] = instance
+        availability = instance.check()
+        if not availability.ok:
+            raise BackendUnavailableError(
+                f"the {name} backend cannot run here: {availability}", backend=name
+            )
+        return instance
+
+    def make_backend(self, name: str, settings: Settings) -> Backend:
+        """A new instance of backend ``name`` with its ``[backends.NAME]`` settings."""
+        records = self.backends()
+        if name not in records:
+            choices = ", ".join(sorted(records)) or "none are installed"
+            raise ConfigError("backend", f"{name!r} is not a known backend. Choose one of: {choices}")
+        cls = records[name].info.backend
+        own = structure(settings.backends.get(name, {}), cls.Settings, f"backends.{name}")
+        return cls(own)
+
+    def availability(self, name: str, settings: Settings) -> Availability:
+        try:
+            return self.make_backend(name, settings).check()
+        except ConfigError as e:
+            return Availability(False, str(e), "fix the settings")
+
+    def close(self) -> None:
+        with self._lock:
+            for instance in self._instances.values():
+                instance.close()
+            self._instances.clear()
+
+
+_host: PluginHost | None = None
+_host_lock = threading.Lock()
+
+
+def get_host() -> PluginHost:
+    """The process's plugin host, built on first use."""
+    global _host
+    if _host is None:
+        with _host_lock:
+            if _host is None:
+                _host = PluginHost()
+    return _host
+
+
+def reset_host(host: PluginHost | None = None) -> PluginHost | None:
+    """Swap the process's host (tests use this); returns the previous one."""
+    global _host
+    with _host_lock:
+        previous, _host = _host, host
+    return previous

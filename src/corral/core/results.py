@@ -1,0 +1,96 @@
+"""What comes back from a sandbox: exec results, output chunks, usage, health, listings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+__all__ = ["ExecResult", "Health", "OutputChunk", "ResourceUsage", "SandboxInfo"]
+
+
+def _decode(data: bytes) -> str:
+    # Untrusted programs print anything; text never raises, bytes stay exact.
+    return data.decode("utf-8", errors="replace")
+
+
+@attrs.frozen
+class ExecResult:
+    """How a command ended and what it printed.
+
+    ``stdout`` and ``stderr`` are the exact bytes (up to the output cap); ``text`` and
+    ``stderr_text`` decode them as UTF-8, replacing bad bytes with U+FFFD.
+    """
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration: float = 0.0
+    timed_out: bool = False
+    oom_killed: bool = False
+    truncated: bool = False
+    signal: int | None = None
+
+    @property
+    def text(self) -> str:
+        return _decode(self.stdout)
+
+    @property
+    def stderr_text(self) -> str:
+        return _decode(self.stderr)
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0 on its own."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+@attrs.frozen
+class OutputChunk:
+    """A piece of output as it arrived, for streaming."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        """The chunk decoded on its own; use an incremental decoder for exact text."""
+        return _decode(self.data)
+
+
+@attrs.frozen
+class ResourceUsage:
+    """A sample of what a sandbox uses; None where the backend cannot know."""
+
+    cpu_seconds: float | None = None
+    memory_bytes: int | None = None
+    memory_peak_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    pids: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+    block_read_bytes: int | None = None
+    block_write_bytes: int | None = None
+    timestamp: float = 0.0
+
+
+@attrs.frozen
+class Health:
+    """``healthy``, ``unhealthy`` or ``starting`` per the spec's healthcheck, else ``none``."""
+
+    status: Literal["healthy", "unhealthy", "starting", "none"]
+    failing_streak: int = 0
+    last_output: str = ""
+
+
+@attrs.frozen
+class SandboxInfo:
+    """One sandbox as a backend lists it (by corral's labels)."""
+
+    id: str
+    backend: str
+    status: str
+    created: float
+    expires: float
+    image: str | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)

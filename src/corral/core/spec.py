@@ -1,0 +1,472 @@
+"""What a sandbox is asked to be: frozen attrs classes, validated on construction.
+
+Every validator raises ConfigError naming the field; the converter in ``convert.py``
+puts the parent path in front (``sandbox.limits.memory``).
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal, Union
+
+import attrs
+
+from .errors import ConfigError
+from .units import parse_duration, parse_size
+
+__all__ = [
+    "UNSAFE_OPTIONS",
+    "ExecRequest",
+    "Healthcheck",
+    "Limits",
+    "Mount",
+    "MountLike",
+    "Network",
+    "SandboxSpec",
+    "Security",
+    "Tmpfs",
+    "Volume",
+]
+
+# Loosenings that are refused unless named in ``security.allow_unsafe``.
+UNSAFE_OPTIONS = {
+    "cap_add": "adds Linux capabilities",
+    "no_new_privileges": "lets setuid programs gain privileges",
+    "seccomp": "turns the seccomp filter off",
+    "apparmor": "turns the AppArmor profile off",
+    "selinux": "turns SELinux labelling off",
+    "isolate": "runs the command without any isolation",
+    "sensitive_mounts": "mounts a sensitive host path or an engine socket",
+}
+# Destinations that belong to the kernel or the runtime, never to a mount.
+_PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# -- field helpers -------------------------------------------------------------------
+
+def _check(ok: bool, field: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(field, reason)
+
+
+def _converted(parse: Callable[[Any, str], Any]) -> attrs.Converter:
+    """An attrs converter that knows its field's name, for errors that name it."""
+    return attrs.Converter(lambda value, field: parse(value, field.name), takes_field=True)
+
+
+def _parse(fn: Callable[[Any], Any], value: Any, name: str) -> Any:
+    try:
+        return fn(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(name, str(e)) from None
+
+
+def size_field(default: int | str | None, minimum: int = 1, maximum: int | None = None) -> Any:
+    def parse(value: Any, name: str) -> int | None:
+        if value is None:
+            _check(default is None, name, "must be set")
+            return None
+        size = _parse(parse_size, value, name)
+        _check(size >= minimum, name, f"{value!r} is below the minimum of {minimum} bytes")
+        _check(maximum is None or size <= maximum, name, f"{value!r} is above {maximum} bytes")
+        return size
+
+    return attrs.field(default=default, converter=_converted(parse))
+
+
+def duration_field(default: float | str | None, maximum: float | None = None) -> Any:
+    def parse(value: Any, name: str) -> float | None:
+        if value is None:
+            _check(default is None, name, "must be set")
+            return None
+        seconds = _parse(parse_duration, value, name)
+        _check(seconds > 0, name, f"{value!r} must be more than zero")
+        _check(maximum is None or seconds <= maximum, name, f"{value!r} is above {maximum} s")
+        return seconds
+
+    return attrs.field(default=default, converter=_converted(parse))
+
+
+def count_field(default: int | None, maximum: int) -> Any:
+    def parse(value: Any, name: str) -> int | None:
+        if value is None:
+            _check(default is None, name, "must be set")
+            return None
+        _check(type(value) is int, name, f"{value!r} is not a whole number")
+        _check(1 <= value <= maximum, name, f"{value!r} is outside 1..{maximum}")
+        return value
+
+    return attrs.field(default=default, converter=_converted(parse))
+
+
+def _str(value: Any, name: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    _check(isinstance(value, str), name, f"{value!r} is not a string")
+    _check("\0" not in value, name, "contains a NUL byte")
+    return value
+
+
+def str_field(default: str | None = None, *, required: bool = False) -> Any:
+    """A string field; optional (None allowed) unless ``required``."""
+    check = _converted(lambda v, n: _str(v, n, optional=not required))
+    if required:
+        return attrs.field(converter=check)
+    return attrs.field(default=default, converter=check)
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    _check(
+        isinstance(value, (list, tuple)),
+        name,
+        f"{value!r} is not a list of strings (a single string is not accepted here)",
+    )
+    for i, item in enumerate(value):
+        _str(item, f"{name}[{i}]")
+    return tuple(value)
+
+
+def strings_field(**kwargs: Any) -> Any:
+    return attrs.field(factory=tuple, converter=_converted(_strings), **kwargs)
+
+
+def argv(value: Any, name: str) -> tuple[str, ...]:
+    """A command as an argv list: never a string, never empty, no NUL bytes."""
+    if isinstance(value, (str, bytes)):
+        raise ConfigError(
+            name,
+            "a command must be a list of arguments, not a string; there is no implicit "
+            "shell (use ['sh', '-c', script] to run a script)",
+        )
+    items = _strings(value, name)
+    _check(len(items) > 0, name, "the command is empty")
+    return items
+
+
+def _optional_argv(value: Any, name: str) -> tuple[str, ...] | None:
+    return None if value is None else argv(value, name)
+
+
+def absolute_path(value: Any, name: str) -> str:
+    """An absolute, normalised POSIX path with no ``..`` and no NUL."""
+    _str(value, name)
+    _check(value.startswith("/"), name, f"{value!r} is not an absolute path")
+    _check(".." not in value.split("/"), name, f"{value!r} contains '..'")
+    return posixpath.normpath(value) if value != "/" else value
+
+
+def _workdir(value: Any, name: str) -> str:
+    path = absolute_path(value, name)
+    _check(not _under(path, _PSEUDO_ROOTS), name, f"{path!r} is inside a kernel filesystem")
+    return path
+
+
+def _mount_target(value: Any, name: str) -> str:
+    path = _workdir(value, name)
+    _check(path != "/", name, "a mount cannot cover '/'")
+    _check(not any(c in path for c in ":,"), name, f"{path!r} contains ':' or ','")
+    return path
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r + "/") for r in roots)
+
+
+def env_map(value: Any, name: str) -> dict[str, str]:
+    """Environment variables: valid names, string values, no NUL bytes."""
+    _check(isinstance(value, Mapping), name, f"{value!r} is not a mapping of names to values")
+    for key, val in value.items():
+        _check(
+            isinstance(key, str) and bool(_ENV_NAME.match(key)),
+            name,
+            f"{key!r} is not a valid variable name (letters, digits and '_', not first a digit)",
+        )
+        _str(val, f"{name}.{key}")
+    return dict(value)
+
+
+def _labels(value: Any, name: str) -> dict[str, str]:
+    _check(isinstance(value, Mapping), name, f"{value!r} is not a mapping")
+    for key, val in value.items():
+        _str(key, name)
+        _check(not key.startswith("corral."), name, f"{key!r}: the 'corral.' prefix is reserved")
+        _str(val, f"{name}.{key}")
+    return dict(value)
+
+
+def _user(value: Any, name: str) -> str:
+    _str(value, name)
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?", value)),
+        name,
+        f"{value!r} is not 'user' or 'user:group'",
+    )
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    _check(isinstance(value, bool), name, f"{value!r} is not true or false")
+    return value
+
+
+def bool_field(default: bool) -> Any:
+    return attrs.field(default=default, converter=_converted(_bool))
+
+
+def _mode(value: Any, name: str) -> int:
+    _check(type(value) is int and 0 <= value <= 0o1777, name, f"{value!r} is not a mode")
+    return value
+
+
+def _cpus(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    ok = type(value) in (int, float) and math.isfinite(value) and 0.01 <= value <= 1024
+    _check(ok, name, f"{value!r} is not a number of CPUs in 0.01..1024")
+    return float(value)
+
+
+def _stdin(value: Any, name: str) -> bytes | None:
+    if isinstance(value, str):
+        return value.encode()
+    _check(value is None or isinstance(value, bytes), name, f"{type(value).__name__} is not bytes")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, name: str) -> str:
+        _check(value in choices, name, f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+# -- the model -----------------------------------------------------------------------
+
+@attrs.frozen
+class Mount:
+    """A host folder or file bound into the sandbox; read-only unless ``read_only=False``."""
+
+    kind: ClassVar[str] = "bind"
+    source: str = str_field(required=True)
+    target: str = attrs.field(converter=_converted(_mount_target))
+    read_only: bool = bool_field(True)
+
+    @classmethod
+    def parse(cls, text: str) -> Mount:
+        """``SRC:DST[:ro|rw]``, as the command line and config files write a bind mount."""
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise ConfigError("mounts", f"{text!r} is not SRC:DST[:ro|rw]")
+        return cls(parts[0], parts[1], read_only=len(parts) == 2 or parts[2] == "ro")
+
+
+@attrs.frozen
+class Tmpfs:
+    """A memory-backed folder with a size cap; never executable unless ``exec=True``."""
+
+    kind: ClassVar[str] = "tmpfs"
+    target: str = attrs.field(converter=_converted(_mount_target))
+    size: int = size_field("64MiB", minimum=4096)
+    mode: int = attrs.field(default=0o1777, converter=_converted(_mode))
+    exec: bool = bool_field(False)
+
+
+@attrs.frozen
+class Volume:
+    """A named volume that the backend owns, read-write unless ``read_only=True``."""
+
+    kind: ClassVar[str] = "volume"
+    name: str = str_field(required=True)
+    target: str = attrs.field(converter=_converted(_mount_target))
+    read_only: bool = bool_field(False)
+
+    @name.validator
+    def _name(self, attribute: Any, value: str) -> None:
+        _check(
+            bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value)),
+            "name",
+            f"{value!r} is not a volume name",
+        )
+
+
+MountLike = Union[Mount, Tmpfs, Volume]
+
+
+def _mount_from_table(table: Mapping[str, Any], name: str) -> MountLike:
+    """A mount written as a table, ``{"type": "tmpfs", "target": "/cache"}``; bind by default."""
+    kinds = {cls.kind: cls for cls in (Mount, Tmpfs, Volume)}
+    fields = dict(table)
+    kind = fields.pop("type", "bind")
+    _check(kind in kinds, f"{name}.type", f"{kind!r} is not one of: {', '.join(kinds)}")
+    cls = kinds[kind]
+    known = {f.name for f in attrs.fields(cls)}
+    for key in fields:
+        _check(key in known, f"{name}.{key}", "unknown setting (check the spelling)")
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise e.prefixed(name) from None
+    except TypeError as e:
+        raise ConfigError(name, f"missing a required setting ({e})") from None
+
+
+def _mounts(value: Any, name: str) -> tuple[MountLike, ...]:
+    _check(isinstance(value, (list, tuple)), name, f"{value!r} is not a list of mounts")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = Mount.parse(item)
+        elif isinstance(item, Mapping):
+            item = _mount_from_table(item, f"{name}[{i}]")
+        _check(
+            isinstance(item, (Mount, Tmpfs, Volume)),
+            f"{name}[{i}]",
+            f"{item!r} is not a Mount, Tmpfs or Volume",
+        )
+        out.append(item)
+    targets = [m.target for m in out]
+    for t in targets:
+        _check(targets.count(t) == 1, name, f"two mounts share the target {t!r}")
+    return tuple(out)
+
+
+@attrs.frozen
+class Limits:
+    """Resource limits. Every sandbox has them; the defaults are deliberately small."""
+
+    memory: int = size_field("512MiB", minimum=6 * 1024**2)
+    cpus: float | None = attrs.field(default=None, converter=_converted(_cpus))
+    pids: int = count_field(256, maximum=1_000_000)
+    nofile: int = count_field(1024, maximum=1_048_576)
+    nproc: int = count_field(512, maximum=1_000_000)
+    cputime: float | None = duration_field(None)
+    file_size: int | None = size_field(None)
+    disk: int | None = size_field(None, minimum=1024**2)
+    lifetime: float = duration_field("1h", maximum=30 * 86400)
+
+
+@attrs.frozen
+class Network:
+    """``none`` (the default: loopback only) or ``bridge`` (outbound through the engine)."""
+
+    mode: Literal["none", "bridge"] = attrs.field(
+        default="none", converter=_converted(_one_of(("none", "bridge")))
+    )
+    dns: tuple[str, ...] = strings_field()
+    http_proxy: str | None = str_field()
+    https_proxy: str | None = str_field()
+    no_proxy: str | None = str_field()
+
+    def proxy_env(self) -> dict[str, str]:
+        """The proxy settings as the variables programs read, in both spellings."""
+        env = {}
+        for var, value in (
+            ("http_proxy", self.http_proxy),
+            ("https_proxy", self.https_proxy),
+            ("no_proxy", self.no_proxy),
+        ):
+            if value is not None:
+                env[var] = env[var.upper()] = value
+        return env
+
+
+@attrs.frozen
+class Security:
+    """Hardening. Loosening a setting marked unsafe needs its name in ``allow_unsafe``."""
+
+    cap_add: tuple[str, ...] = strings_field()
+    read_only_root: bool = bool_field(True)
+    no_new_privileges: bool = bool_field(True)
+    seccomp: str | None = str_field()
+    apparmor: str | None = str_field()
+    selinux_label: str | None = str_field()
+    masked_paths: tuple[str, ...] = strings_field()
+    isolate: bool = bool_field(True)
+    allow_unsafe: tuple[str, ...] = strings_field()
+
+    @allow_unsafe.validator
+    def _allow(self, attribute: Any, value: tuple[str, ...]) -> None:
+        for item in value:
+            _check(
+                item in UNSAFE_OPTIONS,
+                "allow_unsafe",
+                f"{item!r} is not an unsafe option (choose from: {', '.join(UNSAFE_OPTIONS)})",
+            )
+
+    def loosened(self) -> list[str]:
+        """The unsafe options this spec turns on, by name."""
+        found = []
+        if self.cap_add:
+            found.append("cap_add")
+        if not self.no_new_privileges:
+            found.append("no_new_privileges")
+        if self.seccomp == "unconfined":
+            found.append("seccomp")
+        if self.apparmor == "unconfined":
+            found.append("apparmor")
+        if self.selinux_label == "disable":
+            found.append("selinux")
+        if not self.isolate:
+            found.append("isolate")
+        return found
+
+
+@attrs.frozen
+class Healthcheck:
+    """A command run periodically inside the sandbox; exit 0 means healthy."""
+
+    test: tuple[str, ...] = attrs.field(converter=_converted(argv))
+    interval: float = duration_field("30s")
+    timeout: float = duration_field("30s")
+    retries: int = count_field(3, maximum=1000)
+    start_period: float = attrs.field(default=0.0, converter=_converted(
+        lambda v, n: 0.0 if v in (0, "0") else _parse(parse_duration, v, n)
+    ))
+
+
+@attrs.frozen
+class SandboxSpec:
+    """Everything a backend needs to make one sandbox. Built with ``corral.create(...)``."""
+
+    image: str | None = str_field()
+    command: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_converted(_optional_argv)
+    )
+    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))
+    workdir: str = attrs.field(default="/workspace", converter=_converted(_workdir))
+    user: str = attrs.field(default="1000:1000", converter=_converted(_user))
+    mounts: tuple[MountLike, ...] = attrs.field(factory=tuple, converter=_converted(_mounts))
+    limits: Limits = attrs.field(factory=Limits)
+    network: Network = attrs.field(factory=Network)
+    security: Security = attrs.field(factory=Security)
+    labels: dict[str, str] = attrs.field(factory=dict, converter=_converted(_labels))
+    healthcheck: Healthcheck | None = None
+
+    def uid_gid(self) -> tuple[int, int] | None:
+        """The numeric user and group, when ``user`` is written as numbers."""
+        uid, _, gid = self.user.partition(":")
+        if uid.isdigit() and (gid or uid).isdigit():
+            return int(uid), int(gid or uid)
+        return None
+
+
+@attrs.frozen
+class ExecRequest:
+    """One command to run in a sandbox, as the core hands it to ``corral_exec``."""
+
+    argv: tuple[str, ...] = attrs.field(converter=_converted(argv))
+    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))
+    workdir: str | None = attrs.field(
+        default=None, converter=_converted(lambda v, n: None if v is None else _workdir(v, n))
+    )
+    user: str | None = attrs.field(
+        default=None, converter=_converted(lambda v, n: None if v is None else _user(v, n))
+    )
+    stdin: bytes | None = attrs.field(default=None, converter=_converted(_stdin))
+    timeout: float | None = duration_field(None, maximum=30 * 86400)
+    max_output: int = size_field("4MiB", minimum=0)
