@@ -189,7 +189,8 @@ def _run_in(sandbox: corral.Sandbox, args: Args, options: dict[str, Any]) -> int
     else:
         result = _stream(sandbox, args.command, options)
     if result.truncated and not args.json:
-        _say("the output was cut at the max_output setting")
+        _say("output past the max_output setting was dropped "
+             "(raise it in corral.toml or with CORRAL_MAX_OUTPUT)")
     return _exit_status(result)
 
 
@@ -294,22 +295,23 @@ def cmd_stats(args: Args) -> int:
     if args.json:
         _print_json({"sandbox_id": sandbox.id, **attrs.asdict(usage)})
         return 0
-    rows = []
-    for field in attrs.fields(corral.ResourceUsage):
-        value = getattr(usage, field.name)
-        if field.name == "timestamp":
-            continue
-        if value is None:
-            text = "unknown"
-        elif field.name.endswith("_bytes"):
-            text = _size(value)
-        elif field.name == "cpu_seconds":
-            text = f"{value:.2f}s"
-        else:
-            text = str(value)
-        rows.append((field.name, text))
+    rows = [
+        (field.name, _usage_text(field.name, getattr(usage, field.name)))
+        for field in attrs.fields(corral.ResourceUsage)
+        if field.name != "timestamp"
+    ]
     _print_table(("FIELD", "VALUE"), rows)
     return 0
+
+
+def _usage_text(name: str, value: float | None) -> str:
+    if value is None:  # the backend cannot know it, which is not the same as zero
+        return "unknown"
+    if name.endswith("_bytes"):
+        return _size(int(value))
+    if name == "cpu_seconds":
+        return f"{value:.2f}s"
+    return str(value)
 
 
 # -- plugins, backends and settings ----------------------------------------------------------
@@ -367,26 +369,21 @@ def cmd_plugins(args: Args) -> int:
     return 0
 
 
-def cmd_doctor(args: Args) -> int:
-    """Check this host: Python, corral, configuration files and every backend.
-
-    Exits 0 when the default backend can run here, 1 otherwise.
-    """
-    print(f"python    {platform.python_version()} ({sys.executable})")
-    print(f"corral    {corral.__version__}")
-    print(f"platform  {platform.platform()}")
-    settings: corral.Settings | None = None
+def _doctor_settings() -> corral.Settings | None:
+    """Print where the settings come from; the settings, or None when they are broken."""
     try:
-        found = [name for name, _ in settings_module.sources()]
+        found = [name for name, _ in settings_module.sources()] or ["none (built-in defaults)"]
         settings = corral.load_settings()
     except corral.ConfigError as e:
-        found = [f"cannot be read: {e}"]
-    found = found or ["none found (built-in defaults)"]
+        found, settings = [f"cannot be read: {line}" for line in str(e).splitlines()], None
     print("config    " + "\n          ".join(found))
-    default = _select_backend_name(None, settings or corral.Settings())
+    return settings
+
+
+def _doctor_backends(settings: corral.Settings | None) -> dict[str, Availability]:
+    """Print each backend's availability, with why not and how to fix it."""
     print("backends")
-    records = get_host().backends()
-    statuses = {name: _availability(name, settings) for name in sorted(records)}
+    statuses = {name: _availability(name, settings) for name in sorted(get_host().backends())}
     for name, status in statuses.items():
         if status.ok:
             print(f"  {name}: {status}")
@@ -395,11 +392,26 @@ def cmd_doctor(args: Args) -> int:
         print(f"    why: {status.reason or 'no reason given'}")
         if status.fix:
             print(f"    fix: {status.fix}")
-    ok = default in statuses and statuses[default].ok
+    return statuses
+
+
+def cmd_doctor(args: Args) -> int:
+    """Check this host: Python, corral, configuration files and every backend.
+
+    Exits 0 when the default backend can run here, 1 otherwise.
+    """
+    print(f"python    {platform.python_version()} ({sys.executable})")
+    print(f"corral    {corral.__version__}")
+    print(f"platform  {platform.platform()}")
+    settings = _doctor_settings()
+    statuses = _doctor_backends(settings)
+    # The core's own choice, so doctor judges the backend `corral run` would use.
+    default = _select_backend_name(None, settings or corral.Settings())
     if default not in statuses:
-        print(f"default backend: {default} is not installed")
-    else:
-        print(f"default backend: {default} ({'available' if ok else 'not available'})")
+        print(f"default backend: {default} (not installed)")
+        return EXIT_FAILURE
+    ok = statuses[default].ok
+    print(f"default backend: {default} ({'available' if ok else 'not available'})")
     return 0 if ok else EXIT_FAILURE
 
 

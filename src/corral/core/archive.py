@@ -227,22 +227,29 @@ def extract(
                 top = head
             elif head != top:
                 raise ArchiveError(f"archive has more than one top entry ({top!r}, {head!r})")
-            target = staging / name
-            if data is None:
-                target.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.chmod(target, _safe_mode(member.mode, True) & 0o777)
-                continue
-            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                shutil.copyfileobj(data, f)
-            os.chmod(target, _safe_mode(member.mode, False) & 0o755)
+            try:
+                _write_member(staging / name, member, data)
+            except (FileExistsError, NotADirectoryError):
+                # A repeated name, or a file where a folder is needed: refuse, never merge.
+                raise ArchiveError(f"archive member {name!r} clashes with an earlier one") from None
         if top is None:
             raise ArchiveError("the archive is empty")
         os.rename(staging / top, destination)
         return destination
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_member(target: Path, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
+    if data is None:
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(target, _safe_mode(member.mode, True) & 0o777)
+        return
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        shutil.copyfileobj(data, f)
+    os.chmod(target, _safe_mode(member.mode, False) & 0o755)
 
 
 def read_single_file(chunks: Iterable[bytes], max_bytes: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import json
 import os
 import sys
 import threading
@@ -65,7 +66,7 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self._provenance: dict[str, tuple[str | None, str | None]] = {}
         self._backends: dict[str, BackendRecord] | None = None
-        self._instances: dict[str, Backend] = {}
+        self._instances: dict[tuple[str, str], Backend] = {}
         self._lock = threading.RLock()
         self.blocked = tuple(
             n.strip() for n in environ.get("CORRAL_DISABLE_PLUGINS", "").split(",") if n.strip()
@@ -113,7 +114,6 @@ class PluginHost:
             self.pm.unregister(name=name)
             self._provenance.pop(name, None)
             self._backends = None
-            self._instances.pop(name, None)
 
     def _load_entry_points(self, autoload: bool) -> None:
         for dist in metadata.distributions():
@@ -175,12 +175,16 @@ class PluginHost:
             return found
 
     def backend(self, name: str, settings: Settings) -> Backend:
-        """The backend called ``name``, made once per process and checked available."""
+        """The backend called ``name``, made once per process (and per settings) and
+        checked available."""
+        # Instances hold engine clients and connection pools, so they are shared; the
+        # key includes the backend's settings so that other settings get their own.
+        key = (name, json.dumps(settings.backends.get(name, {}), sort_keys=True, default=str))
         with self._lock:
-            instance = self._instances.get(name)
+            instance = self._instances.get(key)
             if instance is None:
                 instance = self.make_backend(name, settings)
-                self._instances[name] = instance
+                self._instances[key] = instance
         availability = instance.check()
         if not availability.ok:
             raise BackendUnavailableError(

@@ -68,6 +68,7 @@ class Sandbox:
         self._host = host
         self._settings = settings
         self._closed = False
+        self._closing = False  # close() has begun; the sandbox is usable until destroying ends
         self._close_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _warn_unclosed, sandbox_id)
 
@@ -281,11 +282,13 @@ class Sandbox:
     def close(self) -> None:
         """Destroy the sandbox and everything in it. Idempotent."""
         with self._close_lock:
-            if self._closed:
+            if self._closing:
                 return
-            self._closed = True
+            self._closing = True
             self._finalizer.detach()
+        # Observers may still read files or run commands here (to collect logs).
         _notify(self._host.pm.hook.corral_sandbox_destroying, sandbox=self)
+        self._closed = True
         error: BaseException | None = None
         try:
             self.backend.destroy(self.id)
@@ -468,7 +471,7 @@ def create(
         host.pm.hook.corral_sandbox_created(sandbox=sandbox)
     except BaseException:
         sandbox._finalizer.detach()
-        sandbox._closed = True
+        sandbox._closing = sandbox._closed = True
         _destroy_quietly(chosen, sandbox_id)
         raise
     return sandbox

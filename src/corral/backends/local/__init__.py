@@ -106,6 +106,15 @@ class LocalBackend(Backend):
         return bwrap.probe(self._bwrap, self._run_as)
 
     def check(self) -> Availability:
+        if self._run_as is not None:
+            blocked = bwrap.unreachable_part(os.path.join(self.root, "x"), self._run_as[0])
+            if blocked is not None:
+                return Availability(
+                    False,
+                    f"the state folder {self.root} is not reachable by the sandboxes' host "
+                    f"user {self.settings.host_user} ({blocked} is private)",
+                    "set backends.local.state_dir to a folder whose parents others may pass",
+                )
         problem = self._bwrap_problem()
         if problem is None:
             return Availability(True, f"isolated with {self._bwrap}")
@@ -154,6 +163,7 @@ class LocalBackend(Backend):
         ids = spec.uid_gid()
         if ids is None:
             raise ConfigError("sandbox.user", f"{spec.user!r}: the local backend needs 'uid:gid' in numbers")
+        self._check_reachable(spec)
         folder = os.path.join(self.root, sandbox_id)
         os.makedirs(self.root, mode=0o711, exist_ok=True)
         for path in (os.path.dirname(self.root), self.root):
@@ -179,6 +189,21 @@ class LocalBackend(Backend):
             json.dump(meta, f)
         with self._lock:
             self._states[sandbox_id] = state
+
+    def _check_reachable(self, spec: SandboxSpec) -> None:
+        """Sandboxes run as an unprivileged host user, who must reach every mount source."""
+        if self._run_as is None:
+            return
+        for index, mount in enumerate(spec.mounts):
+            if isinstance(mount, Mount):
+                blocked = bwrap.unreachable_part(os.path.join(mount.source, "x"), self._run_as[0])
+                if blocked is not None:
+                    raise ConfigError(
+                        f"sandbox.mounts[{index}].source",
+                        f"{mount.source!r} is not reachable by the sandboxes' host user "
+                        f"{self.settings.host_user}: {blocked!r} is private (let others pass it, "
+                        "or mount a folder elsewhere)",
+                    )
 
     def _state(self, sandbox_id: str) -> _State:
         with self._lock:
@@ -279,27 +304,20 @@ class LocalBackend(Backend):
                        env: dict[str, str], workdir: str, ids: tuple[int, int],
                        user_kwargs: dict[str, Any]) -> ExecStatus:
         spec = state.spec
-        mount_fds: dict[int, int] = {}
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         try:
-            for index, mount in enumerate(spec.mounts):
-                if isinstance(mount, Mount):
-                    mount_fds[index] = os.open(mount.source, os.O_PATH | os.O_CLOEXEC)
-            argv = bwrap.command_line(self._bwrap, spec, state.layout, mount_fds, ids[0], ids[1],  # type: ignore[arg-type]
+            argv = bwrap.command_line(self._bwrap, spec, state.layout, ids[0], ids[1],  # type: ignore[arg-type]
                                       workdir, info_w, block_r)
             process = Process([*argv, *request.argv], env=env, stdin=request.stdin, sink=sink,
-                              popen_kwargs={"pass_fds": (info_w, block_r, *mount_fds.values()),
+                              popen_kwargs={"pass_fds": (info_w, block_r),
                                             "preexec_fn": _rlimit_setter(self._rlimits(spec)),
                                             **user_kwargs},
                               bwrap_fds=(info_w, block_r))
         except BaseException:
-            for fd in (info_r, info_w, block_r, block_w, *mount_fds.values()):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fd in (info_r, block_w):
+                os.close(fd)
             raise
-        for fd in mount_fds.values():
-            os.close(fd)
         state.running.add(process)
         try:
             # The sandbox waits on --block-fd until it is in its cgroup, so nothing it

@@ -83,14 +83,13 @@ def command_line(
     bwrap: str,
     spec: SandboxSpec,
     layout: Layout,
-    mount_fds: dict[int, int],
     uid: int,
     gid: int,
     workdir: str,
     info_fd: int,
     block_fd: int,
 ) -> list[str]:
-    """bwrap's argv for one exec. ``mount_fds`` maps a mount's index to an open fd."""
+    """bwrap's argv for one exec. Every path must be reachable by the user bwrap runs as."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     if spec.network.mode == "bridge":
         args.append("--share-net")
@@ -101,10 +100,9 @@ def command_line(
              "--ro-bind", os.path.join(layout.etc, "group"), "/etc/group"]
     args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--bind", layout.tmp, "/tmp", "--bind", layout.workspace, spec.workdir]
-    for index, mount in enumerate(spec.mounts):
+    for mount in spec.mounts:
         if isinstance(mount, Mount):
-            flag = "--ro-bind-fd" if mount.read_only else "--bind-fd"
-            args += [flag, str(mount_fds[index]), mount.target]
+            args += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
         elif isinstance(mount, Tmpfs):
             args += ["--size", str(mount.size), "--perms", f"{mount.mode & 0o7777:o}",
                      "--tmpfs", mount.target]
@@ -113,6 +111,22 @@ def command_line(
     args += ["--chdir", workdir, "--info-fd", str(info_fd), "--block-fd", str(block_fd)]
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
     return [*args, "--", "/usr/bin/env", "--"]
+
+
+def unreachable_part(path: str, uid: int) -> str | None:
+    """The first folder on the way to ``path`` that user ``uid`` cannot pass, if any."""
+    current = "/"
+    for part in [p for p in os.path.abspath(path).split("/") if p][:-1]:
+        current = os.path.join(current, part)
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            return None  # corral makes the rest, passable
+        except OSError:
+            return current
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
+            return current
+    return None
 
 
 def passwd_files(uid: int, gid: int, home: str) -> tuple[str, str]:

@@ -86,11 +86,12 @@ class Process:
         try:
             info = _read_info(info_fd, time.monotonic() + 30)
             if info is None:
-                self.popen.wait()
-                message = self.popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
-                raise InternalError(f"bubblewrap failed to start the sandbox: {message}")
+                raise self._failed()
             self.child_pid = int(info["child-pid"])
-            prepare(self.child_pid)
+            try:
+                prepare(self.child_pid)
+            except ProcessLookupError:
+                raise self._failed() from None
             os.write(block_fd, b"go")
         except BaseException:
             self.kill()
@@ -98,6 +99,12 @@ class Process:
             raise
         finally:
             os.close(block_fd)
+
+    def _failed(self) -> InternalError:
+        self.kill()
+        self.popen.wait()
+        message = self.popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
+        return InternalError(f"bubblewrap failed to start the sandbox: {message}")
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (ending its pid namespace) and the host process."""

