@@ -132,11 +132,13 @@ class Recorder:
 
     @corral.hookimpl
     def corral_sandbox_destroying(self, sandbox: corral.Sandbox) -> None:
-        self._record("corral_sandbox_destroying", sandbox=sandbox, listed=sandbox.closed)
+        self._record("corral_sandbox_destroying", sandbox=sandbox, closed=sandbox.closed)
 
     @corral.hookimpl
     def corral_sandbox_destroyed(self, sandbox_id: str, backend: str, error: Any) -> None:
-        self._record("corral_sandbox_destroyed", sandbox_id=sandbox_id, backend=backend, error=error)
+        self._record(
+            "corral_sandbox_destroyed", sandbox_id=sandbox_id, backend=backend, error=error
+        )
 
 
 def test_every_hook_is_called_in_order(
@@ -158,12 +160,45 @@ def test_every_hook_is_called_in_order(
     assert calls["corral_sandbox_created"]["sandbox"] is sandbox
     assert calls["corral_exec"]["request"].argv[0] == "sh"
     assert calls["corral_usage_sampled"]["usage"] is usage
+    assert calls["corral_sandbox_destroying"] == {"sandbox": sandbox, "closed": False}
     assert calls["corral_sandbox_destroyed"] == {
         "sandbox_id": sandbox.id, "backend": BACKEND, "error": None
     }
     # The core's own corral_exec answered, through the backend.
     assert (result.exit_code, result.stdout, result.stderr) == (3, b"hello\n", b"oops\n")
     assert existing(settings) == []
+
+
+class Twin:
+    """corral_backends at run time: a second backend, a renamed copy of the test one."""
+
+    def __init__(self, host: PluginHost) -> None:
+        base = host.backends()[BACKEND].info.backend
+        self.cls = type("TwinBackend", (base,), {"name": "subprocess-twin"})
+
+    @corral.hookimpl
+    def corral_backends(self) -> list[corral.BackendInfo]:
+        return [corral.BackendInfo("subprocess-twin", self.cls, "a twin, for tests")]
+
+
+def test_corral_backends_adds_a_backend_that_create_can_select(
+    global_host: PluginHost, tmp_path: Path
+) -> None:
+    twin = Twin(global_host)
+    global_host.register(twin, "twin", "twin-dist")
+    record = global_host.backends()["subprocess-twin"]
+    assert (record.plugin, record.distribution) == ("twin", "twin-dist")
+    settings = load_settings(
+        {"backends": {"subprocess-twin": {"root": str(tmp_path / "twins")}}},
+        cwd=tmp_path,
+        environ={},
+    )
+    with corral.create(backend="subprocess-twin", security=NOT_ISOLATED, settings=settings) as sb:
+        assert type(sb.backend) is twin.cls
+        assert sb.labels["corral.backend"] == "subprocess-twin"
+        assert sb.exec(["echo", "twin"]).text == "twin\n"
+        assert (tmp_path / "twins" / sb.id).is_dir()
+    assert corral.list(backend="subprocess-twin", settings=settings) == []
 
 
 # -- exec: wrappers and replacements ---------------------------------------------------
@@ -229,7 +264,8 @@ def test_corral_exec_also_serves_streams(
     global_host.register(wrapper, "shouting")
     events = list(make().stream(["sh", "-c", "echo out; echo err >&2"]))
     chunks = [e for e in events if isinstance(e, corral.OutputChunk)]
-    assert sorted((c.stream, c.data) for c in chunks) == [("stderr", b"err\n"), ("stdout", b"out\n")]
+    seen = sorted((c.stream, c.data) for c in chunks)
+    assert seen == [("stderr", b"err\n"), ("stdout", b"out\n")]
     assert isinstance(events[-1], corral.ExecResult)
     assert events[-1].stdout == b"OUT\n"
     assert len(wrapper.seen) == 1
@@ -340,6 +376,30 @@ def test_corral_check_spec_can_refuse_before_anything_is_made(
     assert refuser.checked[0].env == {"ADDED": "1"}
     assert make().spec.network.mode == "none"
     assert len(existing(settings)) == 1
+
+
+class Collector:
+    """corral_sandbox_destroying collects a report while the sandbox still exists."""
+
+    def __init__(self) -> None:
+        self.reports: list[bytes] = []
+
+    @corral.hookimpl
+    def corral_sandbox_destroying(self, sandbox: corral.Sandbox) -> None:
+        self.reports.append(sandbox.read_file("/report.txt"))
+
+
+def test_corral_sandbox_destroying_can_still_use_the_sandbox(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox], settings: Settings
+) -> None:
+    collector = Collector()
+    global_host.register(collector, "collector")
+    sandbox = make()
+    sandbox.write_file("/report.txt", b"all green")
+    sandbox.close()
+    assert collector.reports == [b"all green"]
+    assert sandbox.closed
+    assert existing(settings) == []
 
 
 # -- failures of observers -------------------------------------------------------------
