@@ -201,8 +201,8 @@ def test_doctor_exits_0(cli: Cli) -> None:
 def host_folder() -> Iterator[Path]:
     """A host folder to mount, outside the project and reachable by any user.
 
-    Not under tmp_path: pytest makes its base folder 0700, and a mount source below a
-    folder the sandbox's user cannot enter is the local backend's business to test.
+    Not under tmp_path: pytest makes its base folder 0700, and the local backend
+    refuses a source its unprivileged host user cannot reach, with a clear error.
     """
     folder = Path(tempfile.mkdtemp(prefix="corral-cli-"))
     folder.chmod(0o755)
