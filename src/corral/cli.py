@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from typing import Any, NoReturn
@@ -25,7 +24,7 @@ import corral
 from corral.core import settings as settings_module
 from corral.core.backend import Availability
 from corral.core.plugins import get_host
-from corral.core.sandbox import _select_backend_name
+from corral.core.sandbox import select_backend_name
 from corral.core.spec import ExecRequest
 
 # Exit statuses of `run` and `exec`, as `docker run` and GNU `timeout` use them, so that a
@@ -47,6 +46,7 @@ Command = Callable[[Args], int]
 
 
 # -- small output helpers ----------------------------------------------------------------
+
 
 def _say(message: str) -> None:
     print(f"corral: {message}", file=sys.stderr)
@@ -93,21 +93,13 @@ def _size(value: int) -> str:
     return f"{value}B"
 
 
-def _release(sandbox: corral.Sandbox) -> None:
-    """Let go of a handle while the sandbox lives on (``--keep``, ``exec``, ``stats``).
-
-    Only ``close()`` silences a handle's "never closed" ResourceWarning, and closing
-    removes the sandbox; the core has no public way to drop a handle, so the warning
-    is filtered for this one sandbox instead.
-    """
-    warnings.filterwarnings(
-        "ignore",
-        message=re.escape(f"sandbox {sandbox.id} was never closed"),
-        category=ResourceWarning,
-    )
+def _detach(sandbox: corral.Sandbox) -> None:
+    """Let go of a handle while the sandbox lives on (``--keep``, ``exec``, ``stats``)."""
+    sandbox.detach()
 
 
 # -- running commands ----------------------------------------------------------------------
+
 
 def _exit_status(result: corral.ExecResult) -> int:
     """The status `corral run` exits with for a command that ended this way."""
@@ -189,8 +181,10 @@ def _run_in(sandbox: corral.Sandbox, args: Args, options: dict[str, Any]) -> int
     else:
         result = _stream(sandbox, args.command, options)
     if result.truncated and not args.json:
-        _say("output past the max_output setting was dropped "
-             "(raise it in corral.toml or with CORRAL_MAX_OUTPUT)")
+        _say(
+            "output past the max_output setting was dropped "
+            "(raise it in corral.toml or with CORRAL_MAX_OUTPUT)"
+        )
     return _exit_status(result)
 
 
@@ -223,7 +217,7 @@ def cmd_run(args: Args) -> int:
             status = _run_in(sandbox, args, options)
             _progress(f"removing sandbox {sandbox.id}")
         return status
-    _release(sandbox)
+    _detach(sandbox)
     try:
         return _run_in(sandbox, args, options)
     finally:
@@ -236,11 +230,12 @@ def cmd_exec(args: Args) -> int:
     settings = corral.load_settings()
     options = _exec_options(args, for_exec=True)
     sandbox = corral.attach(args.id, backend=args.backend, settings=settings)
-    _release(sandbox)
+    _detach(sandbox)
     return _run_in(sandbox, args, options)
 
 
 # -- sandboxes -------------------------------------------------------------------------------
+
 
 def cmd_ls(args: Args) -> int:
     """List the sandboxes corral made on a backend."""
@@ -253,8 +248,14 @@ def cmd_ls(args: Args) -> int:
         return 0
     now = time.time()
     rows = [
-        (info.id, info.backend, info.status, _ago(info.created, now),
-         _until(info.expires, now), info.image or "-")
+        (
+            info.id,
+            info.backend,
+            info.status,
+            _ago(info.created, now),
+            _until(info.expires, now),
+            info.image or "-",
+        )
         for info in infos
     ]
     _print_table(("ID", "BACKEND", "STATUS", "CREATED", "EXPIRES", "IMAGE"), rows)
@@ -290,7 +291,7 @@ def cmd_gc(args: Args) -> int:
 def cmd_stats(args: Args) -> int:
     """Show what a sandbox uses now: CPU time, memory, processes, network and disk I/O."""
     sandbox = corral.attach(args.id, backend=args.backend, settings=corral.load_settings())
-    _release(sandbox)
+    _detach(sandbox)
     usage = sandbox.usage()
     if args.json:
         _print_json({"sandbox_id": sandbox.id, **attrs.asdict(usage)})
@@ -316,6 +317,7 @@ def _usage_text(name: str, value: float | None) -> str:
 
 # -- plugins, backends and settings ----------------------------------------------------------
 
+
 def _availability(name: str, settings: corral.Settings | None) -> Availability:
     if settings is None:
         return Availability(False, "the settings cannot be read", "fix them (see corral config)")
@@ -337,18 +339,29 @@ def cmd_backends(args: Args) -> int:
         available = _availability(name, settings)
         found.append((name, record, available))
     if args.json:
-        _print_json([
-            {
-                "name": name, "description": record.info.description, "plugin": record.plugin,
-                "distribution": record.distribution, "version": record.version,
-                "available": available.ok, "reason": available.reason, "fix": available.fix,
-            }
-            for name, record, available in found
-        ])
+        _print_json(
+            [
+                {
+                    "name": name,
+                    "description": record.info.description,
+                    "plugin": record.plugin,
+                    "distribution": record.distribution,
+                    "version": record.version,
+                    "available": available.ok,
+                    "reason": available.reason,
+                    "fix": available.fix,
+                }
+                for name, record, available in found
+            ]
+        )
         return 0
     rows = [
-        (name, _provenance(record.distribution, record.version),
-         "yes" if available.ok else "no", "" if available.ok else str(available))
+        (
+            name,
+            _provenance(record.distribution, record.version),
+            "yes" if available.ok else "no",
+            "" if available.ok else str(available),
+        )
         for name, record, available in found
     ]
     _print_table(("NAME", "DISTRIBUTION", "AVAILABLE", "WHY NOT"), rows)
@@ -362,8 +375,7 @@ def cmd_plugins(args: Args) -> int:
         _print_json([attrs.asdict(record) for record in records])
         return 0
     rows = [
-        (r.name, _provenance(r.distribution, r.version), ", ".join(r.hooks) or "-")
-        for r in records
+        (r.name, _provenance(r.distribution, r.version), ", ".join(r.hooks) or "-") for r in records
     ]
     _print_table(("NAME", "DISTRIBUTION", "HOOKS"), rows)
     return 0
@@ -406,7 +418,7 @@ def cmd_doctor(args: Args) -> int:
     settings = _doctor_settings()
     statuses = _doctor_backends(settings)
     # The core's own choice, so doctor judges the backend `corral run` would use.
-    default = _select_backend_name(None, settings or corral.Settings())
+    default = select_backend_name(None, settings or corral.Settings())
     if default not in statuses:
         print(f"default backend: {default} (not installed)")
         return EXIT_FAILURE
@@ -464,6 +476,7 @@ def cmd_config(args: Args) -> int:
 
 # -- the parser --------------------------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line and an exit status per command."""
 
@@ -506,52 +519,77 @@ def _add_command(
 
 def _command_options(parser: argparse.ArgumentParser) -> None:
     """Options that `run` and `exec` share: how the one command runs."""
-    parser.add_argument("--timeout", metavar="T",
-                        help="stop the command after T (seconds, or 30s, 5m); exit 124")
-    parser.add_argument("--env", "-e", action="append", metavar="K=V",
-                        help="set a variable (repeatable)")
+    parser.add_argument(
+        "--timeout", metavar="T", help="stop the command after T (seconds, or 30s, 5m); exit 124"
+    )
+    parser.add_argument(
+        "--env", "-e", action="append", metavar="K=V", help="set a variable (repeatable)"
+    )
     parser.add_argument("--workdir", "-w", metavar="DIR", help="folder to run in")
     parser.add_argument("--user", "-u", metavar="UID[:GID]", help="user to run as")
-    parser.add_argument("--interactive", "-i", action="store_true",
-                        help="send our standard input to the command (read to its end first)")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object with the result instead of streaming")
+    parser.add_argument(
+        "--interactive",
+        "-i",
+        action="store_true",
+        help="send our standard input to the command (read to its end first)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with the result instead of streaming",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``corral`` argument parser, with one sub-command per ``cmd_*`` function."""
     parser = _Parser(prog="corral", description=__doc__)
     parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show tracebacks and debug logs (also CORRAL_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debug logs (also CORRAL_DEBUG=1)"
+    )
     # --debug works after the command too; SUPPRESS keeps the global value when absent.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     backend = argparse.ArgumentParser(add_help=False)
-    backend.add_argument("--backend", "-b", metavar="NAME",
-                         help="backend to use (default: CORRAL_BACKEND, the settings, or local)")
+    backend.add_argument(
+        "--backend",
+        "-b",
+        metavar="NAME",
+        help="backend to use (default: CORRAL_BACKEND, the settings, or local)",
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON")
-    commands = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True,
-                                     parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="verb", metavar="COMMAND", required=True, parser_class=_Parser
+    )
 
-    run = _add_command(commands, "run", cmd_run, [common, backend],
-                       usage="corral run [options] -- CMD...")
+    run = _add_command(
+        commands, "run", cmd_run, [common, backend], usage="corral run [options] -- CMD..."
+    )
     run.add_argument("--image", help="image to start from (container backends)")
     run.add_argument("--memory", "-m", metavar="SIZE", help="memory limit (512MiB, 1g)")
     run.add_argument("--cpus", type=float, help="CPU limit, in CPUs (0.5, 2)")
     run.add_argument("--pids", type=int, help="limit on the number of processes")
     run.add_argument("--network", choices=("none", "bridge"), help="network (default: none)")
-    run.add_argument("--mount", action="append", metavar="SRC:DST[:ro|rw]",
-                     help="bind a host folder; read-only unless :rw (repeatable)")
+    run.add_argument(
+        "--mount",
+        action="append",
+        metavar="SRC:DST[:ro|rw]",
+        help="bind a host folder; read-only unless :rw (repeatable)",
+    )
     run.add_argument("--lifetime", metavar="T", help="remove the sandbox after T at the latest")
-    run.add_argument("--keep", action="store_true",
-                     help="keep the sandbox afterwards and print its id (to stderr)")
+    run.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the sandbox afterwards and print its id (to stderr)",
+    )
     _command_options(run)
 
-    exec_ = _add_command(commands, "exec", cmd_exec, [common, backend],
-                         usage="corral exec ID [options] -- CMD...")
+    exec_ = _add_command(
+        commands, "exec", cmd_exec, [common, backend], usage="corral exec ID [options] -- CMD..."
+    )
     exec_.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
     _command_options(exec_)
 
@@ -581,15 +619,18 @@ def parse_args(argv: Sequence[str]) -> Args:
     cut = argv.index("--") if "--" in argv else len(argv)
     args, unknown = parser.parse_known_args(argv[:cut])
     if unknown:
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}; "
-                          f"put the command after --, as in: {args.parser.usage}")
-    args.command = argv[cut + 1:]
+        args.parser.error(
+            f"unrecognized arguments: {' '.join(unknown)}; "
+            f"put the command after --, as in: {args.parser.usage}"
+        )
+    args.command = argv[cut + 1 :]
     if not args.command:
         args.parser.error(f"no command given; put it after --, as in: {args.parser.usage}")
     return args
 
 
 # -- the entry point ----------------------------------------------------------------------------
+
 
 class _LogFormatter(logging.Formatter):
     """Log records as one line each; the traceback only when debugging."""

@@ -30,6 +30,7 @@ def _host_processes_with(token: str) -> list[psutil.Process]:
 
 # -- exec semantics ----------------------------------------------------------------------
 
+
 def test_exit_codes_are_the_commands_own(make):
     sb = make()
     assert sb.exec(["true"]).exit_code == 0
@@ -117,6 +118,7 @@ def test_both_pipes_full_at_once_do_not_deadlock(make):
 
 # -- timeouts and process trees -----------------------------------------------------------
 
+
 def test_timeout_kills_grandchildren_and_setsid_escapees(make):
     sb = make()
     sb.write_file("/workspace/keep", b"state")
@@ -146,6 +148,7 @@ def test_command_that_ignores_sigterm_is_still_stopped(make):
 
 # -- limits -------------------------------------------------------------------------------
 
+
 def test_rlimits_are_applied(make):
     sb = make(nofile=77)
     assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "77"
@@ -163,7 +166,9 @@ def test_cpu_time_limit_stops_a_spinning_command(make):
 def test_memory_bomb_is_killed_and_reported(make):
     sb = make(memory="64MiB")
     # tail keeps the whole (newline-free) line in memory
-    result = sb.exec(["sh", "-c", "head -c 400000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60)
+    result = sb.exec(
+        ["sh", "-c", "head -c 400000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60
+    )
     assert result.exit_code != 0
     assert not result.timed_out
     assert result.oom_killed or b"memory" in result.stderr.lower()
@@ -192,6 +197,7 @@ def test_usage_is_plausible(make):
 
 
 # -- isolation ----------------------------------------------------------------------------
+
 
 def test_only_loopback_and_no_privileges(make):
     sb = make()
@@ -229,7 +235,11 @@ def test_read_only_mount_is_read_only(make, mount_root):
     os.chmod(repo, 0o777)
     sb = make(mounts=[corral.Mount(str(repo), "/repo")])
     assert sb.exec(["cat", "/repo/code.py"]).text == "print(1)\n"
-    for argv in (["touch", "/repo/new"], ["rm", "/repo/code.py"], ["chmod", "777", "/repo/code.py"]):
+    for argv in (
+        ["touch", "/repo/new"],
+        ["rm", "/repo/code.py"],
+        ["chmod", "777", "/repo/code.py"],
+    ):
         assert sb.exec(argv).exit_code != 0, argv
     assert sorted(p.name for p in repo.iterdir()) == ["code.py"]
     with pytest.raises(corral.PathSecurityError, match="read-only"):
@@ -240,7 +250,7 @@ def test_read_write_mount_is_writable(make, mount_root):
     out = mount_root / "out"
     out.mkdir()
     os.chmod(out, 0o777)
-    sb = make(mounts=["%s:/out:rw" % out])
+    sb = make(mounts=[f"{out}:/out:rw"])
     assert sb.exec(["sh", "-c", "echo made > /out/result"]).exit_code == 0
     assert (out / "result").read_text() == "made\n"
 
@@ -263,6 +273,7 @@ def test_sensitive_and_unlisted_mount_sources_are_refused(make, tmp_path):
 
 # -- files --------------------------------------------------------------------------------
 
+
 def test_one_mebibyte_round_trip(make):
     sb = make()
     data = os.urandom(1024 * 1024)
@@ -277,7 +288,9 @@ def test_one_mebibyte_round_trip(make):
 def test_written_files_belong_to_the_sandbox_user(make):
     sb = make()
     sb.write_file("/workspace/f", b"one\n", mode=0o4755)
-    assert sb.exec(["sh", "-c", "echo two >> /workspace/f && cat /workspace/f"]).text == "one\ntwo\n"
+    assert (
+        sb.exec(["sh", "-c", "echo two >> /workspace/f && cat /workspace/f"]).text == "one\ntwo\n"
+    )
     mode = sb.exec(["stat", "-c", "%a %u", "/workspace/f"]).text.split()
     assert mode == ["755", "1000"]  # no setuid bit, owned by the sandbox user
 
@@ -310,8 +323,14 @@ def test_symlinks_planted_by_the_sandbox_are_never_followed(make, tmp_path):
     canary = tmp_path / "canary"
     canary.write_text("untouched")
     sb = make()
-    sb.exec(["sh", "-c", f"ln -s / /workspace/root; ln -s {canary} /workspace/file; "
-                         "mkdir /workspace/out; ln -s /etc /workspace/out/etc"])
+    sb.exec(
+        [
+            "sh",
+            "-c",
+            f"ln -s / /workspace/root; ln -s {canary} /workspace/file; "
+            "mkdir /workspace/out; ln -s /etc /workspace/out/etc",
+        ]
+    )
     with pytest.raises(corral.PathSecurityError):
         sb.write_file("/workspace/root/tmp/corral-escape", b"x")
     with pytest.raises(corral.PathSecurityError):
@@ -326,6 +345,7 @@ def test_symlinks_planted_by_the_sandbox_are_never_followed(make, tmp_path):
 
 
 # -- lifecycle ----------------------------------------------------------------------------
+
 
 def test_closed_sandbox_refuses_calls(make, state_dir):
     sb = make()
@@ -351,7 +371,9 @@ def test_attach_from_another_process(make, settings, state_dir):
         print([s.id for s in corral.list(backend="local", settings=settings)])
     """)
     env = {**os.environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["from parent", repr([sb.id])]
 
@@ -378,17 +400,15 @@ def test_lifetime_bounds_a_command(make):
 
 
 def test_unclosed_sandbox_warns(settings):
-    sb = corral.create(backend="local", settings=settings)
-    sandbox_id = sb.id
+    held = [corral.create(backend="local", settings=settings)]
+    sandbox_id = held[0].id
     with pytest.warns(ResourceWarning, match=sandbox_id):
-        del sb
-        import gc
-
-        gc.collect()
+        held.clear()  # the last reference goes, as in a program that forgot close()
     corral.attach(sandbox_id, backend="local", settings=settings).close()
 
 
 # -- when bubblewrap cannot run -------------------------------------------------------------
+
 
 @pytest.fixture
 def no_bwrap_settings(settings: corral.Settings, state_dir: Path) -> corral.Settings:
@@ -412,8 +432,9 @@ def test_unisolated_needs_a_named_opt_in(no_bwrap_settings):
 
 
 def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir):
-    with corral.create(backend="local", security=UNSAFE_LOCAL, nofile=99,
-                       settings=no_bwrap_settings) as sb:
+    with corral.create(
+        backend="local", security=UNSAFE_LOCAL, nofile=99, settings=no_bwrap_settings
+    ) as sb:
         assert sb.labels["corral.loosened"] == "isolate"
         assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "99"
         sb.write_file("/workspace/a", b"A")

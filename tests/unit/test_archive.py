@@ -65,6 +65,7 @@ def read_back(tar: bytes) -> list[tarfile.TarInfo]:
 
 # -- building --------------------------------------------------------------------------
 
+
 def test_tar_from_bytes_clears_setuid_bits_and_sets_the_owner() -> None:
     with archive.build_tar_from_bytes("run.sh", b"#!/bin/sh\n", 0o6755, (1000, 1001)) as f:
         tar = f.read()
@@ -121,6 +122,7 @@ def test_tar_from_path_of_a_missing_source(tmp_path: Path) -> None:
 
 
 # -- extracting what is fine -----------------------------------------------------------
+
 
 def test_extract_a_folder_with_safe_modes(parent: Path) -> None:
     tar = make_tar(
@@ -243,6 +245,7 @@ def test_resource_limit_errors_are_sandbox_errors_but_not_archive_errors() -> No
 
 
 # -- single files and sandbox paths ----------------------------------------------------
+
 
 def test_read_single_file() -> None:
     assert archive.read_single_file(chunked(make_tar(a_file("a.txt", b"abc"))), 10) == b"abc"

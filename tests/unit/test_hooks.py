@@ -79,6 +79,7 @@ def existing(settings: Settings) -> list[str]:
 
 # -- lifecycle -------------------------------------------------------------------------
 
+
 class Recorder:
     """Implements every hook, records each call and changes nothing."""
 
@@ -162,7 +163,9 @@ def test_every_hook_is_called_in_order(
     assert calls["corral_usage_sampled"]["usage"] is usage
     assert calls["corral_sandbox_destroying"] == {"sandbox": sandbox, "closed": False}
     assert calls["corral_sandbox_destroyed"] == {
-        "sandbox_id": sandbox.id, "backend": BACKEND, "error": None
+        "sandbox_id": sandbox.id,
+        "backend": BACKEND,
+        "error": None,
     }
     # The core's own corral_exec answered, through the backend.
     assert (result.exit_code, result.stdout, result.stderr) == (3, b"hello\n", b"oops\n")
@@ -202,6 +205,7 @@ def test_corral_backends_adds_a_backend_that_create_can_select(
 
 
 # -- exec: wrappers and replacements ---------------------------------------------------
+
 
 class Shouting:
     """A wrapper=True corral_exec: sees the core's result and replaces it."""
@@ -273,6 +277,7 @@ def test_corral_exec_also_serves_streams(
 
 # -- usage -----------------------------------------------------------------------------
 
+
 class Agent:
     """Answers corral_usage first, and exports every sample."""
 
@@ -300,6 +305,7 @@ def test_corral_usage_can_be_answered_by_a_plugin_and_corral_usage_sampled_expor
 
 
 # -- contributions and checks at create ------------------------------------------------
+
 
 class Contributor:
     """corral_extra_mounts and corral_extra_env, as a repository plugin would use them."""
@@ -404,6 +410,7 @@ def test_corral_sandbox_destroying_can_still_use_the_sandbox(
 
 # -- failures of observers -------------------------------------------------------------
 
+
 class BrokenObserver:
     """Every notification that must not break the caller, raising."""
 
@@ -482,6 +489,7 @@ def test_without_opting_out_of_isolation_the_test_backend_is_refused(
 
 
 # -- the contract is complete ----------------------------------------------------------
+
 
 def test_every_hookspec_is_tested_and_documented() -> None:
     names = hookspec_names()

@@ -21,6 +21,7 @@ def plugin_names(host: PluginHost) -> set[str]:
 
 # -- discovery -------------------------------------------------------------------------
 
+
 def test_the_installed_plugin_is_discovered_with_its_provenance(
     host: PluginHost, test_plugin_version: str
 ) -> None:
@@ -79,6 +80,7 @@ def test_unregistering_a_plugin_removes_its_backends(host: PluginHost) -> None:
 
 # -- registration is validated ---------------------------------------------------------
 
+
 def test_a_hook_without_a_specification_is_refused(host: PluginHost) -> None:
     from corral_test_plugin import unspecced
 
@@ -135,6 +137,7 @@ def test_a_registration_that_is_not_a_backend_record_is_refused(host: PluginHost
 
 # -- selection and backend settings ----------------------------------------------------
 
+
 def test_an_unknown_backend_lists_the_known_ones(
     host: PluginHost, clean_settings: Settings
 ) -> None:
@@ -183,6 +186,7 @@ def test_backend_instances_are_made_once(host: PluginHost, clean_settings: Setti
 
 
 # -- the process's host and tracing ----------------------------------------------------
+
 
 def test_reset_host_swaps_the_process_host(host: PluginHost) -> None:
     previous = reset_host(host)

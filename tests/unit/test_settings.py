@@ -148,6 +148,7 @@ def test_backend_tables_are_kept_raw_for_the_backend(project: Path) -> None:
 
 # -- errors name their source ----------------------------------------------------------
 
+
 def test_unknown_key_in_pyproject_names_it(project: Path) -> None:
     path = write(project / "pyproject.toml", "[tool.corral]\nbakend = 'docker'\n")
     expected = re.escape(f"{path} [tool.corral]: bakend: unknown setting")

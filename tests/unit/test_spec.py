@@ -28,6 +28,7 @@ def from_keywords(settings: Settings, **keywords: Any) -> corral.SandboxSpec:
 
 # -- sizes and durations ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("value", "expected"), [("512MiB", 512 * MiB), ("1g", GiB), (536870912, 512 * MiB)]
 )
@@ -78,6 +79,7 @@ def test_bad_durations(value: Any, reason: str, clean_settings: Settings) -> Non
 
 # -- limits that make no sense ---------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
@@ -105,6 +107,7 @@ def test_the_smallest_sensible_limits_are_accepted(clean_settings: Settings) -> 
 
 
 # -- wrong types -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("keywords", "path", "reason"),
@@ -135,6 +138,7 @@ def test_spec_objects_refuse_wrong_types_too() -> None:
 
 # -- unknown keys ----------------------------------------------------------------------
 
+
 def test_an_unknown_limit_is_refused_with_its_path() -> None:
     with pytest.raises(corral.ConfigError, match=r"^sandbox\.limits\.memroy: unknown setting"):
         from_data({"limits": {"memroy": "1g"}})
@@ -156,6 +160,7 @@ def test_an_unknown_key_in_a_mount_table_is_refused() -> None:
 
 
 # -- environment -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["A=B", "", "1ABC", "A\0B", "A B"])
 def test_bad_variable_names(name: str, clean_settings: Settings) -> None:
@@ -179,6 +184,7 @@ def test_good_variables_are_kept(clean_settings: Settings) -> None:
 
 
 # -- paths -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("workdir", "reason"),
@@ -250,6 +256,7 @@ def test_mount_tables_choose_their_kind() -> None:
 
 
 # -- defaults, round trip, security ----------------------------------------------------
+
 
 def test_defaults_are_secure() -> None:
     spec = corral.SandboxSpec()

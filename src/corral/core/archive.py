@@ -65,7 +65,9 @@ def _safe_mode(mode: int, is_dir: bool) -> int:
     return (mode & 0o777) | (0o700 if is_dir else 0o600)
 
 
-def _tarinfo(name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int]) -> tarfile.TarInfo:
+def _tarinfo(
+    name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int]
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = _safe_mode(mode, kind == tarfile.DIRTYPE)
@@ -76,7 +78,7 @@ def _tarinfo(name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int
 
 
 def _spooled() -> IO[bytes]:
-    return tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - returned to caller
+    return tempfile.SpooledTemporaryFile(max_size=_SPOOL)
 
 
 def build_tar_from_bytes(name: str, data: bytes, mode: int, owner: tuple[int, int]) -> IO[bytes]:
@@ -176,7 +178,7 @@ def iter_members(
     fileobj = chunks if hasattr(chunks, "read") else io.BufferedReader(_ChunkReader(chunks))
     total = members = 0
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|")  # type: ignore[arg-type]
+        tar = tarfile.open(fileobj=fileobj, mode="r|")  # type: ignore[arg-type]  # noqa: SIM115
     except tarfile.TarError as e:
         raise ArchiveError(f"not a tar archive: {e}") from None
     with tar:
@@ -184,7 +186,9 @@ def iter_members(
             for member in tar:
                 members += 1
                 if members > limits.max_members:
-                    raise ResourceLimitError(f"the archive has more than {limits.max_members} members")
+                    raise ResourceLimitError(
+                        f"the archive has more than {limits.max_members} members"
+                    )
                 name = _member_name(member)
                 if member.isdir():
                     yield name, member, None
@@ -200,7 +204,9 @@ def iter_members(
                     )
                 total += member.size
                 if total > limits.max_bytes:
-                    raise ResourceLimitError(f"the archive holds more than {limits.max_bytes} bytes")
+                    raise ResourceLimitError(
+                        f"the archive holds more than {limits.max_bytes} bytes"
+                    )
                 yield name, member, tar.extractfile(member)
         except tarfile.TarError as e:
             raise ArchiveError(f"broken tar archive: {e}") from None

@@ -215,7 +215,7 @@ class Backend(abc.ABC):
     def resume(self, sandbox_id: str) -> None:
         raise CapabilityError(f"the {self.name} backend cannot pause sandboxes", backend=self.name)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional, most backends hold nothing
         """Release clients and connections; called once when the process is done with it."""
 
 

@@ -75,7 +75,7 @@ def structure(data: Any, cls: type[T], path: str = "") -> T:
     """Build ``cls`` from plain data; any problem is a ConfigError naming its path."""
     try:
         return converter.structure(data, cls)
-    except Exception as e:  # noqa: BLE001 - every failure becomes a ConfigError
+    except Exception as e:
         raise _as_config_error(e).prefixed(path) from None
 
 

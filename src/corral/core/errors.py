@@ -51,7 +51,9 @@ class SandboxError(Exception):
         self.retryable = self.default_retryable if retryable is None else retryable
 
     def __str__(self) -> str:
-        where = [f"{k}={v}" for k, v in (("backend", self.backend), ("sandbox", self.sandbox_id)) if v]
+        where = [
+            f"{k}={v}" for k, v in (("backend", self.backend), ("sandbox", self.sandbox_id)) if v
+        ]
         return f"{self.message} ({', '.join(where)})" if where else self.message
 
 
@@ -144,7 +146,7 @@ class ConflictError(SandboxError):
     default_retryable = True
 
 
-class TimeoutError(SandboxError):  # noqa: A001 - corral's own, distinct from the builtin
+class TimeoutError(SandboxError):
     """An operation of corral's (not a command's) took longer than allowed."""
 
     category = "timeout"

@@ -26,6 +26,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # -- registration ----------------------------------------------------------------------
 
+
 @hookspec
 def corral_backends() -> list[BackendInfo]:
     """Declare the backends this plugin provides.
@@ -52,6 +53,7 @@ def corral_backends() -> list[BackendInfo]:
 
 
 # -- contributions at create -----------------------------------------------------------
+
 
 @hookspec
 def corral_extra_mounts(spec: SandboxSpec, backend: str) -> list[MountLike]:
@@ -132,6 +134,7 @@ def corral_check_spec(spec: SandboxSpec, backend: str) -> None:
 
 
 # -- lifecycle notifications -----------------------------------------------------------
+
 
 @hookspec
 def corral_sandbox_creating(spec: SandboxSpec, sandbox_id: str, backend: str) -> None:
@@ -219,6 +222,7 @@ def corral_sandbox_destroyed(sandbox_id: str, backend: str, error: BaseException
 
 
 # -- dispatch --------------------------------------------------------------------------
+
 
 @hookspec(firstresult=True)
 def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> ExecResult | None:

@@ -16,8 +16,9 @@ class OutputSink:
     Backends call ``write`` as bytes arrive (from any thread) and must keep draining
     the command's pipes after the cap is hit, so the command is never blocked by a
     full pipe; bytes past the cap are dropped and ``truncated`` is set. ``on_chunk``
-    sees every kept chunk as it comes (for streaming). ``cancel()`` asks the backend
-    to stop the command, as a timeout would.
+    sees every chunk as it comes, past the cap too (streaming shows all the output
+    while the result keeps a bounded copy). ``cancel()`` asks the backend to stop the
+    command, as a timeout would.
     """
 
     def __init__(
@@ -38,13 +39,12 @@ class OutputSink:
             return
         with self._lock:
             room = self.max_output - self._sizes[stream]
-            if len(data) > room:
+            kept = data if len(data) <= room else data[: max(room, 0)]
+            if len(kept) < len(data):
                 self.truncated = True
-                data = data[: max(room, 0)]
-                if not data:
-                    return
-            self._parts[stream].append(data)
-            self._sizes[stream] += len(data)
+            if kept:
+                self._parts[stream].append(kept)
+                self._sizes[stream] += len(kept)
         if self._on_chunk is not None:
             self._on_chunk(OutputChunk(stream, data))  # type: ignore[arg-type]
 

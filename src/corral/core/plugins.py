@@ -87,7 +87,9 @@ class PluginHost:
 
     # -- loading -------------------------------------------------------------------
 
-    def register(self, plugin: ModuleType | object, name: str, distribution: str | None = None) -> None:
+    def register(
+        self, plugin: ModuleType | object, name: str, distribution: str | None = None
+    ) -> None:
         """Register a plugin object; its hooks are checked against the specifications."""
         with self._lock:
             try:
@@ -128,7 +130,7 @@ class PluginHost:
                     continue  # the same distribution seen twice on sys.path
                 try:
                     plugin = ep.load()
-                except Exception as e:  # noqa: BLE001 - any import failure is the plugin's
+                except Exception as e:
                     raise PluginError(
                         f"plugin {ep.name!r} from {dist_name} failed to load: {e}"
                     ) from e
@@ -197,7 +199,9 @@ class PluginHost:
         records = self.backends()
         if name not in records:
             choices = ", ".join(sorted(records)) or "none are installed"
-            raise ConfigError("backend", f"{name!r} is not a known backend. Choose one of: {choices}")
+            raise ConfigError(
+                "backend", f"{name!r} is not a known backend. Choose one of: {choices}"
+            )
         cls = records[name].info.backend
         own = structure(settings.backends.get(name, {}), cls.Settings, f"backends.{name}")
         return cls(own)

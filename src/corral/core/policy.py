@@ -21,11 +21,30 @@ __all__ = ["apply_policy", "sensitive_reason"]
 
 # Refused as a source, and so is anything below them.
 _SENSITIVE_TREES = (
-    "/etc", "/proc", "/sys", "/dev", "/boot", "/run", "/var/run",
-    "/var/lib/docker", "/var/lib/containers", "/var/lib/containerd",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/run",
+    "/var/run",
+    "/var/lib/docker",
+    "/var/lib/containers",
+    "/var/lib/containerd",
 )
 # Refused as a source themselves (a project folder below them is fine).
-_SENSITIVE_FOLDERS = ("/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/var", "/home", "/root", "/opt")
+_SENSITIVE_FOLDERS = (
+    "/",
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/var",
+    "/home",
+    "/root",
+    "/opt",
+)
 _SENSITIVE_HOME_TREES = (".ssh", ".gnupg", ".aws", ".docker", ".kube", ".config/gcloud", ".netrc")
 
 

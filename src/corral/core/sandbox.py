@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -34,7 +35,17 @@ log = logging.getLogger("corral")
 
 LABEL_PREFIX = "corral."
 # Keywords of corral.create() that belong to spec.limits rather than the spec itself.
-_LIMIT_KEYWORDS = ("memory", "cpus", "pids", "nofile", "nproc", "cputime", "file_size", "disk", "lifetime")
+_LIMIT_KEYWORDS = (
+    "memory",
+    "cpus",
+    "pids",
+    "nofile",
+    "nproc",
+    "cputime",
+    "file_size",
+    "disk",
+    "lifetime",
+)
 
 
 def _warn_unclosed(sandbox_id: str) -> None:
@@ -191,14 +202,16 @@ class Sandbox:
         Leaving the loop early stops the command.
         """
         request = self._request(argv, timeout, env, workdir, user, stdin, max_output)
-        events: queue.Queue[Any] = queue.Queue()
+        # Bounded: a slow consumer slows the command (as a pipe would) instead of
+        # letting output pile up in memory.
+        events: queue.Queue[Any] = queue.Queue(maxsize=256)
         sink = OutputSink(request.max_output, on_chunk=events.put)
         done = object()
 
         def run() -> None:
             try:
                 events.put(self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+            except BaseException as e:
                 events.put(e)
             finally:
                 events.put(done)
@@ -212,7 +225,10 @@ class Sandbox:
                 yield event
         finally:
             sink.cancel()
-            worker.join()
+            # Keep emptying the queue so that no producer stays blocked on a full one.
+            while worker.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    events.get(timeout=0.05)
 
     # -- files -------------------------------------------------------------------------
 
@@ -279,6 +295,14 @@ class Sandbox:
         self._check_open()
         return self.backend.health(self.id)
 
+    def detach(self) -> None:
+        """Stop owning the sandbox: dropping this handle no longer warns, and the sandbox
+        outlives it (``corral.attach`` finds it again). The handle stays usable, and
+        ``close()`` still removes the sandbox. Unclosed, it removes itself when its
+        lifetime ends, or at ``corral gc``.
+        """
+        self._finalizer.detach()
+
     def close(self) -> None:
         """Destroy the sandbox and everything in it. Idempotent."""
         with self._close_lock:
@@ -314,7 +338,9 @@ def _notify(hook: Any, **kwargs: Any) -> None:
 
 # -- module-level API ------------------------------------------------------------------
 
-def _select_backend_name(explicit: str | None, settings: Settings) -> str:
+
+def select_backend_name(explicit: str | None, settings: Settings) -> str:
+    """The backend to use: the argument, else CORRAL_BACKEND, else the setting, else local."""
     return explicit or os.environ.get("CORRAL_BACKEND") or settings.backend or "local"
 
 
@@ -340,7 +366,9 @@ def _as_data(value: Any) -> Any:
     return unstructure(value) if attrs.has(type(value)) else value
 
 
-def build_spec(settings: Settings, spec: SandboxSpec | None, keywords: dict[str, Any]) -> SandboxSpec:
+def build_spec(
+    settings: Settings, spec: SandboxSpec | None, keywords: dict[str, Any]
+) -> SandboxSpec:
     """The spec from settings defaults, a spec object and keywords, strongest last."""
     data = dict(settings.sandbox)
     if spec is not None:
@@ -352,7 +380,9 @@ def build_spec(settings: Settings, spec: SandboxSpec | None, keywords: dict[str,
 
 def _contribute(host: PluginHost, spec: SandboxSpec, backend: str) -> SandboxSpec:
     hook = host.pm.hook
-    extra_mounts: list[MountLike] = [m for ms in hook.corral_extra_mounts(spec=spec, backend=backend) for m in ms or ()]
+    extra_mounts: list[MountLike] = [
+        m for ms in hook.corral_extra_mounts(spec=spec, backend=backend) for m in ms or ()
+    ]
     extra_env: dict[str, str] = {}
     for env in hook.corral_extra_env(spec=spec, backend=backend):
         extra_env.update(env or {})
@@ -424,15 +454,29 @@ def create(
     """
     settings = load_settings() if settings is None else settings
     keywords = {
-        "image": image, "command": command, "env": env, "workdir": workdir, "user": user,
-        "mounts": mounts, "memory": memory, "cpus": cpus, "pids": pids, "nofile": nofile,
-        "nproc": nproc, "cputime": cputime, "file_size": file_size, "disk": disk,
-        "lifetime": lifetime, "network": network, "security": security, "labels": labels,
+        "image": image,
+        "command": command,
+        "env": env,
+        "workdir": workdir,
+        "user": user,
+        "mounts": mounts,
+        "memory": memory,
+        "cpus": cpus,
+        "pids": pids,
+        "nofile": nofile,
+        "nproc": nproc,
+        "cputime": cputime,
+        "file_size": file_size,
+        "disk": disk,
+        "lifetime": lifetime,
+        "network": network,
+        "security": security,
+        "labels": labels,
         "healthcheck": healthcheck,
     }
     final = build_spec(settings, spec, keywords)
     host = get_host()
-    name = _select_backend_name(backend, settings)
+    name = select_backend_name(backend, settings)
     chosen = host.backend(name, settings)
     final = _contribute(host, final, name)
     final = apply_policy(final, settings)
@@ -461,8 +505,13 @@ def create(
         _destroy_quietly(chosen, sandbox_id)
         raise
     info = SandboxInfo(
-        id=sandbox_id, backend=name, status="running", created=now,
-        expires=now + final.limits.lifetime, image=final.image, labels=labels_out,
+        id=sandbox_id,
+        backend=name,
+        status="running",
+        created=now,
+        expires=now + final.limits.lifetime,
+        image=final.image,
+        labels=labels_out,
     )
     sandbox = Sandbox(
         sandbox_id=sandbox_id, backend=chosen, spec=final, info=info, host=host, settings=settings
@@ -485,26 +534,34 @@ def _destroy_quietly(backend: Backend, sandbox_id: str) -> None:
         log.exception("cleaning up sandbox %s after a failed create also failed", sandbox_id)
 
 
-def attach(sandbox_id: str, *, backend: str | None = None, settings: Settings | None = None) -> Sandbox:
+def attach(
+    sandbox_id: str, *, backend: str | None = None, settings: Settings | None = None
+) -> Sandbox:
     """A handle on a sandbox made elsewhere (another process); NotFoundError if gone."""
     settings = load_settings() if settings is None else settings
     host = get_host()
-    chosen = host.backend(_select_backend_name(backend, settings), settings)
+    chosen = host.backend(select_backend_name(backend, settings), settings)
     info, spec = chosen.inspect(sandbox_id)
-    return Sandbox(sandbox_id=sandbox_id, backend=chosen, spec=spec, info=info, host=host, settings=settings)
+    return Sandbox(
+        sandbox_id=sandbox_id, backend=chosen, spec=spec, info=info, host=host, settings=settings
+    )
 
 
-def list_sandboxes(*, backend: str | None = None, settings: Settings | None = None) -> list[SandboxInfo]:
+def list_sandboxes(
+    *, backend: str | None = None, settings: Settings | None = None
+) -> list[SandboxInfo]:
     """Every sandbox corral made on the backend (found by corral's labels)."""
     settings = load_settings() if settings is None else settings
-    chosen = get_host().backend(_select_backend_name(backend, settings), settings)
+    chosen = get_host().backend(select_backend_name(backend, settings), settings)
     return chosen.list()
 
 
-def gc(*, backend: str | None = None, settings: Settings | None = None, everything: bool = False) -> list[str]:
+def gc(
+    *, backend: str | None = None, settings: Settings | None = None, everything: bool = False
+) -> list[str]:
     """Remove expired sandboxes (all of corral's with ``everything``); their ids."""
     settings = load_settings() if settings is None else settings
-    chosen = get_host().backend(_select_backend_name(backend, settings), settings)
+    chosen = get_host().backend(select_backend_name(backend, settings), settings)
     now = time.time()
     removed = []
     for info in chosen.list():

@@ -139,7 +139,9 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sources(cwd: Path | None = None, environ: Mapping[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+def sources(
+    cwd: Path | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """Each source of settings with its name, weakest first."""
     cwd = Path.cwd() if cwd is None else cwd
     environ = os.environ if environ is None else environ
@@ -178,7 +180,8 @@ def load_settings(
         try:
             structure(layer, Settings)
         except ConfigError as e:
-            raise ConfigError.many([(f"{name}: {path}", reason) for path, reason in e.problems])
+            problems = [(f"{name}: {path}", reason) for path, reason in e.problems]
+            raise ConfigError.many(problems) from None
         merged = _merge(merged, layer)
     return structure(merged, Settings)
 

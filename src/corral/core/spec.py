@@ -48,6 +48,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # -- field helpers -------------------------------------------------------------------
 
+
 def _check(ok: bool, field: str, reason: str) -> None:
     if not ok:
         raise ConfigError(field, reason)
@@ -247,6 +248,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 # -- the model -----------------------------------------------------------------------
 
+
 @attrs.frozen
 class Mount:
     """A host folder or file bound into the sandbox; read-only unless ``read_only=False``."""
@@ -294,7 +296,7 @@ class Volume:
         )
 
 
-MountLike = Union[Mount, Tmpfs, Volume]
+MountLike = Union[Mount, Tmpfs, Volume]  # noqa: UP007 - a runtime alias; | needs 3.10 types
 
 
 def _mount_from_table(table: Mapping[str, Any], name: str) -> MountLike:
@@ -424,9 +426,10 @@ class Healthcheck:
     interval: float = duration_field("30s")
     timeout: float = duration_field("30s")
     retries: int = count_field(3, maximum=1000)
-    start_period: float = attrs.field(default=0.0, converter=_converted(
-        lambda v, n: 0.0 if v in (0, "0") else _parse(parse_duration, v, n)
-    ))
+    start_period: float = attrs.field(
+        default=0.0,
+        converter=_converted(lambda v, n: 0.0 if v in (0, "0") else _parse(parse_duration, v, n)),
+    )
 
 
 @attrs.frozen

@@ -80,7 +80,9 @@ class _State:
         return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc")
 
     def info(self) -> SandboxInfo:
-        return SandboxInfo(self.id, "local", "running", self.created, self.expires, None, dict(self.labels))
+        return SandboxInfo(
+            self.id, "local", "running", self.created, self.expires, None, dict(self.labels)
+        )
 
 
 class LocalBackend(Backend):
@@ -125,15 +127,29 @@ class LocalBackend(Backend):
 
     def capabilities(self) -> Capability:
         C = Capability
-        caps = (C.MEMORY_LIMIT | C.NOFILE_LIMIT | C.NPROC_LIMIT | C.CPU_TIME_LIMIT
-                | C.FILE_SIZE_LIMIT | C.LIFETIME | C.USER)
+        caps = (
+            C.MEMORY_LIMIT
+            | C.NOFILE_LIMIT
+            | C.NPROC_LIMIT
+            | C.CPU_TIME_LIMIT
+            | C.FILE_SIZE_LIMIT
+            | C.LIFETIME
+            | C.USER
+        )
         if self._cgroups is not None and self._cgroups.has("pids"):
             caps |= C.PIDS_LIMIT
         if self._cgroups is not None and self._cgroups.has("cpu"):
             caps |= C.CPU_LIMIT
         if self._bwrap_problem() is None:
-            caps |= (C.ISOLATION | C.NETWORK_NONE | C.NETWORK_BRIDGE | C.READ_ONLY_ROOT
-                     | C.NO_NEW_PRIVILEGES | C.BIND_MOUNTS | C.TMPFS)
+            caps |= (
+                C.ISOLATION
+                | C.NETWORK_NONE
+                | C.NETWORK_BRIDGE
+                | C.READ_ONLY_ROOT
+                | C.NO_NEW_PRIVILEGES
+                | C.BIND_MOUNTS
+                | C.TMPFS
+            )
         return caps
 
     def capability_hint(self, missing: Capability) -> str:
@@ -162,15 +178,24 @@ class LocalBackend(Backend):
         self._sweep_expired()
         ids = spec.uid_gid()
         if ids is None:
-            raise ConfigError("sandbox.user", f"{spec.user!r}: the local backend needs 'uid:gid' in numbers")
+            raise ConfigError(
+                "sandbox.user", f"{spec.user!r}: the local backend needs 'uid:gid' in numbers"
+            )
         self._check_reachable(spec)
         folder = os.path.join(self.root, sandbox_id)
         os.makedirs(self.root, mode=0o711, exist_ok=True)
         for path in (os.path.dirname(self.root), self.root):
             os.chmod(path, 0o711)  # the host user must reach its own sandbox folder
         os.mkdir(folder, 0o711)
-        state = _State(sandbox_id, folder, spec, labels, float(labels["corral.created"]),
-                       float(labels["corral.expires"]), None)
+        state = _State(
+            sandbox_id,
+            folder,
+            spec,
+            labels,
+            float(labels["corral.created"]),
+            float(labels["corral.expires"]),
+            None,
+        )
         layout = state.layout
         for sub in (layout.workspace, layout.tmp):
             os.mkdir(sub, 0o700)
@@ -182,8 +207,13 @@ class LocalBackend(Backend):
             with open(os.path.join(layout.etc, name), "w") as f:
                 f.write(text)
         if self._cgroups is not None:
-            state.cgroup = Cgroup.create(self._cgroups, f"corral-{sandbox_id}", spec.limits.memory,
-                                         spec.limits.pids, spec.limits.cpus)
+            state.cgroup = Cgroup.create(
+                self._cgroups,
+                f"corral-{sandbox_id}",
+                spec.limits.memory,
+                spec.limits.pids,
+                spec.limits.cpus,
+            )
         meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f)
@@ -217,13 +247,22 @@ class LocalBackend(Backend):
             with open(os.path.join(folder, "meta.json")) as f:
                 meta = json.load(f)
         except (OSError, ValueError):
-            raise NotFoundError("no such sandbox", backend=self.name, sandbox_id=sandbox_id) from None
+            raise NotFoundError(
+                "no such sandbox", backend=self.name, sandbox_id=sandbox_id
+            ) from None
         labels = meta["labels"]
         cgroup = None
         if self._cgroups is not None:
             cgroup = Cgroup.existing(self._cgroups, f"corral-{sandbox_id}")
-        state = _State(sandbox_id, folder, structure(meta["spec"], SandboxSpec), labels,
-                       float(labels["corral.created"]), float(labels["corral.expires"]), cgroup)
+        state = _State(
+            sandbox_id,
+            folder,
+            structure(meta["spec"], SandboxSpec),
+            labels,
+            float(labels["corral.created"]),
+            float(labels["corral.expires"]),
+            cgroup,
+        )
         with self._lock:
             return self._states.setdefault(sandbox_id, state)
 
@@ -264,13 +303,21 @@ class LocalBackend(Backend):
     # -- exec -----------------------------------------------------------------------
 
     def _env(self, state: _State, request: ExecRequest, workdir: str) -> dict[str, str]:
-        return {"PATH": _PATH, "HOME": state.spec.workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
-                "PWD": workdir, **request.env}
+        return {
+            "PATH": _PATH,
+            "HOME": state.spec.workdir,
+            "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8",
+            "PWD": workdir,
+            **request.env,
+        }
 
     def _rlimits(self, spec: SandboxSpec) -> list[tuple[int, tuple[int, int]]]:
         lim = spec.limits
-        limits = [(resource.RLIMIT_NOFILE, (lim.nofile, lim.nofile)),
-                  (resource.RLIMIT_CORE, (0, 0))]
+        limits = [
+            (resource.RLIMIT_NOFILE, (lim.nofile, lim.nofile)),
+            (resource.RLIMIT_CORE, (0, 0)),
+        ]
         if self._cgroups is None or not self._cgroups.has("pids"):
             limits.append((resource.RLIMIT_NPROC, (lim.nproc, lim.nproc)))
         if self._cgroups is None or not self._cgroups.has("memory"):
@@ -296,24 +343,50 @@ class LocalBackend(Backend):
             status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
         else:
             status = self._exec_unisolated(state, request, sink, env, workdir, user_kwargs)
-        if state.cgroup is not None and state.cgroup.oom_kills() > oom_before and status.exit_code == 137:
+        if (
+            state.cgroup is not None
+            and state.cgroup.oom_kills() > oom_before
+            and status.exit_code == 137
+        ):
             status = attrs.evolve(status, oom_killed=True)
         return status
 
-    def _exec_isolated(self, state: _State, request: ExecRequest, sink: OutputSink,
-                       env: dict[str, str], workdir: str, ids: tuple[int, int],
-                       user_kwargs: dict[str, Any]) -> ExecStatus:
+    def _exec_isolated(
+        self,
+        state: _State,
+        request: ExecRequest,
+        sink: OutputSink,
+        env: dict[str, str],
+        workdir: str,
+        ids: tuple[int, int],
+        user_kwargs: dict[str, Any],
+    ) -> ExecStatus:
         spec = state.spec
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         try:
-            argv = bwrap.command_line(self._bwrap, spec, state.layout, ids[0], ids[1],  # type: ignore[arg-type]
-                                      workdir, info_w, block_r)
-            process = Process([*argv, *request.argv], env=env, stdin=request.stdin, sink=sink,
-                              popen_kwargs={"pass_fds": (info_w, block_r),
-                                            "preexec_fn": _rlimit_setter(self._rlimits(spec)),
-                                            **user_kwargs},
-                              bwrap_fds=(info_w, block_r))
+            argv = bwrap.command_line(
+                self._bwrap,
+                spec,
+                state.layout,
+                ids[0],
+                ids[1],  # type: ignore[arg-type]
+                workdir,
+                info_w,
+                block_r,
+            )
+            process = Process(
+                [*argv, *request.argv],
+                env=env,
+                stdin=request.stdin,
+                sink=sink,
+                popen_kwargs={
+                    "pass_fds": (info_w, block_r),
+                    "preexec_fn": _rlimit_setter(self._rlimits(spec)),
+                    **user_kwargs,
+                },
+                bwrap_fds=(info_w, block_r),
+            )
         except BaseException:
             for fd in (info_r, block_w):
                 os.close(fd)
@@ -328,18 +401,38 @@ class LocalBackend(Backend):
         finally:
             state.running.discard(process)
 
-    def _exec_unisolated(self, state: _State, request: ExecRequest, sink: OutputSink,
-                         env: dict[str, str], workdir: str, user_kwargs: dict[str, Any]) -> ExecStatus:
+    def _exec_unisolated(
+        self,
+        state: _State,
+        request: ExecRequest,
+        sink: OutputSink,
+        env: dict[str, str],
+        workdir: str,
+        user_kwargs: dict[str, Any],
+    ) -> ExecStatus:
         layout = state.layout
         marker = uuid.uuid4().hex
-        env = {**env, "HOME": layout.workspace, "TMPDIR": layout.tmp, "PWD": layout.workspace,
-               _MARKER: marker}
+        env = {
+            **env,
+            "HOME": layout.workspace,
+            "TMPDIR": layout.tmp,
+            "PWD": layout.workspace,
+            _MARKER: marker,
+        }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
         try:
-            process = Process(list(request.argv), env=env, stdin=request.stdin, sink=sink,
-                              popen_kwargs={"cwd": cwd, "start_new_session": True,
-                                            "preexec_fn": _rlimit_setter(self._rlimits(state.spec)),
-                                            **user_kwargs})
+            process = Process(
+                list(request.argv),
+                env=env,
+                stdin=request.stdin,
+                sink=sink,
+                popen_kwargs={
+                    "cwd": cwd,
+                    "start_new_session": True,
+                    "preexec_fn": _rlimit_setter(self._rlimits(state.spec)),
+                    **user_kwargs,
+                },
+            )
         except FileNotFoundError as e:
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
             return ExecStatus(exit_code=127)
@@ -379,7 +472,7 @@ class LocalBackend(Backend):
             if path == target or path.startswith(target.rstrip("/") + "/"):
                 if writing and not writable:
                     raise PathSecurityError(f"{path!r} is on a read-only mount")
-                rest = path[len(target):].strip("/")
+                rest = path[len(target) :].strip("/")
                 return host, [p for p in rest.split("/") if p]
         raise PathSecurityError(
             f"{path!r} is outside the sandbox's folders ({state.spec.workdir}, /tmp and its mounts)"
@@ -401,9 +494,12 @@ class LocalBackend(Backend):
         if state.cgroup is not None:
             u = state.cgroup.usage()
             return ResourceUsage(
-                cpu_seconds=u.get("cpu"), memory_bytes=u.get("memory"),  # type: ignore[arg-type]
-                memory_peak_bytes=u.get("memory_peak"), memory_limit_bytes=limit,  # type: ignore[arg-type]
-                pids=u.get("pids"), timestamp=time.time(),  # type: ignore[arg-type]
+                cpu_seconds=u.get("cpu"),
+                memory_bytes=u.get("memory"),  # type: ignore[arg-type]
+                memory_peak_bytes=u.get("memory_peak"),
+                memory_limit_bytes=limit,  # type: ignore[arg-type]
+                pids=u.get("pids"),
+                timestamp=time.time(),  # type: ignore[arg-type]
             )
         # Without a cgroup only live processes can be seen: finished ones are gone.
         cpu, rss, count = 0.0, 0, 0
@@ -414,8 +510,13 @@ class LocalBackend(Backend):
                     cpu += times.user + times.system
                     rss += p.memory_info().rss
                     count += 1
-        return ResourceUsage(cpu_seconds=cpu, memory_bytes=rss, memory_limit_bytes=limit,
-                             pids=count, timestamp=time.time())
+        return ResourceUsage(
+            cpu_seconds=cpu,
+            memory_bytes=rss,
+            memory_limit_bytes=limit,
+            pids=count,
+            timestamp=time.time(),
+        )
 
 
 def _rlimit_setter(limits: list[tuple[int, tuple[int, int]]]) -> Any:
@@ -454,12 +555,18 @@ def _kill_group_and_marked(pid: int, marker: str) -> None:
     wanted = f"{_MARKER}={marker}"
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
-            if p.pid != os.getpid() and wanted in ("\0".join(f"{k}={v}" for k, v in p.environ().items())):
+            if p.pid != os.getpid() and wanted in (
+                "\0".join(f"{k}={v}" for k, v in p.environ().items())
+            ):
                 p.kill()
 
 
 @hookimpl
 def corral_backends() -> list[BackendInfo]:
-    return [BackendInfo(name="local", backend=LocalBackend,
-                        description="host processes isolated with bubblewrap, rlimits and cgroups")]
-
+    return [
+        BackendInfo(
+            name="local",
+            backend=LocalBackend,
+            description="host processes isolated with bubblewrap, rlimits and cgroups",
+        )
+    ]

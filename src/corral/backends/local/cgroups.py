@@ -55,7 +55,9 @@ class CgroupLayout:
             base = ROOT / _GROUP
             try:
                 base.mkdir(exist_ok=True)
-                wanted = {"memory", "pids", "cpu"} & set((ROOT / "cgroup.controllers").read_text().split())
+                wanted = {"memory", "pids", "cpu"} & set(
+                    (ROOT / "cgroup.controllers").read_text().split()
+                )
                 with contextlib.suppress(OSError):
                     _write(ROOT / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
                 _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in wanted))
@@ -64,7 +66,12 @@ class CgroupLayout:
                 return None
             return cls(base, None, None, None, enabled)
         folders: dict[str, Path | None] = {}
-        for name, folder in (("memory", "memory"), ("pids", "pids"), ("cpu", "cpu"), ("unified", "unified")):
+        for name, folder in (
+            ("memory", "memory"),
+            ("pids", "pids"),
+            ("cpu", "cpu"),
+            ("unified", "unified"),
+        ):
             path = ROOT / folder / _GROUP
             try:
                 path.mkdir(exist_ok=True)

@@ -25,7 +25,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1024 * 1024
 
 
-def _open_dir(parent_fd: int, name: str, path: str, create: bool, owner: tuple[int, int] | None) -> int:
+def _open_dir(
+    parent_fd: int, name: str, path: str, create: bool, owner: tuple[int, int] | None
+) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
@@ -43,8 +45,14 @@ def _open_dir(parent_fd: int, name: str, path: str, create: bool, owner: tuple[i
 
 
 @contextlib.contextmanager
-def walk(root: str, parts: list[str], path: str, *, create: bool = False,
-         owner: tuple[int, int] | None = None) -> Iterator[int]:
+def walk(
+    root: str,
+    parts: list[str],
+    path: str,
+    *,
+    create: bool = False,
+    owner: tuple[int, int] | None = None,
+) -> Iterator[int]:
     """An fd for folder ``root/parts...``, never following a link on the way."""
     fd = os.open(root, _DIR_FLAGS)
     try:
@@ -57,8 +65,9 @@ def walk(root: str, parts: list[str], path: str, *, create: bool = False,
         os.close(fd)
 
 
-def put_archive(root: str, parts: list[str], path: str, archive: IO[bytes],
-                owner: tuple[int, int] | None) -> None:
+def put_archive(
+    root: str, parts: list[str], path: str, archive: IO[bytes], owner: tuple[int, int] | None
+) -> None:
     """Unpack a corral-built tar into folder ``path`` (``root`` + ``parts`` on the host)."""
     with walk(root, parts, path) as base:
         for name, member, data in iter_members(archive, ArchiveLimits(max_bytes=2**62)):
@@ -77,7 +86,9 @@ def put_archive(root: str, parts: list[str], path: str, archive: IO[bytes],
 
 
 @contextlib.contextmanager
-def walk_from(base: int, parts: list[str], path: str, owner: tuple[int, int] | None) -> Iterator[int]:
+def walk_from(
+    base: int, parts: list[str], path: str, owner: tuple[int, int] | None
+) -> Iterator[int]:
     fd = os.dup(base)
     try:
         for part in parts:
@@ -89,9 +100,16 @@ def walk_from(base: int, parts: list[str], path: str, owner: tuple[int, int] | N
         os.close(fd)
 
 
-def _write_file(parent: int, leaf: str, data: IO[bytes], mode: int, owner: tuple[int, int] | None) -> None:
+def _write_file(
+    parent: int, leaf: str, data: IO[bytes], mode: int, owner: tuple[int, int] | None
+) -> None:
     temp = f".corral-{uuid.uuid4().hex}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+    fd = os.open(
+        temp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=parent,
+    )
     try:
         with os.fdopen(fd, "wb", closefd=False) as f:
             shutil.copyfileobj(data, f, _CHUNK)
@@ -135,7 +153,11 @@ def get_archive(root: str, parts: list[str], path: str) -> Iterator[bytes]:
 
 
 def _add(tar: tarfile.TarFile, parent: int, name: str | None, arcname: str) -> None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent) if name else os.dup(parent)
+    fd = (
+        os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        if name
+        else os.dup(parent)
+    )
     try:
         st = os.fstat(fd)
         info = tarfile.TarInfo(arcname)

@@ -116,11 +116,17 @@ class Process:
     def supervise(self, timeout: float | None, kill_tree: Callable[[], None]) -> ExecStatus:
         """Drain output and wait; on timeout or cancel kill everything, then report."""
         threads = [
-            threading.Thread(target=_drain, args=(self.popen.stdout, "stdout", self.sink), daemon=True),
-            threading.Thread(target=_drain, args=(self.popen.stderr, "stderr", self.sink), daemon=True),
+            threading.Thread(
+                target=_drain, args=(self.popen.stdout, "stdout", self.sink), daemon=True
+            ),
+            threading.Thread(
+                target=_drain, args=(self.popen.stderr, "stderr", self.sink), daemon=True
+            ),
         ]
         if self._stdin:
-            threads.append(threading.Thread(target=_feed, args=(self.popen.stdin, self._stdin), daemon=True))
+            threads.append(
+                threading.Thread(target=_feed, args=(self.popen.stdin, self._stdin), daemon=True)
+            )
         for t in threads:
             t.start()
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -27,9 +27,12 @@ from corral.core.convert import structure, unstructure
 
 _STATE = "corral-sandbox.json"
 _NOT_ENFORCED = (
-    corral.Capability.ISOLATION | corral.Capability.NETWORK_NONE
-    | corral.Capability.READ_ONLY_ROOT | corral.Capability.NO_NEW_PRIVILEGES
-    | corral.Capability.IMAGES | corral.Capability.INIT_COMMAND
+    corral.Capability.ISOLATION
+    | corral.Capability.NETWORK_NONE
+    | corral.Capability.READ_ONLY_ROOT
+    | corral.Capability.NO_NEW_PRIVILEGES
+    | corral.Capability.IMAGES
+    | corral.Capability.INIT_COMMAND
 )
 
 
@@ -98,8 +101,13 @@ class SubprocessTestBackend(corral.Backend):
         stdin = subprocess.DEVNULL if request.stdin is None else subprocess.PIPE
         try:
             proc = subprocess.Popen(
-                request.argv, cwd=self._folder(sandbox_id), env=env, stdin=stdin,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                request.argv,
+                cwd=self._folder(sandbox_id),
+                env=env,
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as e:
             sink.write("stderr", f"{request.argv[0]}: {e.strerror}\n".encode())
