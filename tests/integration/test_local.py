@@ -445,3 +445,31 @@ def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir):
             assert _host_processes_with(f"sleep {n}") == []
         assert sb.exec(["/no/such"]).exit_code == 127
     assert not any((state_dir / "local").iterdir())
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+def test_create_exec_destroy_storm_from_threads(settings, state_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def cycle(n: int) -> str:
+        with corral.create(backend="local", settings=settings) as sb:
+            sb.write_file("/workspace/n", str(n))
+            return sb.exec(["cat", "/workspace/n"]).text
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(cycle, range(40)))
+    assert results == [str(n) for n in range(40)]
+    assert not any((state_dir / "local").iterdir())
+    assert corral.list(backend="local", settings=settings) == []
+
+
+def test_init_reaps_zombies(make):
+    sb = make()
+    # apple/container #1225: orphans reparented to PID 1 must be reaped
+    spawn = 'for i in 1 2 3 4 5; do sh -c "sh -c \\"sleep 0.1\\" &" & wait; done'
+    result = sb.exec(["sh", "-c", f"{spawn}; sleep 0.5; cat /proc/[0-9]*/stat"], timeout=20)
+    assert result.exit_code == 0
+    assert result.text.count(") ") >= 2  # it did read the process table
+    assert ") Z " not in result.text

@@ -119,6 +119,13 @@ def test_variables_override_files_and_nest_with_double_underscores(project: Path
     assert spec.limits.pids == 64
 
 
+def test_environment_variables_keep_their_names_and_text_in_env(project: Path) -> None:
+    environ = {"CORRAL_SANDBOX__ENV__My_Var": "1", "CORRAL_SANDBOX__LABELS__Team": "true"}
+    spec = build_spec(load_settings(cwd=project, environ=environ), None, {})
+    assert spec.env == {"My_Var": "1"}
+    assert spec.labels == {"Team": "true"}
+
+
 def test_explicit_overrides_win(project: Path) -> None:
     write(project / "corral.toml", CORRAL_TOML)
     settings = load_settings(

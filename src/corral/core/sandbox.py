@@ -519,9 +519,11 @@ def create(
     try:
         host.pm.hook.corral_sandbox_created(sandbox=sandbox)
     except BaseException:
-        sandbox._finalizer.detach()
-        sandbox._closing = sandbox._closed = True
-        _destroy_quietly(chosen, sandbox_id)
+        # A full close, so observers that saw it created also see it go.
+        try:
+            sandbox.close()
+        except Exception:
+            log.exception("cleaning up sandbox %s after a failed create also failed", sandbox_id)
         raise
     return sandbox
 

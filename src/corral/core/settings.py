@@ -115,17 +115,30 @@ def _env_value(text: str) -> Any:
         return text
 
 
+# Tables whose keys are the user's own names, kept as written, with string values.
+_VERBATIM_TABLES = ("env", "labels")
+
+
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    """CORRAL_BACKEND=docker, CORRAL_SANDBOX__LIMITS__MEMORY=1g (``__`` nests)."""
+    """CORRAL_BACKEND=docker, CORRAL_SANDBOX__LIMITS__MEMORY=1g (``__`` nests).
+
+    Setting names are read in lower case; below ``env`` and ``labels`` the names keep
+    their case and the values stay text (CORRAL_SANDBOX__ENV__MY_VAR=1).
+    """
     layer: dict[str, Any] = {}
     for name, text in environ.items():
         if not name.startswith("CORRAL_") or name in CONTROL_VARIABLES:
             continue
-        keys = name[len("CORRAL_") :].lower().split("__")
+        raw = name[len("CORRAL_") :].split("__")
+        keys = []
+        verbatim = False
+        for key in raw:
+            keys.append(key if verbatim else key.lower())
+            verbatim = verbatim or key.lower() in _VERBATIM_TABLES
         table = layer
         for key in keys[:-1]:
             table = table.setdefault(key, {})
-        table[keys[-1]] = _env_value(text)
+        table[keys[-1]] = text if verbatim else _env_value(text)
     return layer
 
 

@@ -11,6 +11,8 @@ only ``isolate=False`` (named in ``allow_unsafe``) runs, for trusted commands.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import math
 import os
@@ -29,7 +31,13 @@ import psutil
 
 from ...core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
 from ...core.convert import structure, unstructure
-from ...core.errors import ConfigError, NotFoundError, PathSecurityError
+from ...core.errors import (
+    ConfigError,
+    InternalError,
+    NotFoundError,
+    PathSecurityError,
+    ResourceLimitError,
+)
 from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
 from ...core.results import ResourceUsage, SandboxInfo
@@ -52,6 +60,31 @@ class LocalSettings:
     bwrap: str | None = None
     host_user: str = "65534:65534"
     cgroups: bool = True
+
+
+@contextlib.contextmanager
+def _host_errors(sandbox_id: str) -> Iterator[None]:
+    """OSErrors from the host become corral's errors, with the original chained."""
+    try:
+        yield
+    except OSError as e:
+        where = {"backend": "local", "sandbox_id": sandbox_id}
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceLimitError(f"the host is out of space: {e}", **where) from e
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+            raise ResourceLimitError(
+                f"the host is out of resources: {e}", retryable=True, **where
+            ) from e
+        raise InternalError(f"the local backend failed: {e}", **where) from e
+
+
+def _translated(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self: LocalBackend, sandbox_id: str, *args: Any) -> Any:
+        with _host_errors(sandbox_id):
+            return method(self, sandbox_id, *args)
+
+    return wrapper
 
 
 def _host_ids(text: str) -> tuple[int, int]:
@@ -174,6 +207,7 @@ class LocalBackend(Backend):
         """Host owner of files the sandbox must be able to write."""
         return self._run_as
 
+    @_translated
     def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         self._sweep_expired()
         ids = spec.uid_gid()
@@ -281,6 +315,7 @@ class LocalBackend(Backend):
                 found.append(self._state(name).info())
         return found
 
+    @_translated
     def destroy(self, sandbox_id: str) -> None:
         try:
             state = self._state(sandbox_id)
@@ -329,6 +364,7 @@ class LocalBackend(Backend):
             limits.append((resource.RLIMIT_FSIZE, (lim.file_size, lim.file_size)))
         return limits
 
+    @_translated
     def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
         state = self._state(sandbox_id)
         spec = state.spec
@@ -478,6 +514,7 @@ class LocalBackend(Backend):
             f"{path!r} is outside the sandbox's folders ({state.spec.workdir}, /tmp and its mounts)"
         )
 
+    @_translated
     def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
         state = self._state(sandbox_id)
         root, parts = self._host_path(state, path, writing=True)
@@ -486,8 +523,10 @@ class LocalBackend(Backend):
     def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
         state = self._state(sandbox_id)
         root, parts = self._host_path(state, path, writing=False)
-        return files.get_archive(root, parts, path)
+        with _host_errors(sandbox_id):
+            yield from files.get_archive(root, parts, path)
 
+    @_translated
     def usage(self, sandbox_id: str) -> ResourceUsage:
         state = self._state(sandbox_id)
         limit = state.spec.limits.memory
