@@ -7,7 +7,7 @@ import os
 # The suite must not see plugins the developer happens to have installed; tests that
 # are about discovery build their own PluginHost with the environment they want.
 os.environ["CORRAL_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-for name in [
-    n for n in os.environ if n.startswith("CORRAL_") and n != "CORRAL_DISABLE_PLUGIN_AUTOLOAD"
-]:
-    del os.environ[name]
+# Nor the developer's own settings; CORRAL_TEST_* are the suite's (scripts/engines).
+for name in list(os.environ):
+    if name.startswith("CORRAL_") and not name.startswith(("CORRAL_TEST_", "CORRAL_DISABLE_PLUGIN")):
+        del os.environ[name]

@@ -89,3 +89,103 @@ def make(settings: corral.Settings, state_dir: Path) -> Iterator:
     local_root = state_dir / "local"
     assert not (local_root.exists() and any(local_root.iterdir())), "a sandbox folder leaked"
     assert _cgroup_leftovers(ids) == [], "a cgroup leaked"
+
+
+# -- container engines -------------------------------------------------------------------
+
+# Each engine backend, the variable scripts/engines sets to its socket, and its marker.
+ENGINES = {"docker": "CORRAL_TEST_DOCKER_URL"}
+TEST_IMAGE = os.environ.get("CORRAL_TEST_IMAGE", "corral-test/busybox:latest")
+
+
+def _unavailable(reason: str) -> None:
+    """Without an engine a developer's run skips, loudly; CI must never skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI needs this engine: {reason}")
+    pytest.skip(reason)
+
+
+def engine_settings_for(engine: str, state_dir: Path, mount_root: Path, **backend: object) -> corral.Settings:
+    url = os.environ.get(ENGINES[engine])
+    if not url:
+        _unavailable(f"{ENGINES[engine]} is not set; run the suite through ./scripts/test")
+    return load_settings(
+        {
+            "mount_roots": [str(mount_root)],
+            "backends": {engine: {"url": url, "pull": "never", "default_image": TEST_IMAGE, **backend}},
+        },
+        cwd=state_dir,
+        environ={},
+    )
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in ENGINES])
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine_url(engine: str) -> str:
+    return os.environ.get(ENGINES[engine], "")
+
+
+@pytest.fixture
+def test_image() -> str:
+    return TEST_IMAGE
+
+
+@pytest.fixture
+def settings_for(engine: str, state_dir: Path, mount_root: Path):  # noqa: ANN201
+    """``settings_for(**backend_options)``: engine settings with some options changed."""
+    return lambda **backend: engine_settings_for(engine, state_dir, mount_root, **backend)
+
+
+@pytest.fixture
+def engine_settings(engine: str, state_dir: Path, mount_root: Path) -> corral.Settings:
+    settings = engine_settings_for(engine, state_dir, mount_root)
+    from corral.core.plugins import get_host
+
+    availability = get_host().availability(engine, settings)
+    if not availability.ok:
+        _unavailable(f"the {engine} backend is unavailable: {availability}")
+    return settings
+
+
+@pytest.fixture
+def box(engine: str, engine_settings: corral.Settings) -> Iterator:
+    """``box(**keywords)`` creates a sandbox on the engine; at the end, proves nothing leaked."""
+    made: list[corral.Sandbox] = []
+
+    def _box(**keywords: object) -> corral.Sandbox:
+        keywords.setdefault("settings", engine_settings)
+        sandbox = corral.create(backend=engine, **keywords)
+        made.append(sandbox)
+        return sandbox
+
+    yield _box
+    for sandbox in made:
+        sandbox.close()
+    ids = {s.id for s in made}
+    left = [i.id for i in corral.list(backend=engine, settings=engine_settings) if i.id in ids]
+    assert left == [], "a container leaked"
+    client = raw_client(engine)
+    try:
+        for sandbox_id in ids:
+            volumes = client.volumes(filters={"label": f"corral.sandbox={sandbox_id}"})["Volumes"]
+            assert not volumes, f"a volume of {sandbox_id} leaked"
+    finally:
+        client.close()
+
+
+def raw_client(engine: str):  # noqa: ANN201 - the engine's own client, for inspection
+    """The engine's own client, to check from outside what corral did (inspect, leaks)."""
+    import docker
+
+    return docker.APIClient(base_url=os.environ[ENGINES[engine]], version="auto")
+
+
+@pytest.fixture
+def engine_client(engine: str, engine_settings: corral.Settings):  # noqa: ANN201
+    client = raw_client(engine)
+    yield client
+    client.close()

@@ -1,0 +1,463 @@
+"""What the Docker and Podman backends share: spec to engine arguments, labels,
+verification, the exec stream protocol, host-side process control and cgroup usage.
+
+Nothing here imports an engine client; the engines' own modules call into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..core.convert import structure, unstructure
+from ..core.errors import ConfigError, InternalError, PolicyError
+from ..core.output import OutputSink
+from ..core.results import ResourceUsage, SandboxInfo
+from ..core.spec import Mount, SandboxSpec, Tmpfs, Volume
+from ..core.units import parse_size
+
+__all__ = [
+    "DEFAULT_MASKED_PATHS",
+    "ContainerPlan",
+    "HostView",
+    "container_name",
+    "info_from_labels",
+    "plan",
+    "read_frames",
+    "verify",
+]
+
+NAME_PREFIX = "corral-"
+SPEC_LABEL = "corral.spec"
+MARKER = "CORRAL_EXEC"
+# moby oci/defaults.go; corral keeps them and adds the spec's own.
+DEFAULT_MASKED_PATHS = (
+    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+SECCOMP_UNCONFINED = "unconfined"
+
+
+def container_name(sandbox_id: str) -> str:
+    return NAME_PREFIX + sandbox_id
+
+
+@attrs.frozen
+class TmpfsVolume:
+    """A size-capped, memory-backed volume: reachable by the archive API, unlike --tmpfs."""
+
+    target: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    exec: bool
+
+    def driver_options(self) -> dict[str, str]:
+        options = [f"size={self.size}", f"mode={self.mode:o}", f"uid={self.uid}", f"gid={self.gid}",
+                   "nosuid", "nodev"]
+        if not self.exec:
+            options.append("noexec")
+        return {"type": "tmpfs", "device": "tmpfs", "o": ",".join(options)}
+
+
+@attrs.frozen
+class ContainerPlan:
+    """Engine-neutral description of the container for one sandbox."""
+
+    name: str
+    image: str
+    command: list[str]
+    user: str
+    workdir: str
+    env: dict[str, str]
+    labels: dict[str, str]
+    read_only: bool
+    cap_add: list[str]
+    security_opt: list[str]
+    network: str  # "none" or "bridge"
+    dns: list[str]
+    memory: int
+    pids: int
+    nano_cpus: int | None
+    ulimits: dict[str, tuple[int, int]]
+    tmpfs_volumes: list[TmpfsVolume]
+    binds: list[Mount]
+    volumes: list[Volume]
+    masked_paths: list[str]
+    healthcheck: dict[str, Any] | None
+
+
+def _seccomp_option(profile: str | None) -> list[str]:
+    if profile is None:
+        return []  # the engine's default profile
+    if profile == SECCOMP_UNCONFINED:
+        return ["seccomp=unconfined"]
+    try:
+        text = Path(profile).read_text()
+        json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError("sandbox.security.seccomp", f"{profile!r} is not a readable JSON profile ({e})") from None
+    return [f"seccomp={text}"]
+
+
+def plan(spec: SandboxSpec, labels: dict[str, str], *, image: str | None, workspace_size: int) -> ContainerPlan:
+    """The container that enforces ``spec``."""
+    image = spec.image or image
+    if not image:
+        raise ConfigError("sandbox.image", "no image given and the backend has no default_image")
+    ids = spec.uid_gid() or (0, 0)
+    sec, lim = spec.security, spec.limits
+    security_opt = ["no-new-privileges"] if sec.no_new_privileges else []
+    security_opt += _seccomp_option(sec.seccomp)
+    if sec.apparmor:
+        security_opt.append(f"apparmor={sec.apparmor}")
+    if sec.selinux_label:
+        security_opt.append("label=disable" if sec.selinux_label == "disable" else f"label={sec.selinux_label}")
+    ulimits = {
+        "nofile": (lim.nofile, lim.nofile),
+        "nproc": (lim.nproc, lim.nproc),
+        "core": (0, 0),
+    }
+    if lim.cputime is not None:
+        ulimits["cpu"] = (math.ceil(lim.cputime), math.ceil(lim.cputime) + 1)
+    if lim.file_size is not None:
+        ulimits["fsize"] = (lim.file_size, lim.file_size)
+    tmpfs = [TmpfsVolume(spec.workdir, workspace_size, 0o755, ids[0], ids[1], True)]
+    if not any(isinstance(m, Tmpfs) and m.target == "/tmp" for m in spec.mounts) and spec.workdir != "/tmp":
+        tmpfs.append(TmpfsVolume("/tmp", parse_size("64MiB"), 0o1777, ids[0], ids[1], False))
+    for m in spec.mounts:
+        if isinstance(m, Tmpfs):
+            tmpfs = [t for t in tmpfs if t.target != m.target]
+            tmpfs.append(TmpfsVolume(m.target, m.size, m.mode, ids[0], ids[1], m.exec))
+    hc = None
+    if spec.healthcheck is not None:
+        h = spec.healthcheck
+        hc = {"test": ["CMD", *h.test], "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
+              "retries": h.retries, "start_period": int(h.start_period * 1e9)}
+    env = {**spec.network.proxy_env(), **spec.env}
+    return ContainerPlan(
+        name=container_name(labels["corral.sandbox"]),
+        image=image,
+        # PID 1 (under the engine's init, which reaps) ends with the lifetime, and the
+        # engine then removes the container: nothing outlives a crashed caller.
+        command=list(spec.command or ["sleep", str(math.ceil(lim.lifetime))]),
+        user=spec.user,
+        workdir=spec.workdir,
+        env=env,
+        labels={**labels, SPEC_LABEL: json.dumps(unstructure(spec), separators=(",", ":"))},
+        read_only=sec.read_only_root,
+        cap_add=list(sec.cap_add),
+        security_opt=security_opt,
+        network=spec.network.mode,
+        dns=list(spec.network.dns),
+        memory=lim.memory,
+        pids=lim.pids,
+        nano_cpus=None if lim.cpus is None else int(lim.cpus * 1e9),
+        ulimits=ulimits,
+        tmpfs_volumes=tmpfs,
+        binds=[m for m in spec.mounts if isinstance(m, Mount)],
+        volumes=[m for m in spec.mounts if isinstance(m, Volume)],
+        masked_paths=[*DEFAULT_MASKED_PATHS, *sec.masked_paths],
+        healthcheck=hc,
+    )
+
+
+def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
+    """Refuse a container the engine did not configure as asked (inspect after create)."""
+    hc = inspect.get("HostConfig") or {}
+    problems = []
+
+    def expect(field: str, ok: bool, wanted: object) -> None:
+        if not ok:
+            problems.append(f"{field} is {hc.get(field)!r}, wanted {wanted!r}")
+
+    expect("Privileged", hc.get("Privileged") is False, False)
+    expect("ReadonlyRootfs", bool(hc.get("ReadonlyRootfs")) == plan_.read_only, plan_.read_only)
+    expect("CapDrop", "ALL" in [c.upper() for c in hc.get("CapDrop") or []], ["ALL"])
+    added = sorted(c.upper().removeprefix("CAP_") for c in hc.get("CapAdd") or [])
+    expect("CapAdd", added == sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add), plan_.cap_add)
+    opts = hc.get("SecurityOpt") or []
+    if "no-new-privileges" in plan_.security_opt:
+        expect("SecurityOpt", any(o.startswith("no-new-privileges") for o in opts), "no-new-privileges")
+    expect("Memory", hc.get("Memory") == plan_.memory, plan_.memory)
+    expect("MemorySwap", hc.get("MemorySwap") == plan_.memory, plan_.memory)
+    expect("PidsLimit", hc.get("PidsLimit") == plan_.pids, plan_.pids)
+    if plan_.nano_cpus is not None:
+        expect("NanoCpus", hc.get("NanoCpus") == plan_.nano_cpus, plan_.nano_cpus)
+    if plan_.network == "none":
+        mode = hc.get("NetworkMode")
+        expect("NetworkMode", mode in ("none", "", None) or inspect.get("Config", {}).get("NetworkDisabled"), "none")
+    for ns in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
+        expect(ns, hc.get(ns) != "host", "not host")
+    expect("Devices", not hc.get("Devices"), [])
+    limits = {u["Name"]: u for u in hc.get("Ulimits") or []}
+    expect("Ulimits", limits.get("nofile", {}).get("Hard") == plan_.ulimits["nofile"][1], "nofile")
+    mounts = {m.get("Destination"): m for m in inspect.get("Mounts") or []}
+    for bind in plan_.binds:
+        found = mounts.get(bind.target)
+        if found is None or bool(found.get("RW")) == bind.read_only:
+            problems.append(f"mount {bind.target} is {found!r}, wanted read_only={bind.read_only}")
+    if problems:
+        raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
+
+
+def info_from_labels(backend: str, sandbox_id: str, labels: dict[str, str], status: str, image: str | None) -> SandboxInfo:
+    public = {k: v for k, v in labels.items() if k != SPEC_LABEL}
+    return SandboxInfo(
+        id=sandbox_id,
+        backend=backend,
+        status=status,
+        created=float(labels.get("corral.created", 0)),
+        expires=float(labels.get("corral.expires", 0)),
+        image=image,
+        labels=public,
+    )
+
+
+def spec_from_labels(labels: dict[str, str]) -> SandboxSpec:
+    try:
+        return structure(json.loads(labels[SPEC_LABEL]), SandboxSpec)
+    except (KeyError, ValueError) as e:
+        raise InternalError(f"the container's {SPEC_LABEL} label is unreadable: {e}") from None
+
+
+# -- the exec stream ---------------------------------------------------------------------
+
+_STREAMS = {1: "stdout", 2: "stderr"}
+
+
+def read_frames(
+    sock: socket.socket,
+    sink: OutputSink,
+    deadline: float | None,
+    on_timeout: Callable[[], None],
+) -> bool:
+    """Demultiplex an attached exec stream into ``sink`` until EOF; True if it timed out.
+
+    Frames are an 8-byte header (stream, 0, 0, 0, big-endian size) and the payload.
+    On the deadline or a cancel, ``on_timeout`` kills the command, and reading goes
+    on briefly so the output produced until then is kept.
+    """
+    buffer = b""
+    timed_out = False
+    grace_end: float | None = None
+    while True:
+        now = time.monotonic()
+        if not timed_out and (sink.cancelled or (deadline is not None and now >= deadline)):
+            timed_out = True
+            on_timeout()
+            grace_end = now + 5
+        if grace_end is not None and now >= grace_end:
+            break
+        wait = 0.05
+        if deadline is not None and not timed_out:
+            wait = min(wait, max(deadline - now, 0))
+        ready, _, _ = select.select([sock], [], [], wait)
+        if not ready:
+            continue
+        try:
+            chunk = sock.recv(256 * 1024)
+        except (ConnectionResetError, OSError):
+            break
+        if not chunk:
+            break
+        buffer += chunk
+        while len(buffer) >= 8:
+            kind, size = struct.unpack(">BxxxL", buffer[:8])
+            if len(buffer) < 8 + size:
+                break
+            sink.write(_STREAMS.get(kind, "stdout"), buffer[8 : 8 + size])
+            buffer = buffer[8 + size :]
+    return timed_out
+
+
+def feed_stdin(sock: socket.socket, data: bytes | None) -> threading.Thread | None:
+    """Send stdin on the attached socket, then half-close it so the command sees EOF."""
+    if data is None:
+        return None
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_code_for_start_failure(code: int, output: bytes) -> int:
+    """The runtime reports a missing command as 126; shells and corral say 127."""
+    text = output.lower()
+    if code == 126 and (b"no such file or directory" in text or b"not found" in text):
+        return 127
+    return code
+
+
+# -- the container seen from the host ---------------------------------------------------
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split()[:2] for line in path.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}
+
+
+@attrs.define
+class HostView:
+    """A local engine's container as the host sees it: its cgroups and processes.
+
+    Reading cgroup files takes microseconds where the engines' stats calls take up to
+    seconds; killing exec processes from the host works on images with no tools at
+    all. ``HostView.find`` returns None for a remote engine (no such process here).
+    """
+
+    init_pid: int
+    folders: dict[str, Path]
+
+    @classmethod
+    def find(cls, container_id: str, init_pid: int) -> HostView | None:
+        if not init_pid:
+            return None
+        try:
+            lines = Path(f"/proc/{init_pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        folders: dict[str, Path] = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else ["unified"]:
+                folder = _locate(controller, path, container_id)
+                if folder is not None:
+                    folders[controller] = folder
+        return cls(init_pid, folders)
+
+    def _file(self, controller: str, name: str) -> Path | None:
+        folder = self.folders.get(controller)
+        return None if folder is None else folder / name
+
+    def pids(self) -> list[int]:
+        for controller in ("pids", "memory", "unified", "cpuacct"):
+            path = self._file(controller, "cgroup.procs")
+            if path is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    return [int(p) for p in path.read_text().split()]
+        return []
+
+    def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
+        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``."""
+        wanted = f"{MARKER}={marker}".encode()
+        victims = set(also)
+        for pid in self.pids():
+            if pid == self.init_pid:
+                continue
+            with contextlib.suppress(OSError):
+                if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    victims.add(pid)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        return len(victims)
+
+    def oom_kills(self) -> int:
+        path = self._file("memory", "memory.oom_control") or self._file("unified", "memory.events")
+        return _read_keyed(path).get("oom_kill", 0) if path else 0
+
+    def usage(self, memory_limit: int) -> ResourceUsage:
+        memory = self._file("memory", "memory.usage_in_bytes") or self._file("unified", "memory.current")
+        peak = self._file("memory", "memory.max_usage_in_bytes") or self._file("unified", "memory.peak")
+        cpu_ns = self._file("cpuacct", "cpuacct.usage")
+        cpu = _read_int(cpu_ns) / 1e9 if cpu_ns and _read_int(cpu_ns) is not None else None  # type: ignore[operator]
+        if cpu is None and (stat := self._file("unified", "cpu.stat")):
+            usec = _read_keyed(stat).get("usage_usec")
+            cpu = None if usec is None else usec / 1e6
+        pids = self._file("pids", "pids.current")
+        rx, tx = _net_bytes(self.init_pid)
+        read, write = self._block_io()
+        return ResourceUsage(
+            cpu_seconds=cpu,
+            memory_bytes=_read_int(memory) if memory else None,
+            memory_peak_bytes=_read_int(peak) if peak else None,
+            memory_limit_bytes=memory_limit,
+            pids=_read_int(pids) if pids else len(self.pids()),
+            net_rx_bytes=rx,
+            net_tx_bytes=tx,
+            block_read_bytes=read,
+            block_write_bytes=write,
+            timestamp=time.time(),
+        )
+
+    def _block_io(self) -> tuple[int | None, int | None]:
+        path = self._file("blkio", "blkio.throttle.io_service_bytes")
+        if path is None:
+            return None, None
+        read = write = 0
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] == "Read":
+                    read += int(parts[2])
+                elif len(parts) == 3 and parts[1] == "Write":
+                    write += int(parts[2])
+        return read, write
+
+
+def _locate(controller: str, path: str, container_id: str) -> Path | None:
+    """The host folder of a cgroup named in /proc/PID/cgroup, even from a nested host."""
+    base = _CGROUP_ROOT if controller == "unified" and (_CGROUP_ROOT / "cgroup.controllers").exists() else None
+    if base is None:
+        name = controller.removeprefix("name=")
+        base = _CGROUP_ROOT / ("unified" if controller == "unified" else name)
+    direct = base / path.lstrip("/")
+    if ".." not in path and direct.is_dir():
+        return direct
+    # Seen from inside another container, paths can read "/../../docker/ID": look
+    # for the container's own folder by its id instead.
+    tail = path.rstrip("/").rsplit("/", 1)[-1]
+    if container_id[:12] not in tail:
+        return None
+    for candidate in (base / "docker" / tail, base / "system.slice" / tail, base / "machine.slice" / tail,
+                      base / "libpod_parent" / tail):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _net_bytes(pid: int) -> tuple[int | None, int | None]:
+    try:
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return None, None
+    rx = tx = 0
+    for line in lines:
+        name, data = line.split(":", 1)
+        fields = data.split()
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return rx, tx

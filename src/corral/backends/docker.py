@@ -1,0 +1,459 @@
+"""The Docker backend: containers on a Docker Engine through the ``docker`` package.
+
+Installed with ``pip install corral[docker]``; the client is imported only when the
+backend is first used. What Docker and Podman share lives in ``containers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any, Literal
+
+import attrs
+
+from ..core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
+from ..core.errors import (
+    BackendUnavailableError,
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    PathSecurityError,
+    ResourceLimitError,
+    SandboxError,
+)
+from ..core.errors import TimeoutError as CorralTimeoutError
+from ..core.hookspecs import hookimpl
+from ..core.output import OutputSink
+from ..core.results import Health, ResourceUsage, SandboxInfo
+from ..core.spec import ExecRequest, SandboxSpec, duration_field, size_field
+from . import containers
+from .containers import HostView
+
+__all__ = ["DockerBackend", "DockerSettings"]
+
+_DEFAULT_URL = "unix:///var/run/docker.sock"
+_MANAGED = ["corral.managed=true", "corral.backend=docker"]
+
+
+def _pull_policy(value: Any) -> str:
+    if value not in ("never", "missing", "always"):
+        from ..core.errors import ConfigError
+
+        raise ConfigError("pull", f"{value!r} is not one of: never, missing, always")
+    return value
+
+
+@attrs.frozen
+class DockerSettings:
+    """``[backends.docker]``."""
+
+    url: str | None = None  # default: DOCKER_HOST, else the standard socket
+    tls_verify: bool = False
+    cert_path: str | None = None
+    timeout: float = duration_field("60s")
+    pull: Literal["never", "missing", "always"] = attrs.field(default="missing", converter=_pull_policy)
+    default_image: str | None = None
+    workspace_size: int = size_field("1GiB", minimum=1024**2)
+
+    def engine_url(self) -> str:
+        return self.url or os.environ.get("DOCKER_HOST") or _DEFAULT_URL
+
+
+class DockerBackend(Backend):
+    """Sandboxes as locked-down containers on a Docker Engine."""
+
+    name = "docker"
+    Settings = DockerSettings
+
+    def __init__(self, settings: DockerSettings) -> None:
+        super().__init__(settings)
+        self._api: Any = None
+        self._lock = threading.Lock()
+        self._views: dict[str, HostView | None] = {}
+        self._specs: dict[str, SandboxSpec] = {}
+        self._security_options: list[str] | None = None
+
+    # -- the client ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.settings.engine_url()
+
+    def _unavailable(self, why: object) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the Docker engine at {self.url} does not answer ({why}); start it (for example "
+            "`dockerd &` or `systemctl start docker`) or set backends.docker.url / DOCKER_HOST",
+            backend=self.name,
+        )
+
+    def api(self) -> Any:
+        """The shared low-level client (thread-safe, pooled), made on first use."""
+        if self._api is not None:
+            return self._api
+        with self._lock:
+            if self._api is None:
+                try:
+                    import docker
+                except ImportError:
+                    raise BackendUnavailableError(
+                        "the docker package is not installed; fix: pip install 'corral[docker]'",
+                        backend=self.name,
+                    ) from None
+                tls: Any = False
+                if self.settings.tls_verify or self.settings.cert_path:
+                    tls = docker.tls.TLSConfig(
+                        client_cert=_cert_pair(self.settings.cert_path),
+                        ca_cert=_cert(self.settings.cert_path, "ca.pem"),
+                        verify=self.settings.tls_verify,
+                    )
+                try:
+                    # version="auto" negotiates; pinning docker-py's own default breaks
+                    # older engines with 400 Bad Request.
+                    self._api = docker.APIClient(base_url=self.url, version="auto", tls=tls,
+                                                 timeout=self.settings.timeout, max_pool_size=64)
+                except docker.errors.DockerException as e:
+                    raise self._unavailable(e) from e
+        return self._api
+
+    @contextlib.contextmanager
+    def _engine(self, sandbox_id: str | None = None) -> Iterator[None]:
+        """Translate the client's exceptions into corral's, chained, at this boundary."""
+        import docker.errors
+        import requests.exceptions
+
+        where = {"backend": self.name, "sandbox_id": sandbox_id}
+        try:
+            yield
+        except SandboxError:
+            raise
+        except docker.errors.ImageNotFound as e:
+            raise NotFoundError(
+                f"image not found ({e.explanation}); pull policy is {self.settings.pull!r}", **where
+            ) from e
+        except docker.errors.NotFound as e:
+            raise NotFoundError(f"not found: {e.explanation}", **where) from e
+        except docker.errors.APIError as e:
+            text = str(e.explanation or e)
+            if e.status_code == 409:
+                raise ConflictError(f"the engine refused: {text}", **where) from e
+            if "no space left" in text.lower():
+                raise ResourceLimitError(f"the engine is out of space: {text}", **where) from e
+            if "read-only" in text:
+                raise PathSecurityError(f"{text}; write under the workspace or a volume", **where) from e
+            raise InternalError(f"the engine failed: {text}", retryable=(e.status_code or 500) >= 500,
+                                **where) from e
+        except requests.exceptions.Timeout as e:
+            raise CorralTimeoutError(f"the Docker engine at {self.url} did not answer in time", **where) from e
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as e:
+            raise self._unavailable(e) from e
+
+    # -- what this engine can do --------------------------------------------------
+
+    def check(self) -> Availability:
+        try:
+            with self._engine():
+                self.api().ping()
+        except BackendUnavailableError as e:
+            fix = "pip install 'corral[docker]'" if "not installed" in e.message else "start dockerd"
+            return Availability(False, e.message.split("; fix")[0], fix)
+        except SandboxError as e:
+            return Availability(False, str(e), "check the engine")
+        return Availability(True, f"Docker Engine at {self.url}")
+
+    def capabilities(self) -> Capability:
+        C = Capability
+        caps = (C.ISOLATION | C.NETWORK_NONE | C.NETWORK_BRIDGE | C.DNS | C.MEMORY_LIMIT | C.CPU_LIMIT
+                | C.PIDS_LIMIT | C.NOFILE_LIMIT | C.NPROC_LIMIT | C.CPU_TIME_LIMIT | C.FILE_SIZE_LIMIT
+                | C.LIFETIME | C.READ_ONLY_ROOT | C.BIND_MOUNTS | C.TMPFS | C.VOLUMES | C.CAP_ADD
+                | C.NO_NEW_PRIVILEGES | C.MASKED_PATHS | C.IMAGES | C.INIT_COMMAND | C.USER
+                | C.HEALTHCHECK | C.PAUSE)
+        options = self._engine_security()
+        if "seccomp" in options:
+            caps |= C.SECCOMP
+        if "apparmor" in options:
+            caps |= C.APPARMOR
+        if "selinux" in options:
+            caps |= C.SELINUX
+        return caps
+
+    def _engine_security(self) -> list[str]:
+        if self._security_options is None:
+            with self._engine():
+                found = self.api().info().get("SecurityOptions") or []
+            self._security_options = [o.split(",")[0].removeprefix("name=") for o in found]
+        return self._security_options
+
+    def capability_hint(self, missing: Capability) -> str:
+        if missing & (Capability.SECCOMP | Capability.APPARMOR | Capability.SELINUX):
+            return f"this engine offers: {', '.join(self._engine_security()) or 'no security modules'}"
+        return ""
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _ensure_image(self, image: str) -> None:
+        api = self.api()
+        policy = self.settings.pull
+        import docker.errors
+
+        if policy != "always":
+            try:
+                api.inspect_image(image)
+                return
+            except docker.errors.ImageNotFound:
+                if policy == "never":
+                    raise NotFoundError(
+                        f"image {image!r} is not on the engine and the pull policy is 'never'",
+                        backend=self.name,
+                    ) from None
+        try:
+            api.pull(image)
+        except docker.errors.APIError as e:
+            raise NotFoundError(
+                f"image {image!r} could not be pulled (pull policy {policy!r}): {e.explanation}",
+                backend=self.name,
+            ) from e
+
+    def _create_kwargs(self, plan: containers.ContainerPlan) -> dict[str, Any]:
+        from docker.types import DriverConfig, Healthcheck, Mount, Ulimit
+
+        api = self.api()
+        volume_labels = {"corral.managed": "true", "corral.sandbox": plan.labels["corral.sandbox"]}
+        mounts = [
+            Mount(t.target, None, type="volume", labels=volume_labels,
+                  driver_config=DriverConfig("local", t.driver_options()))
+            for t in plan.tmpfs_volumes
+        ]
+        mounts += [Mount(b.target, b.source, type="bind", read_only=b.read_only, propagation="rprivate")
+                   for b in plan.binds]
+        mounts += [Mount(v.target, v.name, type="volume", read_only=v.read_only) for v in plan.volumes]
+        host_config = api.create_host_config(
+            read_only=plan.read_only,
+            cap_drop=["ALL"],
+            cap_add=plan.cap_add or None,
+            security_opt=plan.security_opt,
+            dns=plan.dns or None,
+            mem_limit=plan.memory,
+            memswap_limit=plan.memory,
+            pids_limit=plan.pids,
+            nano_cpus=plan.nano_cpus,
+            ulimits=[Ulimit(name=n, soft=s, hard=h) for n, (s, h) in plan.ulimits.items()],
+            mounts=mounts,
+            init=True,
+            auto_remove=True,  # PID 1 ends with the lifetime; the engine then removes it
+            log_config={"type": "none"},
+            network_mode="bridge" if plan.network == "bridge" else None,
+        )
+        host_config["MaskedPaths"] = plan.masked_paths
+        return {
+            "image": plan.image,
+            "command": plan.command,
+            "user": plan.user,
+            "working_dir": plan.workdir,
+            "environment": plan.env,
+            "labels": plan.labels,
+            "name": plan.name,
+            "host_config": host_config,
+            # Without a network namespace set up by the engine's network stack: loopback
+            # only, and half the start time of network_mode="none".
+            "network_disabled": plan.network == "none",
+            "healthcheck": Healthcheck(**plan.healthcheck) if plan.healthcheck else None,
+            "detach": True,
+        }
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        plan = containers.plan(spec, labels, image=self.settings.default_image,
+                               workspace_size=self.settings.workspace_size)
+        with self._engine(sandbox_id):
+            api = self.api()
+            self._ensure_image(plan.image)
+            created = api.create_container(**self._create_kwargs(plan))
+            containers.verify(plan, api.inspect_container(created["Id"]))
+            api.start(created["Id"])
+        self._specs[sandbox_id] = spec
+
+    def _view(self, sandbox_id: str) -> HostView | None:
+        if sandbox_id not in self._views:
+            with self._engine(sandbox_id):
+                state = self.api().inspect_container(containers.container_name(sandbox_id))
+            view = HostView.find(state["Id"], int(state["State"].get("Pid") or 0))
+            self._views[sandbox_id] = view
+        return self._views[sandbox_id]
+
+    def destroy(self, sandbox_id: str) -> None:
+        import docker.errors
+
+        self._views.pop(sandbox_id, None)
+        self._specs.pop(sandbox_id, None)
+        with self._engine(sandbox_id):
+            try:
+                # No stop grace: a sandbox being thrown away is killed at once.
+                self.api().remove_container(containers.container_name(sandbox_id), force=True, v=True)
+            except docker.errors.NotFound:
+                pass  # gone already (its lifetime ended, or removed from outside)
+            except docker.errors.APIError as e:
+                if e.status_code != 409:  # 409: the engine is already removing it
+                    raise
+
+    def list(self) -> list[SandboxInfo]:
+        with self._engine():
+            found = self.api().containers(all=True, filters={"label": _MANAGED})
+        return [
+            containers.info_from_labels(self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"])
+            for c in found
+            if "corral.sandbox" in (c.get("Labels") or {})
+        ]
+
+    def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
+        with self._engine(sandbox_id):
+            state = self.api().inspect_container(containers.container_name(sandbox_id))
+        labels = state["Config"]["Labels"] or {}
+        if labels.get("corral.backend") != self.name:
+            raise NotFoundError("not a corral sandbox", backend=self.name, sandbox_id=sandbox_id)
+        info = containers.info_from_labels(self.name, sandbox_id, labels, state["State"]["Status"],
+                                           state["Config"]["Image"])
+        return info, containers.spec_from_labels(labels)
+
+    def pause(self, sandbox_id: str) -> None:
+        with self._engine(sandbox_id):
+            self.api().pause(containers.container_name(sandbox_id))
+
+    def resume(self, sandbox_id: str) -> None:
+        with self._engine(sandbox_id):
+            self.api().unpause(containers.container_name(sandbox_id))
+
+    def health(self, sandbox_id: str) -> Health:
+        with self._engine(sandbox_id):
+            state = self.api().inspect_container(containers.container_name(sandbox_id))["State"]
+        health = state.get("Health")
+        if not health:
+            return Health(status="none")
+        log = health.get("Log") or []
+        return Health(status=health.get("Status", "none"), failing_streak=health.get("FailingStreak", 0),
+                      last_output=(log[-1].get("Output", "") if log else ""))
+
+    # -- exec ---------------------------------------------------------------------
+
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        marker = uuid.uuid4().hex
+        name = containers.container_name(sandbox_id)
+        view = self._view(sandbox_id)
+        oom_before = view.oom_kills() if view else 0
+        with self._engine(sandbox_id):
+            api = self.api()
+            exec_id = api.exec_create(
+                name, list(request.argv), stdout=True, stderr=True, stdin=request.stdin is not None,
+                environment={**request.env, containers.MARKER: marker},
+                workdir=request.workdir, user=request.user or "",
+            )["Id"]
+            stream = api.exec_start(exec_id, socket=True)
+        raw: socket.socket = getattr(stream, "_sock", stream)
+        deadline = None if request.timeout is None else time.monotonic() + request.timeout
+
+        def stop() -> None:
+            # Docker has no API to kill an exec: kill its processes from the host.
+            with contextlib.suppress(SandboxError):
+                pid = self._exec_pid(exec_id)
+                if view is not None:
+                    view.kill_marked(marker, also=[pid] if pid else [])
+
+        try:
+            feeder = containers.feed_stdin(raw, request.stdin)
+            timed_out = containers.read_frames(raw, sink, deadline, stop)
+            if feeder is not None:
+                feeder.join(timeout=5)
+        finally:
+            for closable in (stream, raw):  # the wrapper does not close its socket
+                with contextlib.suppress(OSError):
+                    closable.close()
+        code = self._exit_code(exec_id, sandbox_id)
+        if view is not None:
+            view.kill_marked(marker)  # an exec owns its descendants, even setsid ones
+        code = containers.exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
+        oom = view is not None and code == 137 and view.oom_kills() > oom_before
+        signal_number = code - 128 if code > 128 else None
+        return ExecStatus(exit_code=code, timed_out=timed_out, oom_killed=oom and not timed_out,
+                          signal=signal_number)
+
+    def _exec_pid(self, exec_id: str) -> int:
+        with self._engine():
+            return int(self.api().exec_inspect(exec_id).get("Pid") or 0)
+
+    def _exit_code(self, exec_id: str, sandbox_id: str) -> int:
+        deadline = time.monotonic() + 10
+        while True:
+            with self._engine(sandbox_id):
+                state = self.api().exec_inspect(exec_id)
+            if not state.get("Running") and state.get("ExitCode") is not None:
+                return int(state["ExitCode"])
+            if time.monotonic() > deadline:
+                raise InternalError("the engine did not report the exec's end", backend=self.name,
+                                    sandbox_id=sandbox_id)
+            time.sleep(0.01)
+
+    # -- files and usage ----------------------------------------------------------
+
+    def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
+        with self._engine(sandbox_id):
+            self.api().put_archive(containers.container_name(sandbox_id), path, archive.read())
+
+    def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
+        with self._engine(sandbox_id):
+            stream, _ = self.api().get_archive(containers.container_name(sandbox_id), path,
+                                               chunk_size=1024 * 1024)
+            yield from stream
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        view = self._view(sandbox_id)
+        if view is not None:
+            if sandbox_id not in self._specs:
+                self._specs[sandbox_id] = self.inspect(sandbox_id)[1]
+            return view.usage(self._specs[sandbox_id].limits.memory)
+        with self._engine(sandbox_id):
+            stats = self.api().stats(containers.container_name(sandbox_id), stream=False, one_shot=True)
+        return _usage_from_stats(stats)
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+
+
+def _usage_from_stats(stats: dict[str, Any]) -> ResourceUsage:
+    memory = stats.get("memory_stats") or {}
+    cpu = (stats.get("cpu_stats") or {}).get("cpu_usage", {}).get("total_usage")
+    nets = stats.get("networks") or {}
+    blk = (stats.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+    return ResourceUsage(
+        cpu_seconds=None if cpu is None else cpu / 1e9,
+        memory_bytes=memory.get("usage"),
+        memory_peak_bytes=memory.get("max_usage"),
+        memory_limit_bytes=memory.get("limit"),
+        pids=(stats.get("pids_stats") or {}).get("current"),
+        net_rx_bytes=sum(n.get("rx_bytes", 0) for n in nets.values()) if nets else None,
+        net_tx_bytes=sum(n.get("tx_bytes", 0) for n in nets.values()) if nets else None,
+        block_read_bytes=sum(b["value"] for b in blk if b.get("op") == "Read") if blk else None,
+        block_write_bytes=sum(b["value"] for b in blk if b.get("op") == "Write") if blk else None,
+        timestamp=time.time(),
+    )
+
+
+def _cert(folder: str | None, name: str) -> str | None:
+    return os.path.join(folder, name) if folder else None
+
+
+def _cert_pair(folder: str | None) -> tuple[str, str] | None:
+    if not folder:
+        return None
+    return os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+
+
+@hookimpl
+def corral_backends() -> list[BackendInfo]:
+    return [BackendInfo(name="docker", backend=DockerBackend,
+                        description="locked-down containers on a Docker Engine")]

@@ -1,0 +1,336 @@
+"""The container backends against real engines: one suite, run on every engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import corral
+
+
+def _container(engine_client, sandbox: corral.Sandbox) -> dict:
+    return engine_client.inspect_container(f"corral-{sandbox.id}")
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+def test_full_lifecycle(box, engine, engine_client):
+    sb = box(env={"GREETING": "hi"})
+    assert sb.backend_name == engine
+    labels = _container(engine_client, sb)["Config"]["Labels"]
+    assert labels["corral.managed"] == "true"
+    assert labels["corral.sandbox"] == sb.id
+    assert labels["corral.backend"] == engine
+    assert float(labels["corral.expires"]) > time.time()
+    result = sb.exec(["sh", "-c", 'echo "$GREETING from $(pwd)"; echo oops >&2; exit 3'])
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"hi from /workspace\n", b"oops\n")
+    assert [s.id for s in corral.list(backend=engine, settings=sb._settings)].count(sb.id) == 1
+    sb.close()
+    with pytest.raises(corral.SandboxClosedError):
+        sb.exec(["true"])
+    assert engine_client.containers(all=True, filters={"label": f"corral.sandbox={sb.id}"}) == []
+
+
+def test_attach_from_a_second_process(box, engine, engine_settings):
+    sb = box()
+    sb.write_file("/workspace/note", b"from the first process")
+    url = engine_settings.backends[engine]["url"]
+    code = textwrap.dedent(f"""
+        import corral
+        settings = corral.load_settings({{"backends": {{{engine!r}: {{"url": {url!r}}}}}}}, environ={{}})
+        sb = corral.attach({sb.id!r}, backend={engine!r}, settings=settings)
+        sb.detach()
+        print(sb.exec(["cat", "/workspace/note"]).text)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "from the first process"
+
+
+def test_exit_codes(box):
+    sb = box()
+    assert sb.exec(["true"]).exit_code == 0
+    assert sb.exec(["sh", "-c", "exit 42"]).exit_code == 42
+    assert sb.exec(["/no/such/cmd"]).exit_code == 127
+    assert sb.exec(["/etc"]).exit_code == 126
+
+
+def test_sandbox_removed_from_outside(box, engine_client):
+    sb = box()
+    engine_client.remove_container(f"corral-{sb.id}", force=True, v=True)
+    with pytest.raises(corral.NotFoundError):
+        sb.exec(["true"])
+    sb.close()  # gone already: closing is still fine
+
+
+def test_missing_image_with_pull_never(engine, engine_settings, state_dir):
+    with pytest.raises(corral.NotFoundError, match="never"):
+        corral.create("corral-test/no-such-image:1", backend=engine, settings=engine_settings)
+
+
+def test_engine_not_running_is_a_clear_retryable_error(engine, settings_for):
+    settings = settings_for(url="unix:///run/corral-test/absent.sock")
+    with pytest.raises(corral.BackendUnavailableError) as info:
+        corral.create(backend=engine, settings=settings)
+    assert info.value.retryable
+    assert "absent.sock" in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+def test_lifetime_ends_a_sandbox_left_by_a_killed_program(
+    engine, engine_settings, engine_client, test_image
+):
+    url = engine_settings.backends[engine]["url"]
+    code = textwrap.dedent(f"""
+        import corral, sys, time
+        settings = corral.load_settings({{"backends": {{{engine!r}: {{"url": {url!r},
+            "pull": "never", "default_image": {test_image!r}}}}}}}, environ={{}})
+        ids = [corral.create(backend={engine!r}, lifetime=3, settings=settings).id for _ in range(2)]
+        print(" ".join(ids), flush=True)
+        time.sleep(600)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    with child.stdout:
+        ids = child.stdout.readline().split()
+    assert len(ids) == 2
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30
+    remaining = ids
+    while remaining and time.monotonic() < deadline:
+        time.sleep(0.5)
+        remaining = [
+            i for i in ids if engine_client.containers(all=True, filters={"label": f"corral.sandbox={i}"})
+        ]
+    assert remaining == [], "sandboxes outlived their lifetime"
+    for i in ids:
+        assert engine_client.volumes(filters={"label": f"corral.sandbox={i}"})["Volumes"] in (None, [])
+
+
+def test_gc_removes_what_a_killed_program_left(engine, engine_settings):
+    sb = corral.create(backend=engine, settings=engine_settings)
+    sb.detach()  # as if its program had died
+    assert sb.id in corral.gc(backend=engine, settings=engine_settings, everything=True)
+    assert sb.id not in [i.id for i in corral.list(backend=engine, settings=engine_settings)]
+
+
+# -- secure defaults ----------------------------------------------------------------------------
+
+
+def test_secure_defaults_from_inside(box):
+    sb = box(memory="128MiB", pids=100)
+    status = sb.exec(["cat", "/proc/self/status"]).text
+    assert "CapEff:\t0000000000000000" in status
+    assert "CapPrm:\t0000000000000000" in status
+    assert "NoNewPrivs:\t1" in status
+    assert "Seccomp:\t2" in status
+    assert sb.exec(["id", "-u"]).text.strip() == "1000"
+    devices = sb.exec(["cat", "/proc/net/dev"]).text
+    assert {line.split(":")[0].strip() for line in devices.splitlines()[2:]} == {"lo"}
+    memory = sb.exec(["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]).text.strip()
+    assert int(memory) == 128 * 1024**2
+    assert sb.exec(["cat", "/sys/fs/cgroup/pids/pids.max"]).text.strip() == "100"
+    assert sb.exec(["touch", "/root-was-writable"]).exit_code != 0
+    assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "1024"
+
+
+def test_secure_defaults_by_inspect(box, engine_client):
+    hc = _container(engine_client, box())["HostConfig"]
+    assert hc["Privileged"] is False
+    assert hc["CapDrop"] == ["ALL"] and not hc["CapAdd"]
+    assert "no-new-privileges" in hc["SecurityOpt"]
+    assert not any("unconfined" in o for o in hc["SecurityOpt"])
+    assert hc["ReadonlyRootfs"] is True
+    assert hc["Memory"] > 0 and hc["MemorySwap"] == hc["Memory"]
+    assert hc["PidsLimit"] > 0
+    assert {u["Name"] for u in hc["Ulimits"]} >= {"nofile", "nproc"}
+    assert hc["Init"] is True
+    assert not hc["Devices"]
+    assert hc["LogConfig"]["Type"] == "none"
+    for ns in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
+        assert hc.get(ns) != "host"
+    assert hc["RestartPolicy"]["Name"] in ("", "no")
+
+
+def test_unsafe_options_need_an_opt_in_and_are_recorded(box, engine_client):
+    with pytest.raises(corral.PolicyError, match="cap_add"):
+        box(security={"cap_add": ["NET_RAW"]})
+    sb = box(security={"cap_add": ["NET_RAW"], "allow_unsafe": ["cap_add"]})
+    assert sb.labels["corral.loosened"] == "cap_add"
+    assert _container(engine_client, sb)["HostConfig"]["CapAdd"] in (["NET_RAW"], ["CAP_NET_RAW"])
+
+
+def test_fork_bomb_is_contained(box):
+    sb = box(pids=64)
+    result = sb.exec(["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 2"], timeout=10)
+    assert b"fork" in result.stderr.lower() or result.timed_out
+    assert sb.exec(["echo", "still here"], timeout=30).text == "still here\n"
+
+
+def test_memory_bomb_is_reported_as_oom(box):
+    sb = box(memory="32MiB")
+    result = sb.exec(["sh", "-c", "head -c 300000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60)
+    assert result.exit_code == 137
+    assert result.oom_killed
+    assert not result.timed_out
+    # The evidence is per exec: the next command is not marked.
+    assert not sb.exec(["true"]).oom_killed
+
+
+# -- exec ---------------------------------------------------------------------------------------
+
+
+def test_timeout_kills_grandchildren_and_the_sandbox_stays_usable(box):
+    sb = box()
+    sb.write_file("/workspace/state", b"kept")
+    script = "sleep 1001 & setsid sleep 1002 & (sleep 1003 &); echo ready; sleep 1004"
+    started = time.monotonic()
+    result = sb.exec(["sh", "-c", script], timeout=2)
+    assert result.timed_out
+    assert time.monotonic() - started < 15
+    assert result.stdout == b"ready\n"
+    processes = sb.exec(["ps", "-o", "args"]).text
+    assert "sleep 100" not in processes
+    assert sb.exec(["cat", "/workspace/state"]).text == "kept"
+
+
+def test_background_children_do_not_outlive_their_exec(box):
+    sb = box()
+    assert sb.exec(["sh", "-c", "setsid sleep 1011 & echo done"]).exit_code == 0
+    assert "sleep 1011" not in sb.exec(["ps", "-o", "args"]).text
+
+
+def test_output_flood_is_capped(box):
+    sb = box()
+    result = sb.exec(["sh", "-c", "head -c 30000000 /dev/zero; echo end >&2"], max_output="1MiB", timeout=60)
+    assert result.truncated
+    assert len(result.stdout) == 1024 * 1024
+    assert result.stderr == b"end\n"
+    assert result.exit_code == 0
+
+
+def test_large_output_arrives_complete_and_unmixed(box):
+    sb = box()
+    script = "head -c 3000000 /dev/urandom | base64 > /workspace/o; cat /workspace/o; cat /workspace/o >&2"
+    result = sb.exec(["sh", "-c", script], max_output="8MiB", timeout=60)
+    assert result.stdout == result.stderr
+    digest = sb.exec(["sha256sum", "/workspace/o"]).text.split()[0]
+    assert hashlib.sha256(result.stdout).hexdigest() == digest
+
+
+def test_binary_stdin_round_trip(box):
+    sb = box()
+    data = os.urandom(1536 * 1024)
+    result = sb.exec(["sha256sum"], stdin=data, timeout=60)
+    assert result.text.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+def test_non_utf8_output(box):
+    result = box().exec(["printf", r"\377\376ok"])
+    assert result.stdout == b"\xff\xfeok"
+    assert result.text == "\ufffd\ufffdok"
+
+
+def test_streaming(box):
+    sb = box()
+    events = list(sb.stream(["sh", "-c", "echo one; sleep 0.3; echo two"]))
+    chunks = b"".join(e.data for e in events if isinstance(e, corral.OutputChunk))
+    assert chunks == b"one\ntwo\n"
+    assert isinstance(events[-1], corral.ExecResult) and events[-1].exit_code == 0
+
+
+# -- mounts and files ---------------------------------------------------------------------------
+
+
+def test_read_only_mount_is_read_only(box, mount_root):
+    repo = mount_root / "repo"
+    repo.mkdir()
+    (repo / "a.txt").write_text("source\n")
+    sb = box(mounts=[corral.Mount(str(repo), "/repo")])
+    assert sb.exec(["cat", "/repo/a.txt"]).text == "source\n"
+    for argv in (["touch", "/repo/b"], ["rm", "-f", "/repo/a.txt"], ["mv", "/repo/a.txt", "/repo/c"]):
+        assert sb.exec(argv).exit_code != 0
+    assert [p.name for p in repo.iterdir()] == ["a.txt"]
+
+
+def test_read_write_mount(box, mount_root):
+    out = mount_root / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)
+    sb = box(mounts=[f"{out}:/out:rw"])
+    assert sb.exec(["sh", "-c", "echo made > /out/r"]).exit_code == 0
+    assert (out / "r").read_text() == "made\n"
+
+
+def test_engine_socket_is_never_mounted(box, engine_url):
+    socket_path = engine_url.removeprefix("unix://")
+    with pytest.raises(corral.PolicyError):
+        box(mounts=[corral.Mount(socket_path, "/engine.sock")])
+
+
+def test_files_round_trip(box, tmp_path):
+    sb = box()
+    data = os.urandom(1024 * 1024)
+    sb.write_file("/workspace/blob", data)
+    assert sb.read_file("/workspace/blob") == data
+    sb.write_file("/tmp/t", "tmp works")
+    assert sb.exec(["cat", "/tmp/t"]).text == "tmp works"
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f.txt").write_text("F")
+    sb.upload(src, "/workspace")
+    assert sb.exec(["cat", "/workspace/src/d/f.txt"]).text == "F"
+    assert sb.exec(["sh", "-c", "echo more >> /workspace/src/d/f.txt"]).exit_code == 0
+    got = sb.download("/workspace/src", tmp_path / "back")
+    assert (got / "d" / "f.txt").read_text() == "Fmore\n"
+
+
+def test_file_api_refuses_traversal_and_symlink_escapes(box, tmp_path):
+    sb = box()
+    for bad in ("/workspace/../../etc/passwd", "relative", "/workspace/a\0b"):
+        with pytest.raises(corral.PathSecurityError):
+            sb.write_file(bad, b"x")
+    sb.exec(["sh", "-c", "mkdir /workspace/out && ln -s /etc /workspace/out/etc && ln -s / /workspace/root"])
+    with pytest.raises(corral.ArchiveError):
+        sb.download("/workspace/out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(corral.SandboxError):
+        sb.read_file("/workspace/root")  # a link, never followed on the host
+    with pytest.raises(corral.PathSecurityError):
+        sb.write_file("/etc/passwd", b"x")  # the read-only root
+
+
+def test_usage_is_fast_enough_to_poll_and_plausible(box):
+    sb = box(memory="64MiB")
+    sb.exec(["sh", "-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"])
+    usage = sb.usage()
+    assert usage.memory_limit_bytes == 64 * 1024**2
+    assert usage.cpu_seconds is not None and usage.cpu_seconds > 0
+    assert usage.memory_bytes is not None and 0 < usage.memory_bytes < 64 * 1024**2
+    assert usage.pids is not None and usage.pids >= 1
+
+
+def test_healthcheck(box):
+    sb = box(healthcheck={"test": ["test", "-e", "/workspace/ready"], "interval": "1s", "timeout": "1s"})
+    sb.write_file("/workspace/ready", b"")
+    deadline = time.monotonic() + 20
+    while sb.health().status != "healthy" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert sb.health().status == "healthy"
+
+
+def test_unwritable_host_folder_stays_untouched(box, mount_root: Path):
+    canary = mount_root / "canary"
+    canary.write_text("same")
+    sb = box(mounts=[corral.Mount(str(mount_root), "/host")])
+    sb.exec(["sh", "-c", "echo changed > /host/canary; rm -f /host/canary"])
+    assert canary.read_text() == "same"
