@@ -7,7 +7,8 @@ import os
 # The suite must not see plugins the developer happens to have installed; tests that
 # are about discovery build their own PluginHost with the environment they want.
 os.environ["CORRAL_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-# Nor the developer's own settings; CORRAL_TEST_* are the suite's (scripts/engines).
+# Nor the developer's own settings. (The suite's own variables, from scripts/engines,
+# are named CORRALTEST_* so that corral never reads them as settings.)
 for name in list(os.environ):
-    if name.startswith("CORRAL_") and not name.startswith(("CORRAL_TEST_", "CORRAL_DISABLE_PLUGIN")):
+    if name.startswith("CORRAL_") and not name.startswith("CORRAL_DISABLE_PLUGIN"):
         del os.environ[name]

@@ -94,8 +94,8 @@ def make(settings: corral.Settings, state_dir: Path) -> Iterator:
 # -- container engines -------------------------------------------------------------------
 
 # Each engine backend, the variable scripts/engines sets to its socket, and its marker.
-ENGINES = {"docker": "CORRAL_TEST_DOCKER_URL"}
-TEST_IMAGE = os.environ.get("CORRAL_TEST_IMAGE", "corral-test/busybox:latest")
+ENGINES = {"docker": "CORRALTEST_DOCKER_URL"}
+TEST_IMAGE = os.environ.get("CORRALTEST_IMAGE", "corral-test/busybox:latest")
 
 
 def _unavailable(reason: str) -> None:
@@ -105,14 +105,18 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def engine_settings_for(engine: str, state_dir: Path, mount_root: Path, **backend: object) -> corral.Settings:
+def engine_settings_for(
+    engine: str, state_dir: Path, mount_root: Path, **backend: object
+) -> corral.Settings:
     url = os.environ.get(ENGINES[engine])
     if not url:
         _unavailable(f"{ENGINES[engine]} is not set; run the suite through ./scripts/test")
     return load_settings(
         {
             "mount_roots": [str(mount_root)],
-            "backends": {engine: {"url": url, "pull": "never", "default_image": TEST_IMAGE, **backend}},
+            "backends": {
+                engine: {"url": url, "pull": "never", "default_image": TEST_IMAGE, **backend}
+            },
         },
         cwd=state_dir,
         environ={},
@@ -135,7 +139,7 @@ def test_image() -> str:
 
 
 @pytest.fixture
-def settings_for(engine: str, state_dir: Path, mount_root: Path):  # noqa: ANN201
+def settings_for(engine: str, state_dir: Path, mount_root: Path):
     """``settings_for(**backend_options)``: engine settings with some options changed."""
     return lambda **backend: engine_settings_for(engine, state_dir, mount_root, **backend)
 
@@ -177,7 +181,7 @@ def box(engine: str, engine_settings: corral.Settings) -> Iterator:
         client.close()
 
 
-def raw_client(engine: str):  # noqa: ANN201 - the engine's own client, for inspection
+def raw_client(engine: str):
     """The engine's own client, to check from outside what corral did (inspect, leaks)."""
     import docker
 
@@ -185,7 +189,7 @@ def raw_client(engine: str):  # noqa: ANN201 - the engine's own client, for insp
 
 
 @pytest.fixture
-def engine_client(engine: str, engine_settings: corral.Settings):  # noqa: ANN201
+def engine_client(engine: str, engine_settings: corral.Settings):
     client = raw_client(engine)
     yield client
     client.close()

@@ -32,7 +32,11 @@ def test_full_lifecycle(box, engine, engine_client):
     assert labels["corral.backend"] == engine
     assert float(labels["corral.expires"]) > time.time()
     result = sb.exec(["sh", "-c", 'echo "$GREETING from $(pwd)"; echo oops >&2; exit 3'])
-    assert (result.exit_code, result.stdout, result.stderr) == (3, b"hi from /workspace\n", b"oops\n")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        3,
+        b"hi from /workspace\n",
+        b"oops\n",
+    )
     assert [s.id for s in corral.list(backend=engine, settings=sb._settings)].count(sb.id) == 1
     sb.close()
     with pytest.raises(corral.SandboxClosedError):
@@ -40,18 +44,27 @@ def test_full_lifecycle(box, engine, engine_client):
     assert engine_client.containers(all=True, filters={"label": f"corral.sandbox={sb.id}"}) == []
 
 
+def _child_environment(engine: str, settings: corral.Settings) -> dict[str, str]:
+    """The engine's settings as CORRAL_* variables, for a second Python process."""
+    env = {**os.environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    for key, value in settings.backends[engine].items():
+        env[f"CORRAL_BACKENDS__{engine.upper()}__{key.upper()}"] = str(value)
+    return env
+
+
 def test_attach_from_a_second_process(box, engine, engine_settings):
     sb = box()
     sb.write_file("/workspace/note", b"from the first process")
-    url = engine_settings.backends[engine]["url"]
     code = textwrap.dedent(f"""
         import corral
-        settings = corral.load_settings({{"backends": {{{engine!r}: {{"url": {url!r}}}}}}}, environ={{}})
-        sb = corral.attach({sb.id!r}, backend={engine!r}, settings=settings)
+        sb = corral.attach({sb.id!r}, backend={engine!r})
         sb.detach()
         print(sb.exec(["cat", "/workspace/note"]).text)
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = _child_environment(engine, engine_settings)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "from the first process"
 
@@ -86,19 +99,17 @@ def test_engine_not_running_is_a_clear_retryable_error(engine, settings_for):
     assert "Traceback" not in str(info.value)
 
 
-def test_lifetime_ends_a_sandbox_left_by_a_killed_program(
-    engine, engine_settings, engine_client, test_image
-):
-    url = engine_settings.backends[engine]["url"]
+def test_lifetime_ends_a_sandbox_left_by_a_killed_program(engine, engine_settings, engine_client):
     code = textwrap.dedent(f"""
-        import corral, sys, time
-        settings = corral.load_settings({{"backends": {{{engine!r}: {{"url": {url!r},
-            "pull": "never", "default_image": {test_image!r}}}}}}}, environ={{}})
-        ids = [corral.create(backend={engine!r}, lifetime=3, settings=settings).id for _ in range(2)]
+        import corral, time
+        ids = [corral.create(backend={engine!r}, lifetime=3).id for _ in range(2)]
         print(" ".join(ids), flush=True)
         time.sleep(600)
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    env = _child_environment(engine, engine_settings)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
     with child.stdout:
         ids = child.stdout.readline().split()
     assert len(ids) == 2
@@ -109,11 +120,16 @@ def test_lifetime_ends_a_sandbox_left_by_a_killed_program(
     while remaining and time.monotonic() < deadline:
         time.sleep(0.5)
         remaining = [
-            i for i in ids if engine_client.containers(all=True, filters={"label": f"corral.sandbox={i}"})
+            i
+            for i in ids
+            if engine_client.containers(all=True, filters={"label": f"corral.sandbox={i}"})
         ]
     assert remaining == [], "sandboxes outlived their lifetime"
     for i in ids:
-        assert engine_client.volumes(filters={"label": f"corral.sandbox={i}"})["Volumes"] in (None, [])
+        assert engine_client.volumes(filters={"label": f"corral.sandbox={i}"})["Volumes"] in (
+            None,
+            [],
+        )
 
 
 def test_gc_removes_what_a_killed_program_left(engine, engine_settings):
@@ -178,7 +194,9 @@ def test_fork_bomb_is_contained(box):
 
 def test_memory_bomb_is_reported_as_oom(box):
     sb = box(memory="32MiB")
-    result = sb.exec(["sh", "-c", "head -c 300000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60)
+    result = sb.exec(
+        ["sh", "-c", "head -c 300000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60
+    )
     assert result.exit_code == 137
     assert result.oom_killed
     assert not result.timed_out
@@ -211,7 +229,9 @@ def test_background_children_do_not_outlive_their_exec(box):
 
 def test_output_flood_is_capped(box):
     sb = box()
-    result = sb.exec(["sh", "-c", "head -c 30000000 /dev/zero; echo end >&2"], max_output="1MiB", timeout=60)
+    result = sb.exec(
+        ["sh", "-c", "head -c 30000000 /dev/zero; echo end >&2"], max_output="1MiB", timeout=60
+    )
     assert result.truncated
     assert len(result.stdout) == 1024 * 1024
     assert result.stderr == b"end\n"
@@ -220,7 +240,8 @@ def test_output_flood_is_capped(box):
 
 def test_large_output_arrives_complete_and_unmixed(box):
     sb = box()
-    script = "head -c 3000000 /dev/urandom | base64 > /workspace/o; cat /workspace/o; cat /workspace/o >&2"
+    script = "head -c 3000000 /dev/urandom | base64 > /workspace/o"
+    script += "; cat /workspace/o; cat /workspace/o >&2"
     result = sb.exec(["sh", "-c", script], max_output="8MiB", timeout=60)
     assert result.stdout == result.stderr
     digest = sb.exec(["sha256sum", "/workspace/o"]).text.split()[0]
@@ -257,7 +278,11 @@ def test_read_only_mount_is_read_only(box, mount_root):
     (repo / "a.txt").write_text("source\n")
     sb = box(mounts=[corral.Mount(str(repo), "/repo")])
     assert sb.exec(["cat", "/repo/a.txt"]).text == "source\n"
-    for argv in (["touch", "/repo/b"], ["rm", "-f", "/repo/a.txt"], ["mv", "/repo/a.txt", "/repo/c"]):
+    for argv in (
+        ["touch", "/repo/b"],
+        ["rm", "-f", "/repo/a.txt"],
+        ["mv", "/repo/a.txt", "/repo/c"],
+    ):
         assert sb.exec(argv).exit_code != 0
     assert [p.name for p in repo.iterdir()] == ["a.txt"]
 
@@ -299,7 +324,13 @@ def test_file_api_refuses_traversal_and_symlink_escapes(box, tmp_path):
     for bad in ("/workspace/../../etc/passwd", "relative", "/workspace/a\0b"):
         with pytest.raises(corral.PathSecurityError):
             sb.write_file(bad, b"x")
-    sb.exec(["sh", "-c", "mkdir /workspace/out && ln -s /etc /workspace/out/etc && ln -s / /workspace/root"])
+    sb.exec(
+        [
+            "sh",
+            "-c",
+            "mkdir /workspace/out && ln -s /etc /workspace/out/etc && ln -s / /workspace/root",
+        ]
+    )
     with pytest.raises(corral.ArchiveError):
         sb.download("/workspace/out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -320,7 +351,9 @@ def test_usage_is_fast_enough_to_poll_and_plausible(box):
 
 
 def test_healthcheck(box):
-    sb = box(healthcheck={"test": ["test", "-e", "/workspace/ready"], "interval": "1s", "timeout": "1s"})
+    sb = box(
+        healthcheck={"test": ["test", "-e", "/workspace/ready"], "interval": "1s", "timeout": "1s"}
+    )
     sb.write_file("/workspace/ready", b"")
     deadline = time.monotonic() + 20
     while sb.health().status != "healthy" and time.monotonic() < deadline:

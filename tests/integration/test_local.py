@@ -62,10 +62,10 @@ def test_binary_stdin_round_trips(make):
 
 
 def test_environment_comes_only_from_the_spec(make, monkeypatch):
-    monkeypatch.setenv("CORRAL_TEST_HOST_SECRET", "leaked")
+    monkeypatch.setenv("CORRALTEST_HOST_SECRET", "leaked")
     sb = make(env={"FROM_SPEC": "1"})
     env = sb.exec(["env"], env={"FROM_CALL": "2"}).text
-    assert "CORRAL_TEST_HOST_SECRET" not in env
+    assert "CORRALTEST_HOST_SECRET" not in env
     assert "FROM_SPEC=1" in env and "FROM_CALL=2" in env
     with pytest.raises(corral.ConfigError, match="A=B"):
         sb.exec(["env"], env={"A=B": "x"})

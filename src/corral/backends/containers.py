@@ -45,9 +45,17 @@ SPEC_LABEL = "corral.spec"
 MARKER = "CORRAL_EXEC"
 # moby oci/defaults.go; corral keeps them and adds the spec's own.
 DEFAULT_MASKED_PATHS = (
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-    "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 )
 SECCOMP_UNCONFINED = "unconfined"
 
@@ -68,8 +76,14 @@ class TmpfsVolume:
     exec: bool
 
     def driver_options(self) -> dict[str, str]:
-        options = [f"size={self.size}", f"mode={self.mode:o}", f"uid={self.uid}", f"gid={self.gid}",
-                   "nosuid", "nodev"]
+        options = [
+            f"size={self.size}",
+            f"mode={self.mode:o}",
+            f"uid={self.uid}",
+            f"gid={self.gid}",
+            "nosuid",
+            "nodev",
+        ]
         if not self.exec:
             options.append("noexec")
         return {"type": "tmpfs", "device": "tmpfs", "o": ",".join(options)}
@@ -111,11 +125,15 @@ def _seccomp_option(profile: str | None) -> list[str]:
         text = Path(profile).read_text()
         json.loads(text)
     except (OSError, ValueError) as e:
-        raise ConfigError("sandbox.security.seccomp", f"{profile!r} is not a readable JSON profile ({e})") from None
+        raise ConfigError(
+            "sandbox.security.seccomp", f"{profile!r} is not a readable JSON profile ({e})"
+        ) from None
     return [f"seccomp={text}"]
 
 
-def plan(spec: SandboxSpec, labels: dict[str, str], *, image: str | None, workspace_size: int) -> ContainerPlan:
+def plan(
+    spec: SandboxSpec, labels: dict[str, str], *, image: str | None, workspace_size: int
+) -> ContainerPlan:
     """The container that enforces ``spec``."""
     image = spec.image or image
     if not image:
@@ -127,7 +145,9 @@ def plan(spec: SandboxSpec, labels: dict[str, str], *, image: str | None, worksp
     if sec.apparmor:
         security_opt.append(f"apparmor={sec.apparmor}")
     if sec.selinux_label:
-        security_opt.append("label=disable" if sec.selinux_label == "disable" else f"label={sec.selinux_label}")
+        security_opt.append(
+            "label=disable" if sec.selinux_label == "disable" else f"label={sec.selinux_label}"
+        )
     ulimits = {
         "nofile": (lim.nofile, lim.nofile),
         "nproc": (lim.nproc, lim.nproc),
@@ -138,7 +158,10 @@ def plan(spec: SandboxSpec, labels: dict[str, str], *, image: str | None, worksp
     if lim.file_size is not None:
         ulimits["fsize"] = (lim.file_size, lim.file_size)
     tmpfs = [TmpfsVolume(spec.workdir, workspace_size, 0o755, ids[0], ids[1], True)]
-    if not any(isinstance(m, Tmpfs) and m.target == "/tmp" for m in spec.mounts) and spec.workdir != "/tmp":
+    if (
+        not any(isinstance(m, Tmpfs) and m.target == "/tmp" for m in spec.mounts)
+        and spec.workdir != "/tmp"
+    ):
         tmpfs.append(TmpfsVolume("/tmp", parse_size("64MiB"), 0o1777, ids[0], ids[1], False))
     for m in spec.mounts:
         if isinstance(m, Tmpfs):
@@ -147,8 +170,13 @@ def plan(spec: SandboxSpec, labels: dict[str, str], *, image: str | None, worksp
     hc = None
     if spec.healthcheck is not None:
         h = spec.healthcheck
-        hc = {"test": ["CMD", *h.test], "interval": int(h.interval * 1e9), "timeout": int(h.timeout * 1e9),
-              "retries": h.retries, "start_period": int(h.start_period * 1e9)}
+        hc = {
+            "test": ["CMD", *h.test],
+            "interval": int(h.interval * 1e9),
+            "timeout": int(h.timeout * 1e9),
+            "retries": h.retries,
+            "start_period": int(h.start_period * 1e9),
+        }
     env = {**spec.network.proxy_env(), **spec.env}
     return ContainerPlan(
         name=container_name(labels["corral.sandbox"]),
@@ -190,10 +218,16 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
     expect("ReadonlyRootfs", bool(hc.get("ReadonlyRootfs")) == plan_.read_only, plan_.read_only)
     expect("CapDrop", "ALL" in [c.upper() for c in hc.get("CapDrop") or []], ["ALL"])
     added = sorted(c.upper().removeprefix("CAP_") for c in hc.get("CapAdd") or [])
-    expect("CapAdd", added == sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add), plan_.cap_add)
+    expect(
+        "CapAdd",
+        added == sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add),
+        plan_.cap_add,
+    )
     opts = hc.get("SecurityOpt") or []
     if "no-new-privileges" in plan_.security_opt:
-        expect("SecurityOpt", any(o.startswith("no-new-privileges") for o in opts), "no-new-privileges")
+        expect(
+            "SecurityOpt", any(o.startswith("no-new-privileges") for o in opts), "no-new-privileges"
+        )
     expect("Memory", hc.get("Memory") == plan_.memory, plan_.memory)
     expect("MemorySwap", hc.get("MemorySwap") == plan_.memory, plan_.memory)
     expect("PidsLimit", hc.get("PidsLimit") == plan_.pids, plan_.pids)
@@ -201,7 +235,11 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
         expect("NanoCpus", hc.get("NanoCpus") == plan_.nano_cpus, plan_.nano_cpus)
     if plan_.network == "none":
         mode = hc.get("NetworkMode")
-        expect("NetworkMode", mode in ("none", "", None) or inspect.get("Config", {}).get("NetworkDisabled"), "none")
+        expect(
+            "NetworkMode",
+            mode in ("none", "", None) or inspect.get("Config", {}).get("NetworkDisabled"),
+            "none",
+        )
     for ns in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
         expect(ns, hc.get(ns) != "host", "not host")
     expect("Devices", not hc.get("Devices"), [])
@@ -216,7 +254,9 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
         raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
 
 
-def info_from_labels(backend: str, sandbox_id: str, labels: dict[str, str], status: str, image: str | None) -> SandboxInfo:
+def info_from_labels(
+    backend: str, sandbox_id: str, labels: dict[str, str], status: str, image: str | None
+) -> SandboxInfo:
     public = {k: v for k, v in labels.items() if k != SPEC_LABEL}
     return SandboxInfo(
         id=sandbox_id,
@@ -390,8 +430,12 @@ class HostView:
         return _read_keyed(path).get("oom_kill", 0) if path else 0
 
     def usage(self, memory_limit: int) -> ResourceUsage:
-        memory = self._file("memory", "memory.usage_in_bytes") or self._file("unified", "memory.current")
-        peak = self._file("memory", "memory.max_usage_in_bytes") or self._file("unified", "memory.peak")
+        memory = self._file("memory", "memory.usage_in_bytes") or self._file(
+            "unified", "memory.current"
+        )
+        peak = self._file("memory", "memory.max_usage_in_bytes") or self._file(
+            "unified", "memory.peak"
+        )
         cpu_ns = self._file("cpuacct", "cpuacct.usage")
         cpu = _read_int(cpu_ns) / 1e9 if cpu_ns and _read_int(cpu_ns) is not None else None  # type: ignore[operator]
         if cpu is None and (stat := self._file("unified", "cpu.stat")):
@@ -430,7 +474,11 @@ class HostView:
 
 def _locate(controller: str, path: str, container_id: str) -> Path | None:
     """The host folder of a cgroup named in /proc/PID/cgroup, even from a nested host."""
-    base = _CGROUP_ROOT if controller == "unified" and (_CGROUP_ROOT / "cgroup.controllers").exists() else None
+    base = (
+        _CGROUP_ROOT
+        if controller == "unified" and (_CGROUP_ROOT / "cgroup.controllers").exists()
+        else None
+    )
     if base is None:
         name = controller.removeprefix("name=")
         base = _CGROUP_ROOT / ("unified" if controller == "unified" else name)
@@ -442,8 +490,12 @@ def _locate(controller: str, path: str, container_id: str) -> Path | None:
     tail = path.rstrip("/").rsplit("/", 1)[-1]
     if container_id[:12] not in tail:
         return None
-    for candidate in (base / "docker" / tail, base / "system.slice" / tail, base / "machine.slice" / tail,
-                      base / "libpod_parent" / tail):
+    for candidate in (
+        base / "docker" / tail,
+        base / "system.slice" / tail,
+        base / "machine.slice" / tail,
+        base / "libpod_parent" / tail,
+    ):
         if candidate.is_dir():
             return candidate
     return None
@@ -456,7 +508,7 @@ def _net_bytes(pid: int) -> tuple[int | None, int | None]:
         return None, None
     rx = tx = 0
     for line in lines:
-        name, data = line.split(":", 1)
+        _, data = line.split(":", 1)
         fields = data.split()
         rx += int(fields[0])
         tx += int(fields[8])

@@ -57,7 +57,9 @@ class DockerSettings:
     tls_verify: bool = False
     cert_path: str | None = None
     timeout: float = duration_field("60s")
-    pull: Literal["never", "missing", "always"] = attrs.field(default="missing", converter=_pull_policy)
+    pull: Literal["never", "missing", "always"] = attrs.field(
+        default="missing", converter=_pull_policy
+    )
     default_image: str | None = None
     workspace_size: int = size_field("1GiB", minimum=1024**2)
 
@@ -112,13 +114,21 @@ class DockerBackend(Backend):
                         ca_cert=_cert(self.settings.cert_path, "ca.pem"),
                         verify=self.settings.tls_verify,
                     )
+                local_socket = self.url.removeprefix("unix://")
+                if self.url.startswith("unix://") and not os.path.exists(local_socket):
+                    raise self._unavailable(f"there is no socket at {local_socket}")
+                options = {"base_url": self.url, "tls": tls, "timeout": self.settings.timeout}
+                # Ask the engine for its API version, as version="auto" would, but on a
+                # client that is closed even when the engine does not answer. (Pinning
+                # docker-py's own default breaks older engines with 400 Bad Request.)
+                probe = docker.APIClient(version="1.24", **options)
                 try:
-                    # version="auto" negotiates; pinning docker-py's own default breaks
-                    # older engines with 400 Bad Request.
-                    self._api = docker.APIClient(base_url=self.url, version="auto", tls=tls,
-                                                 timeout=self.settings.timeout, max_pool_size=64)
-                except docker.errors.DockerException as e:
+                    version = probe.version(api_version=False)["ApiVersion"]
+                except Exception as e:  # docker's and requests' connection errors alike
                     raise self._unavailable(e) from e
+                finally:
+                    probe.close()
+                self._api = docker.APIClient(version=version, max_pool_size=64, **options)
         return self._api
 
     @contextlib.contextmanager
@@ -145,11 +155,16 @@ class DockerBackend(Backend):
             if "no space left" in text.lower():
                 raise ResourceLimitError(f"the engine is out of space: {text}", **where) from e
             if "read-only" in text:
-                raise PathSecurityError(f"{text}; write under the workspace or a volume", **where) from e
-            raise InternalError(f"the engine failed: {text}", retryable=(e.status_code or 500) >= 500,
-                                **where) from e
+                raise PathSecurityError(
+                    f"{text}; write under the workspace or a volume", **where
+                ) from e
+            raise InternalError(
+                f"the engine failed: {text}", retryable=(e.status_code or 500) >= 500, **where
+            ) from e
         except requests.exceptions.Timeout as e:
-            raise CorralTimeoutError(f"the Docker engine at {self.url} did not answer in time", **where) from e
+            raise CorralTimeoutError(
+                f"the Docker engine at {self.url} did not answer in time", **where
+            ) from e
         except (requests.exceptions.ConnectionError, docker.errors.DockerException) as e:
             raise self._unavailable(e) from e
 
@@ -160,7 +175,9 @@ class DockerBackend(Backend):
             with self._engine():
                 self.api().ping()
         except BackendUnavailableError as e:
-            fix = "pip install 'corral[docker]'" if "not installed" in e.message else "start dockerd"
+            fix = (
+                "pip install 'corral[docker]'" if "not installed" in e.message else "start dockerd"
+            )
             return Availability(False, e.message.split("; fix")[0], fix)
         except SandboxError as e:
             return Availability(False, str(e), "check the engine")
@@ -168,11 +185,32 @@ class DockerBackend(Backend):
 
     def capabilities(self) -> Capability:
         C = Capability
-        caps = (C.ISOLATION | C.NETWORK_NONE | C.NETWORK_BRIDGE | C.DNS | C.MEMORY_LIMIT | C.CPU_LIMIT
-                | C.PIDS_LIMIT | C.NOFILE_LIMIT | C.NPROC_LIMIT | C.CPU_TIME_LIMIT | C.FILE_SIZE_LIMIT
-                | C.LIFETIME | C.READ_ONLY_ROOT | C.BIND_MOUNTS | C.TMPFS | C.VOLUMES | C.CAP_ADD
-                | C.NO_NEW_PRIVILEGES | C.MASKED_PATHS | C.IMAGES | C.INIT_COMMAND | C.USER
-                | C.HEALTHCHECK | C.PAUSE)
+        caps = (
+            C.ISOLATION
+            | C.NETWORK_NONE
+            | C.NETWORK_BRIDGE
+            | C.DNS
+            | C.MEMORY_LIMIT
+            | C.CPU_LIMIT
+            | C.PIDS_LIMIT
+            | C.NOFILE_LIMIT
+            | C.NPROC_LIMIT
+            | C.CPU_TIME_LIMIT
+            | C.FILE_SIZE_LIMIT
+            | C.LIFETIME
+            | C.READ_ONLY_ROOT
+            | C.BIND_MOUNTS
+            | C.TMPFS
+            | C.VOLUMES
+            | C.CAP_ADD
+            | C.NO_NEW_PRIVILEGES
+            | C.MASKED_PATHS
+            | C.IMAGES
+            | C.INIT_COMMAND
+            | C.USER
+            | C.HEALTHCHECK
+            | C.PAUSE
+        )
         options = self._engine_security()
         if "seccomp" in options:
             caps |= C.SECCOMP
@@ -191,7 +229,9 @@ class DockerBackend(Backend):
 
     def capability_hint(self, missing: Capability) -> str:
         if missing & (Capability.SECCOMP | Capability.APPARMOR | Capability.SELINUX):
-            return f"this engine offers: {', '.join(self._engine_security()) or 'no security modules'}"
+            return (
+                f"this engine offers: {', '.join(self._engine_security()) or 'no security modules'}"
+            )
         return ""
 
     # -- lifecycle ----------------------------------------------------------------
@@ -225,13 +265,22 @@ class DockerBackend(Backend):
         api = self.api()
         volume_labels = {"corral.managed": "true", "corral.sandbox": plan.labels["corral.sandbox"]}
         mounts = [
-            Mount(t.target, None, type="volume", labels=volume_labels,
-                  driver_config=DriverConfig("local", t.driver_options()))
+            Mount(
+                t.target,
+                None,
+                type="volume",
+                labels=volume_labels,
+                driver_config=DriverConfig("local", t.driver_options()),
+            )
             for t in plan.tmpfs_volumes
         ]
-        mounts += [Mount(b.target, b.source, type="bind", read_only=b.read_only, propagation="rprivate")
-                   for b in plan.binds]
-        mounts += [Mount(v.target, v.name, type="volume", read_only=v.read_only) for v in plan.volumes]
+        mounts += [
+            Mount(b.target, b.source, type="bind", read_only=b.read_only, propagation="rprivate")
+            for b in plan.binds
+        ]
+        mounts += [
+            Mount(v.target, v.name, type="volume", read_only=v.read_only) for v in plan.volumes
+        ]
         host_config = api.create_host_config(
             read_only=plan.read_only,
             cap_drop=["ALL"],
@@ -267,8 +316,12 @@ class DockerBackend(Backend):
         }
 
     def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
-        plan = containers.plan(spec, labels, image=self.settings.default_image,
-                               workspace_size=self.settings.workspace_size)
+        plan = containers.plan(
+            spec,
+            labels,
+            image=self.settings.default_image,
+            workspace_size=self.settings.workspace_size,
+        )
         with self._engine(sandbox_id):
             api = self.api()
             self._ensure_image(plan.image)
@@ -293,7 +346,9 @@ class DockerBackend(Backend):
         with self._engine(sandbox_id):
             try:
                 # No stop grace: a sandbox being thrown away is killed at once.
-                self.api().remove_container(containers.container_name(sandbox_id), force=True, v=True)
+                self.api().remove_container(
+                    containers.container_name(sandbox_id), force=True, v=True
+                )
             except docker.errors.NotFound:
                 pass  # gone already (its lifetime ended, or removed from outside)
             except docker.errors.APIError as e:
@@ -304,7 +359,9 @@ class DockerBackend(Backend):
         with self._engine():
             found = self.api().containers(all=True, filters={"label": _MANAGED})
         return [
-            containers.info_from_labels(self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"])
+            containers.info_from_labels(
+                self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"]
+            )
             for c in found
             if "corral.sandbox" in (c.get("Labels") or {})
         ]
@@ -315,8 +372,9 @@ class DockerBackend(Backend):
         labels = state["Config"]["Labels"] or {}
         if labels.get("corral.backend") != self.name:
             raise NotFoundError("not a corral sandbox", backend=self.name, sandbox_id=sandbox_id)
-        info = containers.info_from_labels(self.name, sandbox_id, labels, state["State"]["Status"],
-                                           state["Config"]["Image"])
+        info = containers.info_from_labels(
+            self.name, sandbox_id, labels, state["State"]["Status"], state["Config"]["Image"]
+        )
         return info, containers.spec_from_labels(labels)
 
     def pause(self, sandbox_id: str) -> None:
@@ -334,8 +392,11 @@ class DockerBackend(Backend):
         if not health:
             return Health(status="none")
         log = health.get("Log") or []
-        return Health(status=health.get("Status", "none"), failing_streak=health.get("FailingStreak", 0),
-                      last_output=(log[-1].get("Output", "") if log else ""))
+        return Health(
+            status=health.get("Status", "none"),
+            failing_streak=health.get("FailingStreak", 0),
+            last_output=(log[-1].get("Output", "") if log else ""),
+        )
 
     # -- exec ---------------------------------------------------------------------
 
@@ -347,9 +408,14 @@ class DockerBackend(Backend):
         with self._engine(sandbox_id):
             api = self.api()
             exec_id = api.exec_create(
-                name, list(request.argv), stdout=True, stderr=True, stdin=request.stdin is not None,
+                name,
+                list(request.argv),
+                stdout=True,
+                stderr=True,
+                stdin=request.stdin is not None,
                 environment={**request.env, containers.MARKER: marker},
-                workdir=request.workdir, user=request.user or "",
+                workdir=request.workdir,
+                user=request.user or "",
             )["Id"]
             stream = api.exec_start(exec_id, socket=True)
         raw: socket.socket = getattr(stream, "_sock", stream)
@@ -374,11 +440,17 @@ class DockerBackend(Backend):
         code = self._exit_code(exec_id, sandbox_id)
         if view is not None:
             view.kill_marked(marker)  # an exec owns its descendants, even setsid ones
-        code = containers.exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
+        code = containers.exit_code_for_start_failure(
+            code, sink.value("stderr") + sink.value("stdout")
+        )
         oom = view is not None and code == 137 and view.oom_kills() > oom_before
         signal_number = code - 128 if code > 128 else None
-        return ExecStatus(exit_code=code, timed_out=timed_out, oom_killed=oom and not timed_out,
-                          signal=signal_number)
+        return ExecStatus(
+            exit_code=code,
+            timed_out=timed_out,
+            oom_killed=oom and not timed_out,
+            signal=signal_number,
+        )
 
     def _exec_pid(self, exec_id: str) -> int:
         with self._engine():
@@ -392,8 +464,11 @@ class DockerBackend(Backend):
             if not state.get("Running") and state.get("ExitCode") is not None:
                 return int(state["ExitCode"])
             if time.monotonic() > deadline:
-                raise InternalError("the engine did not report the exec's end", backend=self.name,
-                                    sandbox_id=sandbox_id)
+                raise InternalError(
+                    "the engine did not report the exec's end",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                )
             time.sleep(0.01)
 
     # -- files and usage ----------------------------------------------------------
@@ -404,8 +479,9 @@ class DockerBackend(Backend):
 
     def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
         with self._engine(sandbox_id):
-            stream, _ = self.api().get_archive(containers.container_name(sandbox_id), path,
-                                               chunk_size=1024 * 1024)
+            stream, _ = self.api().get_archive(
+                containers.container_name(sandbox_id), path, chunk_size=1024 * 1024
+            )
             yield from stream
 
     def usage(self, sandbox_id: str) -> ResourceUsage:
@@ -415,7 +491,9 @@ class DockerBackend(Backend):
                 self._specs[sandbox_id] = self.inspect(sandbox_id)[1]
             return view.usage(self._specs[sandbox_id].limits.memory)
         with self._engine(sandbox_id):
-            stats = self.api().stats(containers.container_name(sandbox_id), stream=False, one_shot=True)
+            stats = self.api().stats(
+                containers.container_name(sandbox_id), stream=False, one_shot=True
+            )
         return _usage_from_stats(stats)
 
     def close(self) -> None:
@@ -455,5 +533,10 @@ def _cert_pair(folder: str | None) -> tuple[str, str] | None:
 
 @hookimpl
 def corral_backends() -> list[BackendInfo]:
-    return [BackendInfo(name="docker", backend=DockerBackend,
-                        description="locked-down containers on a Docker Engine")]
+    return [
+        BackendInfo(
+            name="docker",
+            backend=DockerBackend,
+            description="locked-down containers on a Docker Engine",
+        )
+    ]
