@@ -367,3 +367,65 @@ def test_unwritable_host_folder_stays_untouched(box, mount_root: Path):
     sb = box(mounts=[corral.Mount(str(mount_root), "/host")])
     sb.exec(["sh", "-c", "echo changed > /host/canary; rm -f /host/canary"])
     assert canary.read_text() == "same"
+
+
+def test_shell_metacharacters_stay_arguments(box):
+    args = ["$(touch /tmp/pwned)", "`id`", "; rm -rf ~", "a|b>c", "*", "$HOME"]
+    sb = box()
+    assert sb.exec(["echo", *args]).text == " ".join(args) + "\n"
+    assert sb.exec(["test", "-e", "/tmp/pwned"]).exit_code == 1
+
+
+def test_init_reaps_zombies(box):
+    sb = box()
+    spawn = 'for i in 1 2 3 4 5; do sh -c "sh -c \\"sleep 0.1\\" &" & wait; done'
+    assert sb.exec(["sh", "-c", spawn]).exit_code == 0
+    time.sleep(1)
+    states = sb.exec(["sh", "-c", "cat /proc/[0-9]*/stat"]).text
+    assert ") S " in states  # it read the process table
+    assert ") Z " not in states
+
+
+def test_tmp_is_small_and_not_executable(box):
+    sb = box()
+    fill = sb.exec(["sh", "-c", "head -c 100000000 /dev/zero > /tmp/big"])
+    assert fill.exit_code != 0  # the 64 MiB cap, not the host's memory, stopped it
+    assert int(sb.exec(["stat", "-c", "%s", "/tmp/big"]).text) <= 64 * 1024**2
+    assert sb.exec(["sh", "-c", "cp /bin/busybox /tmp/true && /tmp/true"]).exit_code != 0
+    assert sb.exec(["sh", "-c", "cp /bin/busybox /workspace/true && /workspace/true"]).exit_code == 0
+
+
+def test_no_host_devices_or_namespaces(box):
+    sb = box()
+    devices = set(sb.exec(["ls", "/dev"]).text.split())
+    assert not devices & {"sda", "kmsg", "mem", "vda", "nvme0"}
+    assert devices >= {"null", "zero", "urandom"}
+    assert sb.exec(["hostname"]).text.strip() != os.uname().nodename
+    assert (
+        "docker-init" in sb.exec(["cat", "/proc/1/cmdline"]).text
+        or "catatonit" in sb.exec(["cat", "/proc/1/cmdline"]).text
+    )
+
+
+def test_named_volume_outlives_a_sandbox(box, engine_client):
+    name = f"corral-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        first = box(mounts=[corral.Volume(name, "/data")])
+        # A new named volume belongs to root; an exec may run as another user.
+        assert first.exec(["sh", "-c", "echo kept > /data/f"], user="0").exit_code == 0
+        first.close()
+        second = box(
+            mounts=[{"type": "volume", "name": name, "target": "/data", "read_only": True}]
+        )
+        assert second.exec(["cat", "/data/f"]).text == "kept\n"
+        assert second.exec(["touch", "/data/g"]).exit_code != 0
+        second.close()
+    finally:
+        engine_client.remove_volume(name, force=True)
+
+
+def test_pause_and_resume(box):
+    sb = box()
+    sb.backend.pause(sb.id)
+    sb.backend.resume(sb.id)
+    assert sb.exec(["echo", "awake"]).text == "awake\n"

@@ -352,8 +352,27 @@ class DockerBackend(Backend):
             except docker.errors.NotFound:
                 pass  # gone already (its lifetime ended, or removed from outside)
             except docker.errors.APIError as e:
-                if e.status_code != 409:  # 409: the engine is already removing it
+                if e.status_code != 409:
                     raise
+                # 409: the engine is already removing it (its lifetime just ended);
+                # wait for that, so that nothing of it is left when close() returns.
+                self._wait_gone(sandbox_id)
+
+    def _wait_gone(self, sandbox_id: str, timeout: float = 30) -> None:
+        import docker.errors
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.api().inspect_container(containers.container_name(sandbox_id))
+            except docker.errors.NotFound:
+                return
+            time.sleep(0.05)
+        raise ConflictError(
+            "the engine did not finish removing the sandbox",
+            backend=self.name,
+            sandbox_id=sandbox_id,
+        )
 
     def list(self) -> list[SandboxInfo]:
         with self._engine():
