@@ -96,7 +96,9 @@ def main() -> None:
     c = client.containers.run(args.image, **raw_run)
     try:
         results["exec of true"] = interleave(
-            args.rounds * 2, lambda: timed(lambda: sb.exec(["true"])), lambda: timed(lambda: c.exec_run(["true"]))
+            args.rounds * 2,
+            lambda: timed(lambda: sb.exec(["true"])),
+            lambda: timed(lambda: c.exec_run(["true"])),
         )
         results["usage()"] = interleave(
             3, lambda: timed(sb.usage), lambda: timed(lambda: c.stats(stream=False))
@@ -108,7 +110,9 @@ def main() -> None:
     def corral_many() -> float:
         with ThreadPoolExecutor(20) as pool:
             t = time.perf_counter()
-            made = list(pool.map(lambda _: corral.create(backend="docker", settings=settings), range(20)))
+            made = list(
+                pool.map(lambda _: corral.create(backend="docker", settings=settings), range(20))
+            )
             elapsed = time.perf_counter() - t
             list(pool.map(lambda s: s.close(), made))
         return elapsed

@@ -391,8 +391,9 @@ def test_tmp_is_small_and_not_executable(box):
     fill = sb.exec(["sh", "-c", "head -c 100000000 /dev/zero > /tmp/big"])
     assert fill.exit_code != 0  # the 64 MiB cap, not the host's memory, stopped it
     assert int(sb.exec(["stat", "-c", "%s", "/tmp/big"]).text) <= 64 * 1024**2
-    assert sb.exec(["sh", "-c", "cp /bin/busybox /tmp/true && /tmp/true"]).exit_code != 0
-    assert sb.exec(["sh", "-c", "cp /bin/busybox /workspace/true && /workspace/true"]).exit_code == 0
+    copy_and_run = "cp /bin/busybox {0}/true && {0}/true"
+    assert sb.exec(["sh", "-c", copy_and_run.format("/tmp")]).exit_code != 0  # noexec
+    assert sb.exec(["sh", "-c", copy_and_run.format("/workspace")]).exit_code == 0
 
 
 def test_no_host_devices_or_namespaces(box):
