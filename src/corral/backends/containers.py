@@ -16,17 +16,19 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from ..core.backend import ExecStatus
 from ..core.convert import structure, unstructure
-from ..core.errors import ConfigError, InternalError, PolicyError
+from ..core.errors import ConfigError, InternalError, PolicyError, SandboxError
 from ..core.output import OutputSink
 from ..core.results import ResourceUsage, SandboxInfo
-from ..core.spec import Mount, SandboxSpec, Tmpfs, Volume
+from ..core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
 from ..core.units import parse_size
 
 __all__ = [
@@ -340,6 +342,62 @@ def feed_stdin(sock: socket.socket, data: bytes | None) -> threading.Thread | No
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread
+
+
+@attrs.frozen
+class ExecSession:
+    """A started exec, as an engine module hands it to ``run_exec``."""
+
+    socket: socket.socket  # the attached, multiplexed stream
+    pid: Callable[[], int]  # the exec's host pid (asked only to stop it)
+    exit_code: Callable[[], int]  # asked once the stream has ended
+    close: Callable[[], None]
+
+
+def run_exec(
+    start: Callable[[dict[str, str]], ExecSession],
+    request: ExecRequest,
+    sink: OutputSink,
+    view: HostView | None,
+) -> ExecStatus:
+    """Run one exec to its end on either engine: stream, stdin, timeout, sweep, OOM.
+
+    ``start`` creates and starts the exec with the environment given. The engines have
+    no API to stop an exec, so on timeout its processes are killed from the host: each
+    exec carries a marker variable, and every process in the container that carries
+    it dies, ``setsid`` escapees included. The same sweep runs when the command ends,
+    so nothing it left in the background outlives it.
+    """
+    marker = uuid.uuid4().hex
+    oom_before = view.oom_kills() if view else 0
+    session = start({**request.env, MARKER: marker})
+    deadline = None if request.timeout is None else time.monotonic() + request.timeout
+
+    def stop() -> None:
+        with contextlib.suppress(SandboxError):
+            pid = session.pid()
+            if view is not None:
+                view.kill_marked(marker, also=[pid] if pid else [])
+
+    try:
+        feeder = feed_stdin(session.socket, request.stdin)
+        timed_out = read_frames(session.socket, sink, deadline, stop)
+        if feeder is not None:
+            feeder.join(timeout=5)
+    finally:
+        session.close()
+    code = session.exit_code()
+    if view is not None:
+        view.kill_marked(marker)  # an exec owns its descendants
+    code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
+    # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count.
+    oom = view is not None and code == 137 and not timed_out and view.oom_kills() > oom_before
+    return ExecStatus(
+        exit_code=code,
+        timed_out=timed_out,
+        oom_killed=oom,
+        signal=code - 128 if code > 128 else None,
+    )
 
 
 def exit_code_for_start_failure(code: int, output: bytes) -> int:

@@ -11,7 +11,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import IO, Any, Literal
 
@@ -420,56 +419,37 @@ class DockerBackend(Backend):
     # -- exec ---------------------------------------------------------------------
 
     def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
-        marker = uuid.uuid4().hex
         name = containers.container_name(sandbox_id)
-        view = self._view(sandbox_id)
-        oom_before = view.oom_kills() if view else 0
-        with self._engine(sandbox_id):
-            api = self.api()
-            exec_id = api.exec_create(
-                name,
-                list(request.argv),
-                stdout=True,
-                stderr=True,
-                stdin=request.stdin is not None,
-                environment={**request.env, containers.MARKER: marker},
-                workdir=request.workdir,
-                user=request.user or "",
-            )["Id"]
-            stream = api.exec_start(exec_id, socket=True)
-        raw: socket.socket = getattr(stream, "_sock", stream)
-        deadline = None if request.timeout is None else time.monotonic() + request.timeout
 
-        def stop() -> None:
-            # Docker has no API to kill an exec: kill its processes from the host.
-            with contextlib.suppress(SandboxError):
-                pid = self._exec_pid(exec_id)
-                if view is not None:
-                    view.kill_marked(marker, also=[pid] if pid else [])
+        def start(environment: dict[str, str]) -> containers.ExecSession:
+            with self._engine(sandbox_id):
+                api = self.api()
+                exec_id = api.exec_create(
+                    name,
+                    list(request.argv),
+                    stdout=True,
+                    stderr=True,
+                    stdin=request.stdin is not None,
+                    environment=environment,
+                    workdir=request.workdir,
+                    user=request.user or "",
+                )["Id"]
+                stream = api.exec_start(exec_id, socket=True)
+            raw: socket.socket = getattr(stream, "_sock", stream)
 
-        try:
-            feeder = containers.feed_stdin(raw, request.stdin)
-            timed_out = containers.read_frames(raw, sink, deadline, stop)
-            if feeder is not None:
-                feeder.join(timeout=5)
-        finally:
-            for closable in (stream, raw):  # the wrapper does not close its socket
-                with contextlib.suppress(OSError):
-                    closable.close()
-        code = self._exit_code(exec_id, sandbox_id)
-        if view is not None:
-            view.kill_marked(marker)  # an exec owns its descendants, even setsid ones
-        code = containers.exit_code_for_start_failure(
-            code, sink.value("stderr") + sink.value("stdout")
-        )
-        oom = view is not None and code == 137 and view.oom_kills() > oom_before
-        signal_number = code - 128 if code > 128 else None
-        return ExecStatus(
-            exit_code=code,
-            timed_out=timed_out,
-            oom_killed=oom and not timed_out,
-            signal=signal_number,
-        )
+            def close() -> None:
+                for closable in (stream, raw):  # the wrapper does not close its socket
+                    with contextlib.suppress(OSError):
+                        closable.close()
+
+            return containers.ExecSession(
+                socket=raw,
+                pid=lambda: self._exec_pid(exec_id),
+                exit_code=lambda: self._exit_code(exec_id, sandbox_id),
+                close=close,
+            )
+
+        return containers.run_exec(start, request, sink, self._view(sandbox_id))
 
     def _exec_pid(self, exec_id: str) -> int:
         with self._engine():
