@@ -94,7 +94,7 @@ def make(settings: corral.Settings, state_dir: Path) -> Iterator:
 # -- container engines -------------------------------------------------------------------
 
 # Each engine backend, the variable scripts/engines sets to its socket, and its marker.
-ENGINES = {"docker": "CORRALTEST_DOCKER_URL"}
+ENGINES = {"docker": "CORRALTEST_DOCKER_URL", "podman": "CORRALTEST_PODMAN_URL"}
 TEST_IMAGE = os.environ.get("CORRALTEST_IMAGE", "corral-test/busybox:latest")
 
 
@@ -182,7 +182,10 @@ def box(engine: str, engine_settings: corral.Settings) -> Iterator:
 
 
 def raw_client(engine: str):
-    """The engine's own client, to check from outside what corral did (inspect, leaks)."""
+    """The engine's own client, to check from outside what corral did (inspect, leaks).
+
+    docker-py for both: Podman's service also speaks the Docker API.
+    """
     import docker
 
     return docker.APIClient(base_url=os.environ[ENGINES[engine]], version="auto")

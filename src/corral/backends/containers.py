@@ -218,13 +218,17 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
 
     expect("Privileged", hc.get("Privileged") is False, False)
     expect("ReadonlyRootfs", bool(hc.get("ReadonlyRootfs")) == plan_.read_only, plan_.read_only)
-    expect("CapDrop", "ALL" in [c.upper() for c in hc.get("CapDrop") or []], ["ALL"])
-    added = sorted(c.upper().removeprefix("CAP_") for c in hc.get("CapAdd") or [])
-    expect(
-        "CapAdd",
-        added == sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add),
-        plan_.cap_add,
-    )
+    # Docker reports CapDrop ["ALL"]; Podman lists the dropped capabilities and the
+    # effective set it left, which must be exactly what was added.
+    dropped_all = "ALL" in [c.upper() for c in hc.get("CapDrop") or []]
+    if "EffectiveCaps" in inspect:
+        effective = sorted(c.upper().removeprefix("CAP_") for c in inspect["EffectiveCaps"] or [])
+        dropped_all = effective == sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add)
+    expect("CapDrop", dropped_all, ["ALL"])
+    if "EffectiveCaps" not in inspect:  # Podman leaves CapAdd empty; checked just above
+        added = sorted(c.upper().removeprefix("CAP_") for c in hc.get("CapAdd") or [])
+        wanted = sorted(c.upper().removeprefix("CAP_") for c in plan_.cap_add)
+        expect("CapAdd", added == wanted, plan_.cap_add)
     opts = hc.get("SecurityOpt") or []
     if "no-new-privileges" in plan_.security_opt:
         expect(
@@ -245,7 +249,7 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
     for ns in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
         expect(ns, hc.get(ns) != "host", "not host")
     expect("Devices", not hc.get("Devices"), [])
-    limits = {u["Name"]: u for u in hc.get("Ulimits") or []}
+    limits = {u["Name"].lower().removeprefix("rlimit_"): u for u in hc.get("Ulimits") or []}
     expect("Ulimits", limits.get("nofile", {}).get("Hard") == plan_.ulimits["nofile"][1], "nofile")
     mounts = {m.get("Destination"): m for m in inspect.get("Mounts") or []}
     for bind in plan_.binds:

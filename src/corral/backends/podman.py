@@ -1,0 +1,583 @@
+"""The Podman backend: containers through Podman's REST service and the ``podman`` package.
+
+Installed with ``pip install corral[podman]``; the client is imported only when the
+backend is first used. Containers are created from a libpod spec that corral writes
+itself (podman-py's docker-style keywords cannot express tmpfs ownership, masked paths
+or a log driver), and execs stream over a hijacked connection, as on Docker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any, Literal
+from urllib.parse import quote
+
+import attrs
+
+from ..core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
+from ..core.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ConflictError,
+    InternalError,
+    NotFoundError,
+    PathSecurityError,
+    ResourceLimitError,
+    SandboxError,
+)
+from ..core.errors import TimeoutError as CorralTimeoutError
+from ..core.hookspecs import hookimpl
+from ..core.output import OutputSink
+from ..core.results import Health, ResourceUsage, SandboxInfo
+from ..core.spec import ExecRequest, SandboxSpec, duration_field, size_field
+from . import containers
+from .containers import HostView
+
+__all__ = ["PodmanBackend", "PodmanSettings"]
+
+_ROOTFUL_SOCKET = "/run/podman/podman.sock"
+_LIBPOD = "/v4.0.0/libpod"  # the hijacked exec start is sent by hand; 4.x and 5.x accept it
+
+
+def _choice(*allowed: str | None) -> Any:
+    def check(value: Any) -> Any:
+        if value not in allowed:
+            names = ", ".join(str(a) for a in allowed)
+            raise ConfigError("", f"{value!r} is not one of: {names}")
+        return value
+
+    return check
+
+
+def _default_url() -> str:
+    if os.environ.get("CONTAINER_HOST"):
+        return os.environ["CONTAINER_HOST"]
+    if os.geteuid() == 0 or os.path.exists(_ROOTFUL_SOCKET):
+        return f"unix://{_ROOTFUL_SOCKET}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")
+    return f"unix://{runtime}/podman/podman.sock"
+
+
+@attrs.frozen
+class PodmanSettings:
+    """``[backends.podman]``."""
+
+    url: str | None = None  # default: CONTAINER_HOST, the rootful socket, the user's
+    timeout: float = duration_field("60s")
+    pull: Literal["never", "missing", "always"] = attrs.field(
+        default="missing", converter=_choice("never", "missing", "always")
+    )
+    default_image: str | None = None
+    workspace_size: int = size_field("1GiB", minimum=1024**2)
+    # "auto" gives each sandbox its own user namespace (rootful Podman): root in the
+    # sandbox is then nobody on the host.
+    userns: str | None = attrs.field(default=None, converter=_choice(None, "auto", "host"))
+
+    def service_url(self) -> str:
+        return self.url or _default_url()
+
+
+class PodmanBackend(Backend):
+    """Sandboxes as locked-down containers through Podman's REST service."""
+
+    name = "podman"
+    Settings = PodmanSettings
+
+    def __init__(self, settings: PodmanSettings) -> None:
+        super().__init__(settings)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._views: dict[str, HostView | None] = {}
+        self._specs: dict[str, SandboxSpec] = {}
+
+    # -- the client ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.settings.service_url()
+
+    def _unavailable(self, why: object) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the Podman service at {self.url} does not answer ({why}); start it with "
+            f"`podman system service --time=0 {self.url}` (rootless: `systemctl --user "
+            "enable --now podman.socket`) or set backends.podman.url / CONTAINER_HOST",
+            backend=self.name,
+        )
+
+    def api(self) -> Any:
+        """podman-py's low-level client (a pooled HTTP session), made on first use."""
+        if self._client is not None:
+            return self._client.api
+        with self._lock:
+            if self._client is None:
+                try:
+                    import podman
+                except ImportError:
+                    raise BackendUnavailableError(
+                        "the podman package is not installed; fix: pip install 'corral[podman]'",
+                        backend=self.name,
+                    ) from None
+                path = self.url.removeprefix("unix://")
+                if self.url.startswith("unix://") and not os.path.exists(path):
+                    raise self._unavailable(f"there is no socket at {path}")
+                self._client = podman.PodmanClient(base_url=self.url, timeout=self.settings.timeout)
+        return self._client.api
+
+    def _call(self, method: str, path: str, sandbox_id: str | None = None, **kwargs: Any) -> Any:
+        """One libpod call; a failed status becomes corral's error for it."""
+        with self._engine(sandbox_id):
+            response = getattr(self.api(), method)(path, **kwargs)
+        if response.status_code >= 400:
+            raise self._status_error(response, sandbox_id)
+        return response
+
+    def _status_error(self, response: Any, sandbox_id: str | None) -> SandboxError:
+        try:
+            text = response.json().get("message") or response.text
+        except ValueError:
+            text = response.text
+        where = {"backend": self.name, "sandbox_id": sandbox_id}
+        status = response.status_code
+        if status == 404:
+            return NotFoundError(f"not found: {text}", **where)
+        if status == 409:
+            return ConflictError(f"the service refused: {text}", **where)
+        if "no space left" in text.lower():
+            return ResourceLimitError(f"the engine is out of space: {text}", **where)
+        if "read-only" in text or "read only" in text:
+            return PathSecurityError(f"{text}; write under the workspace or a volume", **where)
+        return InternalError(f"Podman failed: {text}", retryable=status >= 500, **where)
+
+    @contextlib.contextmanager
+    def _engine(self, sandbox_id: str | None = None) -> Iterator[None]:
+        """Translate the client's exceptions into corral's, chained, at this boundary."""
+        import podman.errors
+        import requests.exceptions
+
+        try:
+            yield
+        except SandboxError:
+            raise
+        except requests.exceptions.Timeout as e:
+            raise CorralTimeoutError(
+                f"the Podman service at {self.url} did not answer in time",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            ) from e
+        except (requests.exceptions.ConnectionError, podman.errors.PodmanError, OSError) as e:
+            raise self._unavailable(e) from e
+
+    # -- what this service can do ------------------------------------------------------
+
+    def check(self) -> Availability:
+        try:
+            self._call("get", "/_ping")
+        except BackendUnavailableError as e:
+            fix = (
+                "pip install 'corral[podman]'"
+                if "not installed" in e.message
+                else (f"podman system service --time=0 {self.url} &")
+            )
+            return Availability(False, e.message.split("; ")[0], fix)
+        except SandboxError as e:
+            return Availability(False, str(e), "check the service")
+        return Availability(True, f"Podman service at {self.url}")
+
+    def capabilities(self) -> Capability:
+        C = Capability
+        caps = (
+            C.ISOLATION
+            | C.NETWORK_NONE
+            | C.NETWORK_BRIDGE
+            | C.DNS
+            | C.MEMORY_LIMIT
+            | C.CPU_LIMIT
+            | C.PIDS_LIMIT
+            | C.NOFILE_LIMIT
+            | C.NPROC_LIMIT
+            | C.CPU_TIME_LIMIT
+            | C.FILE_SIZE_LIMIT
+            | C.LIFETIME
+            | C.READ_ONLY_ROOT
+            | C.BIND_MOUNTS
+            | C.TMPFS
+            | C.VOLUMES
+            | C.CAP_ADD
+            | C.NO_NEW_PRIVILEGES
+            | C.MASKED_PATHS
+            | C.IMAGES
+            | C.INIT_COMMAND
+            | C.USER
+            | C.HEALTHCHECK
+            | C.PAUSE
+            | C.SECCOMP
+        )
+        host = self._call("get", "/info").json().get("host", {}).get("security", {})
+        if host.get("apparmorEnabled"):
+            caps |= C.APPARMOR
+        if host.get("selinuxEnabled"):
+            caps |= C.SELINUX
+        return caps
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _ensure_image(self, image: str) -> None:
+        policy = self.settings.pull
+        if policy != "always":
+            exists = self._call_status("get", f"/images/{quote(image, safe='')}/exists")
+            if exists == 204:
+                return
+            if policy == "never":
+                raise NotFoundError(
+                    f"image {image!r} is not in Podman's storage and the pull policy is 'never'",
+                    backend=self.name,
+                )
+        try:
+            self._call("post", "/images/pull", params={"reference": image, "quiet": True})
+        except SandboxError as e:
+            raise NotFoundError(
+                f"image {image!r} could not be pulled (pull policy {policy!r}): {e.message}",
+                backend=self.name,
+            ) from e
+
+    def _call_status(self, method: str, path: str) -> int:
+        with self._engine():
+            return getattr(self.api(), method)(path).status_code
+
+    def _libpod_spec(self, plan: containers.ContainerPlan) -> dict[str, Any]:
+        mounts = [
+            {
+                "destination": t.target,
+                "type": "tmpfs",
+                "source": "tmpfs",
+                # U: owned by the sandbox user, as the Docker backend's volumes are
+                "options": [f"size={t.size}", f"mode={t.mode:o}", "U", "nosuid", "nodev"]
+                + ([] if t.exec else ["noexec"]),
+            }
+            for t in plan.tmpfs_volumes
+        ]
+        mounts += [
+            {
+                "destination": b.target,
+                "type": "bind",
+                "source": b.source,
+                "options": ["rbind", "ro" if b.read_only else "rw", "rprivate"],
+            }
+            for b in plan.binds
+        ]
+        volumes = [
+            {"Name": v.name, "Dest": v.target, "Options": ["ro" if v.read_only else "rw"]}
+            for v in plan.volumes
+        ]
+        limits: dict[str, Any] = {
+            "memory": {"limit": plan.memory, "swap": plan.memory},
+            "pids": {"limit": plan.pids},
+        }
+        if plan.nano_cpus is not None:
+            period = 100_000
+            limits["cpu"] = {"quota": plan.nano_cpus * period // 10**9, "period": period}
+        spec: dict[str, Any] = {
+            "name": plan.name,
+            "image": plan.image,
+            "command": plan.command,
+            "user": plan.user,
+            "work_dir": plan.workdir,
+            "env": plan.env,
+            "labels": plan.labels,
+            "read_only_filesystem": plan.read_only,
+            "cap_drop": ["ALL"],
+            "cap_add": plan.cap_add,
+            "no_new_privileges": "no-new-privileges" in plan.security_opt,
+            "netns": {"nsmode": "none" if plan.network == "none" else "bridge"},
+            "dns_server": plan.dns,
+            "resource_limits": limits,
+            "r_limits": [{"type": n, "soft": s, "hard": h} for n, (s, h) in plan.ulimits.items()],
+            "mounts": mounts,
+            "volumes": volumes,
+            "init": True,
+            "remove": True,  # PID 1 ends with the lifetime; Podman then removes it
+            "log_configuration": {"driver": "none"},
+            "mask": plan.masked_paths,
+        }
+        for option in plan.security_opt:
+            key, _, value = option.partition("=")
+            if key == "seccomp":
+                spec["seccomp_profile_path"] = value
+            elif key == "apparmor":
+                spec["apparmor_profile"] = value
+            elif key == "label":
+                spec.setdefault("selinux_opts", []).append(value)
+        if plan.healthcheck:
+            h = plan.healthcheck
+            spec["healthconfig"] = {
+                "Test": h["test"],
+                "Interval": h["interval"],
+                "Timeout": h["timeout"],
+                "Retries": h["retries"],
+                "StartPeriod": h["start_period"],
+            }
+        if self.settings.userns:
+            spec["userns"] = {"nsmode": self.settings.userns}
+        return spec
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        plan = containers.plan(
+            spec,
+            labels,
+            image=self.settings.default_image,
+            workspace_size=self.settings.workspace_size,
+        )
+        if plan.security_opt and any(o.startswith("seccomp={") for o in plan.security_opt):
+            raise ConfigError("sandbox.security.seccomp", "the Podman backend takes a profile path")
+        self._ensure_image(plan.image)
+        created = self._call(
+            "post", "/containers/create", sandbox_id, data=json.dumps(self._libpod_spec(plan))
+        )
+        container_id = created.json()["Id"]
+        containers.verify(
+            plan, self._call("get", f"/containers/{container_id}/json", sandbox_id).json()
+        )
+        self._call("post", f"/containers/{container_id}/start", sandbox_id)
+        self._specs[sandbox_id] = spec
+
+    def _inspect(self, sandbox_id: str) -> dict[str, Any]:
+        name = containers.container_name(sandbox_id)
+        return self._call("get", f"/containers/{name}/json", sandbox_id).json()
+
+    def _view(self, sandbox_id: str) -> HostView | None:
+        if sandbox_id not in self._views:
+            state = self._inspect(sandbox_id)
+            self._views[sandbox_id] = HostView.find(
+                state["Id"], int(state["State"].get("Pid") or 0)
+            )
+        return self._views[sandbox_id]
+
+    def destroy(self, sandbox_id: str) -> None:
+        self._views.pop(sandbox_id, None)
+        self._specs.pop(sandbox_id, None)
+        name = containers.container_name(sandbox_id)
+        try:
+            # timeout=0: no stop grace (podman-py's own remove waits 10 s by default)
+            self._call(
+                "delete",
+                f"/containers/{name}",
+                sandbox_id,
+                params={"force": True, "v": True, "timeout": 0},
+            )
+        except NotFoundError:
+            pass  # gone already (its lifetime ended, or removed from outside)
+        except (ConflictError, InternalError):
+            self._wait_gone(sandbox_id)  # the service is removing it already
+
+    def _wait_gone(self, sandbox_id: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._inspect(sandbox_id)
+            except NotFoundError:
+                return
+            time.sleep(0.05)
+        raise ConflictError(
+            "Podman did not finish removing the sandbox", backend=self.name, sandbox_id=sandbox_id
+        )
+
+    def list(self) -> list[SandboxInfo]:
+        filters = json.dumps({"label": ["corral.managed=true", f"corral.backend={self.name}"]})
+        found = self._call(
+            "get", "/containers/json", params={"all": True, "filters": filters}
+        ).json()
+        return [
+            containers.info_from_labels(
+                self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"]
+            )
+            for c in found or []
+            if "corral.sandbox" in (c.get("Labels") or {})
+        ]
+
+    def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
+        state = self._inspect(sandbox_id)
+        labels = state["Config"]["Labels"] or {}
+        if labels.get("corral.backend") != self.name:
+            raise NotFoundError("not a corral sandbox", backend=self.name, sandbox_id=sandbox_id)
+        info = containers.info_from_labels(
+            self.name, sandbox_id, labels, state["State"]["Status"], state.get("ImageName")
+        )
+        return info, containers.spec_from_labels(labels)
+
+    def pause(self, sandbox_id: str) -> None:
+        self._call("post", f"/containers/{containers.container_name(sandbox_id)}/pause", sandbox_id)
+
+    def resume(self, sandbox_id: str) -> None:
+        self._call(
+            "post", f"/containers/{containers.container_name(sandbox_id)}/unpause", sandbox_id
+        )
+
+    def health(self, sandbox_id: str) -> Health:
+        # Podman schedules healthchecks with systemd timers, which a service without
+        # systemd lacks; running the check when asked works everywhere.
+        name = containers.container_name(sandbox_id)
+        if not self._inspect(sandbox_id)["Config"].get("Healthcheck"):
+            return Health(status="none")
+        result = self._call("get", f"/containers/{name}/healthcheck", sandbox_id).json()
+        log = result.get("Log") or []
+        return Health(
+            status=result.get("Status", "none"),
+            failing_streak=result.get("FailingStreak", 0),
+            last_output=(log[-1].get("Output", "") if log else ""),
+        )
+
+    # -- exec ----------------------------------------------------------------------
+
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        name = containers.container_name(sandbox_id)
+
+        def start(environment: dict[str, str]) -> containers.ExecSession:
+            body = {
+                "Cmd": list(request.argv),
+                "Env": [f"{k}={v}" for k, v in environment.items()],
+                "AttachStdin": request.stdin is not None,
+                "AttachStdout": True,
+                "AttachStderr": True,
+            }
+            if request.workdir:
+                body["WorkingDir"] = request.workdir
+            if request.user:
+                body["User"] = request.user
+            exec_id = self._call(
+                "post", f"/containers/{name}/exec", sandbox_id, data=json.dumps(body)
+            ).json()["Id"]
+            raw = self._hijack(exec_id, sandbox_id)
+            return containers.ExecSession(
+                socket=raw,
+                pid=lambda: int(self._exec_state(exec_id, sandbox_id).get("Pid") or 0),
+                exit_code=lambda: self._exit_code(exec_id, sandbox_id),
+                close=raw.close,
+            )
+
+        return containers.run_exec(start, request, sink, self._view(sandbox_id))
+
+    def _hijack(self, exec_id: str, sandbox_id: str) -> socket.socket:
+        """Start an exec on a connection of its own, upgraded to the raw stream."""
+        if not self.url.startswith("unix://"):
+            raise ConfigError(
+                "backends.podman.url", "exec streaming needs a unix:// service socket"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.settings.timeout)
+            sock.connect(self.url.removeprefix("unix://"))
+            body = b'{"Detach":false,"Tty":false}'
+            head = (
+                f"POST {_LIBPOD}/exec/{exec_id}/start HTTP/1.1\r\nHost: podman\r\n"
+                "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = sock.recv(1)
+                if not chunk:
+                    raise InternalError("Podman closed the exec stream before it began")
+                reply += chunk
+            status = reply.split(b"\r\n", 1)[0]
+            if b" 101 " not in status and b" 200 " not in status:
+                raise InternalError(
+                    f"Podman refused to start the exec: {status.decode(errors='replace')}"
+                )
+            sock.settimeout(None)
+            return sock
+        except OSError as e:
+            sock.close()
+            raise self._unavailable(e) from e
+        except BaseException:
+            sock.close()
+            raise
+
+    def _exec_state(self, exec_id: str, sandbox_id: str) -> dict[str, Any]:
+        try:
+            return self._call("get", f"/exec/{exec_id}/json", sandbox_id).json()
+        except NotFoundError:
+            raise InternalError(
+                "Podman removed the exec session before its exit code was read; raise "
+                "exit_command_delay in containers.conf to a few seconds at least",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            ) from None
+
+    def _exit_code(self, exec_id: str, sandbox_id: str) -> int:
+        deadline = time.monotonic() + 10
+        while True:
+            state = self._exec_state(exec_id, sandbox_id)
+            if not state.get("Running") and state.get("ExitCode") is not None:
+                return int(state["ExitCode"])
+            if time.monotonic() > deadline:
+                raise InternalError(
+                    "Podman did not report the exec's end", backend=self.name, sandbox_id=sandbox_id
+                )
+            time.sleep(0.01)
+
+    # -- files and usage -------------------------------------------------------------
+
+    def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
+        name = containers.container_name(sandbox_id)
+        self._call(
+            "put",
+            f"/containers/{name}/archive",
+            sandbox_id,
+            params={"path": path},
+            data=archive.read(),
+        )
+
+    def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
+        name = containers.container_name(sandbox_id)
+        response = self._call(
+            "get", f"/containers/{name}/archive", sandbox_id, params={"path": path}, stream=True
+        )
+        with self._engine(sandbox_id), contextlib.closing(response):
+            yield from response.iter_content(1024 * 1024)
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        view = self._view(sandbox_id)
+        if sandbox_id not in self._specs:
+            self._specs[sandbox_id] = self.inspect(sandbox_id)[1]
+        limit = self._specs[sandbox_id].limits.memory
+        if view is not None:
+            return view.usage(limit)
+        name = containers.container_name(sandbox_id)
+        stats = self._call(
+            "get", "/containers/stats", sandbox_id, params={"containers": name, "stream": False}
+        ).json()
+        entry = (stats.get("Stats") or [{}])[0]
+        return ResourceUsage(
+            cpu_seconds=(entry.get("CPUNano") or 0) / 1e9,
+            memory_bytes=entry.get("MemUsage"),
+            memory_limit_bytes=limit,
+            pids=entry.get("PIDs"),
+            net_rx_bytes=entry.get("NetInput"),
+            net_tx_bytes=entry.get("NetOutput"),
+            block_read_bytes=entry.get("BlockInput"),
+            block_write_bytes=entry.get("BlockOutput"),
+            timestamp=time.time(),
+        )
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+@hookimpl
+def corral_backends() -> list[BackendInfo]:
+    return [
+        BackendInfo(
+            name="podman",
+            backend=PodmanBackend,
+            description="locked-down containers through Podman's REST service",
+        )
+    ]
