@@ -40,6 +40,18 @@ def interleave(rounds: int, corral_fn: Callable[[], float], raw_fn: Callable[[],
     return {"corral_ms": a * 1000, "raw_ms": b * 1000, "ratio": a / b}
 
 
+def write_table(out: Path, engine: str, raw_name: str, results: dict[str, dict]) -> str:
+    """Write ENGINE.json and ENGINE.md under ``out``; return the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{engine}.json").write_text(json.dumps(results, indent=2))
+    lines = [f"| measurement | corral (ms) | {raw_name} (ms) | ratio |", "|---|---:|---:|---:|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['corral_ms']:.1f} | {r['raw_ms']:.1f} | {r['ratio']:.2f} |")
+    table = "\n".join(lines)
+    (out / f"{engine}.md").write_text(table + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="unix:///run/corral-test/docker.sock")
@@ -128,15 +140,7 @@ def main() -> None:
     results["20 sandboxes created at once"] = interleave(3, corral_many, raw_many)
     client.close()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "docker.json").write_text(json.dumps(results, indent=2))
-    lines = ["| measurement | corral (ms) | docker-py (ms) | ratio |", "|---|---:|---:|---:|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['corral_ms']:.1f} | {r['raw_ms']:.1f} | {r['ratio']:.2f} |")
-    table = "\n".join(lines)
-    (out / "docker.md").write_text(table + "\n")
-    print(table)
+    print(write_table(Path(args.out), "docker", "docker-py", results))
 
 
 if __name__ == "__main__":
