@@ -23,6 +23,7 @@ import attrs
 from ..core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
 from ..core.errors import (
     BackendUnavailableError,
+    CapabilityError,
     ConfigError,
     ConflictError,
     InternalError,
@@ -151,6 +152,12 @@ class PodmanBackend(Backend):
             return ConflictError(f"the service refused: {text}", **where)
         if "no space left" in text.lower():
             return ResourceLimitError(f"the engine is out of space: {text}", **where)
+        if "value too large for defined data type" in text:
+            return CapabilityError(
+                f"Podman cannot copy files into a tmpfs of a sandbox with its own user "
+                f"namespace (userns=auto): {text}; use the workspace or a volume",
+                **where,
+            )
         if "read-only" in text or "read only" in text:
             return PathSecurityError(f"{text}; write under the workspace or a volume", **where)
         return InternalError(f"Podman failed: {text}", retryable=status >= 500, **where)
@@ -258,6 +265,15 @@ class PodmanBackend(Backend):
             return getattr(self.api(), method)(path).status_code
 
     def _libpod_spec(self, plan: containers.ContainerPlan) -> dict[str, Any]:
+        tmpfs = plan.tmpfs_volumes
+        volumes: list[dict[str, Any]] = []
+        if self.settings.userns == "auto":
+            # Podman cannot copy files into a tmpfs that lives in the sandbox's own user
+            # namespace (EOVERFLOW), but can into a volume: the workspace becomes an
+            # anonymous volume owned by the sandbox user, removed with the container.
+            # It is not size-capped; the tmpfs folders keep their caps.
+            tmpfs = [t for t in tmpfs if t.target != plan.workdir]
+            volumes.append({"Name": "", "Dest": plan.workdir, "Options": ["U"]})
         mounts = [
             {
                 "destination": t.target,
@@ -267,7 +283,7 @@ class PodmanBackend(Backend):
                 "options": [f"size={t.size}", f"mode={t.mode:o}", "U", "nosuid", "nodev"]
                 + ([] if t.exec else ["noexec"]),
             }
-            for t in plan.tmpfs_volumes
+            for t in tmpfs
         ]
         mounts += [
             {
@@ -278,7 +294,7 @@ class PodmanBackend(Backend):
             }
             for b in plan.binds
         ]
-        volumes = [
+        volumes += [
             {"Name": v.name, "Dest": v.target, "Options": ["ro" if v.read_only else "rw"]}
             for v in plan.volumes
         ]
@@ -329,7 +345,11 @@ class PodmanBackend(Backend):
                 "Retries": h["retries"],
                 "StartPeriod": h["start_period"],
             }
-        if self.settings.userns:
+        if self.settings.userns == "auto":
+            # What `podman run --userns=auto` sends: the mode and the request for ids.
+            spec["userns"] = {"nsmode": "auto"}
+            spec["idmappings"] = {"AutoUserNs": True}
+        elif self.settings.userns:
             spec["userns"] = {"nsmode": self.settings.userns}
         return spec
 
@@ -375,7 +395,7 @@ class PodmanBackend(Backend):
                 "delete",
                 f"/containers/{name}",
                 sandbox_id,
-                params={"force": True, "v": True, "timeout": 0},
+                params={"force": True, "volumes": True, "timeout": 0},  # libpod: not "v"
             )
         except NotFoundError:
             pass  # gone already (its lifetime ended, or removed from outside)

@@ -1,0 +1,66 @@
+"""What only the Podman backend does: a user namespace per sandbox, and its doctor."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import corral
+
+pytestmark = pytest.mark.podman
+
+
+@pytest.fixture
+def engine() -> str:
+    return "podman"
+
+
+@pytest.fixture
+def userns_settings(settings_for, engine_settings) -> corral.Settings:
+    return settings_for(userns="auto")
+
+
+def test_userns_auto_maps_the_sandbox_to_unprivileged_host_ids(userns_settings, engine_client):
+    with corral.create(backend="podman", settings=userns_settings) as sb:
+        mapping = sb.exec(["cat", "/proc/self/uid_map"]).text.split()
+        assert mapping[0] == "0" and mapping[1] != "0"  # root inside is not root outside
+        pid = engine_client.inspect_container(f"corral-{sb.id}")["State"]["Pid"]
+        host_uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
+        assert host_uid >= int(mapping[1]) > 0
+        sb.write_file("/workspace/f", b"one\n")
+        assert (
+            sb.exec(["sh", "-c", "echo two >> /workspace/f && cat /workspace/f"]).text
+            == "one\ntwo\n"
+        )
+        with pytest.raises(corral.CapabilityError, match="user namespace"):
+            sb.write_file("/tmp/t", b"Podman cannot copy into this tmpfs")
+
+
+def test_userns_auto_sandboxes_leave_no_volume(userns_settings, engine_client):
+    before = {v["Name"] for v in engine_client.volumes()["Volumes"] or []}
+    with corral.create(backend="podman", settings=userns_settings) as sb:
+        sb.write_file("/workspace/f", b"x")
+    after = {v["Name"] for v in engine_client.volumes()["Volumes"] or []}
+    assert after <= before
+
+
+def test_doctor_explains_a_service_that_is_not_running(tmp_path):
+    env = {
+        **os.environ,
+        "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "CORRAL_BACKENDS__PODMAN__URL": "unix:///run/corral-test/not-running.sock",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", "doctor"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert "podman:" in done.stdout
+    assert "not-running.sock" in done.stdout
+    assert "podman system service --time=0" in done.stdout
