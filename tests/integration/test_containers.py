@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -431,3 +432,30 @@ def test_pause_and_resume(box):
     sb.backend.pause(sb.id)
     sb.backend.resume(sb.id)
     assert sb.exec(["echo", "awake"]).text == "awake\n"
+
+
+def test_command_line_on_the_engine(engine, engine_settings, tmp_path):
+    env = _child_environment(engine, engine_settings)
+    env["CORRAL_BACKEND"] = engine
+
+    def corral_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    done = corral_cli("run", "--", "sh", "-c", "echo hello; exit 7")
+    assert (done.returncode, done.stdout) == (7, "hello\n")
+    assert corral_cli("run", "--timeout", "1", "--", "sleep", "30").returncode == 124
+    kept = corral_cli("run", "--keep", "--", "true")
+    sandbox_id = kept.stderr.split()[-1]
+    listed = json.loads(corral_cli("ls", "--json").stdout)
+    assert sandbox_id in [s["id"] for s in listed]
+    assert corral_cli("exec", sandbox_id, "--", "echo", "again").stdout == "again\n"
+    assert json.loads(corral_cli("stats", sandbox_id, "--json").stdout)["memory_limit_bytes"] > 0
+    assert corral_cli("rm", sandbox_id).returncode == 0
+    assert sandbox_id not in [s["id"] for s in json.loads(corral_cli("ls", "--json").stdout)]
