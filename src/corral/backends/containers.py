@@ -23,13 +23,14 @@ from typing import Any
 
 import attrs
 
-from ..core.backend import ExecStatus
+from ..core.backend import Capability, ExecStatus
 from ..core.convert import structure, unstructure
-from ..core.errors import ConfigError, InternalError, PolicyError, SandboxError
+from ..core.errors import ConfigError, ConflictError, InternalError, PolicyError, SandboxError
 from ..core.output import OutputSink
 from ..core.results import ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
 from ..core.units import parse_size
+from .cgroupfs import read_int, read_keyed
 
 __all__ = [
     "DEFAULT_MASKED_PATHS",
@@ -60,6 +61,18 @@ DEFAULT_MASKED_PATHS = (
     "/sys/devices/virtual/powercap",
 )
 SECCOMP_UNCONFINED = "unconfined"
+
+
+PULL_POLICIES = ("never", "missing", "always")
+_C = Capability
+# What both engines enforce for every sandbox; each adds its security modules.
+CAPABILITIES = (
+    _C.ISOLATION | _C.NETWORK_NONE | _C.NETWORK_BRIDGE | _C.DNS | _C.MEMORY_LIMIT
+    | _C.CPU_LIMIT | _C.PIDS_LIMIT | _C.NOFILE_LIMIT | _C.NPROC_LIMIT | _C.CPU_TIME_LIMIT
+    | _C.FILE_SIZE_LIMIT | _C.LIFETIME | _C.READ_ONLY_ROOT | _C.BIND_MOUNTS | _C.TMPFS
+    | _C.VOLUMES | _C.CAP_ADD | _C.NO_NEW_PRIVILEGES | _C.MASKED_PATHS | _C.IMAGES
+    | _C.INIT_COMMAND | _C.USER | _C.HEALTHCHECK | _C.PAUSE
+)  # fmt: skip
 
 
 def container_name(sandbox_id: str) -> str:
@@ -260,6 +273,22 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
         raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
 
 
+def wait_until_gone(
+    exists: Callable[[], bool], backend: str, sandbox_id: str, timeout: float = 30
+) -> None:
+    """Wait out the engine's own removal (its lifetime just ended), so that nothing of
+    the sandbox is left when ``close()`` returns."""
+    deadline = time.monotonic() + timeout
+    while exists():
+        if time.monotonic() > deadline:
+            raise ConflictError(
+                "the engine did not finish removing the sandbox",
+                backend=backend,
+                sandbox_id=sandbox_id,
+            )
+        time.sleep(0.05)
+
+
 def info_from_labels(
     backend: str, sandbox_id: str, labels: dict[str, str], status: str, image: str | None
 ) -> SandboxInfo:
@@ -417,20 +446,6 @@ def exit_code_for_start_failure(code: int, output: bytes) -> int:
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _read_keyed(path: Path) -> dict[str, int]:
-    try:
-        return {k: int(v) for k, v in (line.split()[:2] for line in path.read_text().splitlines())}
-    except (OSError, ValueError):
-        return {}
-
-
 @attrs.define
 class HostView:
     """A local engine's container as the host sees it: its cgroups and processes.
@@ -489,7 +504,7 @@ class HostView:
 
     def oom_kills(self) -> int:
         path = self._file("memory", "memory.oom_control") or self._file("unified", "memory.events")
-        return _read_keyed(path).get("oom_kill", 0) if path else 0
+        return read_keyed(path).get("oom_kill", 0) if path else 0
 
     def usage(self, memory_limit: int) -> ResourceUsage:
         memory = self._file("memory", "memory.usage_in_bytes") or self._file(
@@ -499,19 +514,19 @@ class HostView:
             "unified", "memory.peak"
         )
         cpu_ns = self._file("cpuacct", "cpuacct.usage")
-        cpu = _read_int(cpu_ns) / 1e9 if cpu_ns and _read_int(cpu_ns) is not None else None  # type: ignore[operator]
+        cpu = read_int(cpu_ns) / 1e9 if cpu_ns and read_int(cpu_ns) is not None else None  # type: ignore[operator]
         if cpu is None and (stat := self._file("unified", "cpu.stat")):
-            usec = _read_keyed(stat).get("usage_usec")
+            usec = read_keyed(stat).get("usage_usec")
             cpu = None if usec is None else usec / 1e6
         pids = self._file("pids", "pids.current")
         rx, tx = _net_bytes(self.init_pid)
         read, write = self._block_io()
         return ResourceUsage(
             cpu_seconds=cpu,
-            memory_bytes=_read_int(memory) if memory else None,
-            memory_peak_bytes=_read_int(peak) if peak else None,
+            memory_bytes=read_int(memory) if memory else None,
+            memory_peak_bytes=read_int(peak) if peak else None,
             memory_limit_bytes=memory_limit,
-            pids=_read_int(pids) if pids else len(self.pids()),
+            pids=read_int(pids) if pids else len(self.pids()),
             net_rx_bytes=rx,
             net_tx_bytes=tx,
             block_read_bytes=read,

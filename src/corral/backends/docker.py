@@ -30,7 +30,7 @@ from ..core.errors import TimeoutError as CorralTimeoutError
 from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
-from ..core.spec import ExecRequest, SandboxSpec, duration_field, size_field
+from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
 from . import containers
 from .containers import HostView
 
@@ -38,14 +38,6 @@ __all__ = ["DockerBackend", "DockerSettings"]
 
 _DEFAULT_URL = "unix:///var/run/docker.sock"
 _MANAGED = ["corral.managed=true", "corral.backend=docker"]
-
-
-def _pull_policy(value: Any) -> str:
-    if value not in ("never", "missing", "always"):
-        from ..core.errors import ConfigError
-
-        raise ConfigError("pull", f"{value!r} is not one of: never, missing, always")
-    return value
 
 
 @attrs.frozen
@@ -56,9 +48,7 @@ class DockerSettings:
     tls_verify: bool = False
     cert_path: str | None = None
     timeout: float = duration_field("60s")
-    pull: Literal["never", "missing", "always"] = attrs.field(
-        default="missing", converter=_pull_policy
-    )
+    pull: Literal["never", "missing", "always"] = choice_field("missing", containers.PULL_POLICIES)
     default_image: str | None = None
     workspace_size: int = size_field("1GiB", minimum=1024**2)
 
@@ -184,32 +174,7 @@ class DockerBackend(Backend):
 
     def capabilities(self) -> Capability:
         C = Capability
-        caps = (
-            C.ISOLATION
-            | C.NETWORK_NONE
-            | C.NETWORK_BRIDGE
-            | C.DNS
-            | C.MEMORY_LIMIT
-            | C.CPU_LIMIT
-            | C.PIDS_LIMIT
-            | C.NOFILE_LIMIT
-            | C.NPROC_LIMIT
-            | C.CPU_TIME_LIMIT
-            | C.FILE_SIZE_LIMIT
-            | C.LIFETIME
-            | C.READ_ONLY_ROOT
-            | C.BIND_MOUNTS
-            | C.TMPFS
-            | C.VOLUMES
-            | C.CAP_ADD
-            | C.NO_NEW_PRIVILEGES
-            | C.MASKED_PATHS
-            | C.IMAGES
-            | C.INIT_COMMAND
-            | C.USER
-            | C.HEALTHCHECK
-            | C.PAUSE
-        )
+        caps = containers.CAPABILITIES
         options = self._engine_security()
         if "seccomp" in options:
             caps |= C.SECCOMP
@@ -353,25 +318,17 @@ class DockerBackend(Backend):
             except docker.errors.APIError as e:
                 if e.status_code != 409:
                     raise
-                # 409: the engine is already removing it (its lifetime just ended);
-                # wait for that, so that nothing of it is left when close() returns.
-                self._wait_gone(sandbox_id)
+                # 409: the engine is already removing it (its lifetime just ended)
+                containers.wait_until_gone(lambda: self._exists(sandbox_id), self.name, sandbox_id)
 
-    def _wait_gone(self, sandbox_id: str, timeout: float = 30) -> None:
+    def _exists(self, sandbox_id: str) -> bool:
         import docker.errors
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.api().inspect_container(containers.container_name(sandbox_id))
-            except docker.errors.NotFound:
-                return
-            time.sleep(0.05)
-        raise ConflictError(
-            "the engine did not finish removing the sandbox",
-            backend=self.name,
-            sandbox_id=sandbox_id,
-        )
+        try:
+            self.api().inspect_container(containers.container_name(sandbox_id))
+        except docker.errors.NotFound:
+            return False
+        return True
 
     def list(self) -> list[SandboxInfo]:
         with self._engine():

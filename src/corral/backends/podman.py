@@ -36,7 +36,7 @@ from ..core.errors import TimeoutError as CorralTimeoutError
 from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
-from ..core.spec import ExecRequest, SandboxSpec, duration_field, size_field
+from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
 from . import containers
 from .containers import HostView
 
@@ -44,16 +44,6 @@ __all__ = ["PodmanBackend", "PodmanSettings"]
 
 _ROOTFUL_SOCKET = "/run/podman/podman.sock"
 _LIBPOD = "/v4.0.0/libpod"  # the hijacked exec start is sent by hand; 4.x and 5.x accept it
-
-
-def _choice(*allowed: str | None) -> Any:
-    def check(value: Any) -> Any:
-        if value not in allowed:
-            names = ", ".join(str(a) for a in allowed)
-            raise ConfigError("", f"{value!r} is not one of: {names}")
-        return value
-
-    return check
 
 
 def _default_url() -> str:
@@ -71,14 +61,12 @@ class PodmanSettings:
 
     url: str | None = None  # default: CONTAINER_HOST, the rootful socket, the user's
     timeout: float = duration_field("60s")
-    pull: Literal["never", "missing", "always"] = attrs.field(
-        default="missing", converter=_choice("never", "missing", "always")
-    )
+    pull: Literal["never", "missing", "always"] = choice_field("missing", containers.PULL_POLICIES)
     default_image: str | None = None
     workspace_size: int = size_field("1GiB", minimum=1024**2)
     # "auto" gives each sandbox its own user namespace (rootful Podman): root in the
     # sandbox is then nobody on the host.
-    userns: str | None = attrs.field(default=None, converter=_choice(None, "auto", "host"))
+    userns: str | None = choice_field(None, (None, "auto", "host"))
 
     def service_url(self) -> str:
         return self.url or _default_url()
@@ -199,33 +187,7 @@ class PodmanBackend(Backend):
 
     def capabilities(self) -> Capability:
         C = Capability
-        caps = (
-            C.ISOLATION
-            | C.NETWORK_NONE
-            | C.NETWORK_BRIDGE
-            | C.DNS
-            | C.MEMORY_LIMIT
-            | C.CPU_LIMIT
-            | C.PIDS_LIMIT
-            | C.NOFILE_LIMIT
-            | C.NPROC_LIMIT
-            | C.CPU_TIME_LIMIT
-            | C.FILE_SIZE_LIMIT
-            | C.LIFETIME
-            | C.READ_ONLY_ROOT
-            | C.BIND_MOUNTS
-            | C.TMPFS
-            | C.VOLUMES
-            | C.CAP_ADD
-            | C.NO_NEW_PRIVILEGES
-            | C.MASKED_PATHS
-            | C.IMAGES
-            | C.INIT_COMMAND
-            | C.USER
-            | C.HEALTHCHECK
-            | C.PAUSE
-            | C.SECCOMP
-        )
+        caps = containers.CAPABILITIES | C.SECCOMP
         security = self._host_security()
         if security.get("apparmorEnabled"):
             caps |= C.APPARMOR
@@ -400,19 +362,15 @@ class PodmanBackend(Backend):
         except NotFoundError:
             pass  # gone already (its lifetime ended, or removed from outside)
         except (ConflictError, InternalError):
-            self._wait_gone(sandbox_id)  # the service is removing it already
+            # the service is removing it already (its lifetime just ended)
+            containers.wait_until_gone(lambda: self._exists(sandbox_id), self.name, sandbox_id)
 
-    def _wait_gone(self, sandbox_id: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self._inspect(sandbox_id)
-            except NotFoundError:
-                return
-            time.sleep(0.05)
-        raise ConflictError(
-            "Podman did not finish removing the sandbox", backend=self.name, sandbox_id=sandbox_id
-        )
+    def _exists(self, sandbox_id: str) -> bool:
+        try:
+            self._inspect(sandbox_id)
+        except NotFoundError:
+            return False
+        return True
 
     def list(self) -> list[SandboxInfo]:
         filters = json.dumps({"label": ["corral.managed=true", f"corral.backend={self.name}"]})

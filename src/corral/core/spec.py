@@ -238,12 +238,17 @@ def _stdin(value: Any, name: str) -> bytes | None:
     return value
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
-    def parse(value: Any, name: str) -> str:
-        _check(value in choices, name, f"{value!r} is not one of: {', '.join(choices)}")
+def _one_of(choices: tuple[str | None, ...]) -> Callable[[Any, str], Any]:
+    def parse(value: Any, name: str) -> Any:
+        names = ", ".join(repr(c) if c is None else c for c in choices)
+        _check(value in choices, name, f"{value!r} is not one of: {names}")
         return value
 
     return parse
+
+
+def choice_field(default: str | None, choices: tuple[str | None, ...]) -> Any:
+    return attrs.field(default=default, converter=_converted(_one_of(choices)))
 
 
 # -- the model -----------------------------------------------------------------------

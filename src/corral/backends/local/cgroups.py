@@ -15,6 +15,8 @@ from pathlib import Path
 
 import attrs
 
+from ..cgroupfs import read_int, read_keyed
+
 ROOT = Path("/sys/fs/cgroup")
 _GROUP = "corral"
 
@@ -22,20 +24,6 @@ _GROUP = "corral"
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _read_keyed(path: Path) -> dict[str, int]:
-    try:
-        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines())}
-    except (OSError, ValueError):
-        return {}
 
 
 @attrs.frozen
@@ -178,9 +166,9 @@ class Cgroup:
 
     def oom_kills(self) -> int:
         if "memory" in self.folders:
-            return _read_keyed(self.folders["memory"] / "memory.oom_control").get("oom_kill", 0)
+            return read_keyed(self.folders["memory"] / "memory.oom_control").get("oom_kill", 0)
         if "unified" in self.folders:
-            return _read_keyed(self.folders["unified"] / "memory.events").get("oom_kill", 0)
+            return read_keyed(self.folders["unified"] / "memory.events").get("oom_kill", 0)
         return 0
 
     def usage(self) -> dict[str, int | float | None]:
@@ -188,18 +176,18 @@ class Cgroup:
         out: dict[str, int | float | None] = {}
         if "memory" in self.folders:
             f = self.folders["memory"]
-            out["memory"] = _read_int(f / "memory.usage_in_bytes")
-            out["memory_peak"] = _read_int(f / "memory.max_usage_in_bytes")
+            out["memory"] = read_int(f / "memory.usage_in_bytes")
+            out["memory_peak"] = read_int(f / "memory.max_usage_in_bytes")
         elif "unified" in self.folders:
             f = self.folders["unified"]
-            out["memory"] = _read_int(f / "memory.current")
-            out["memory_peak"] = _read_int(f / "memory.peak")
+            out["memory"] = read_int(f / "memory.current")
+            out["memory_peak"] = read_int(f / "memory.peak")
         if "pids" in self.folders:
-            out["pids"] = _read_int(self.folders["pids"] / "pids.current")
+            out["pids"] = read_int(self.folders["pids"] / "pids.current")
         elif "unified" in self.folders:
-            out["pids"] = _read_int(self.folders["unified"] / "pids.current")
+            out["pids"] = read_int(self.folders["unified"] / "pids.current")
         if "unified" in self.folders:
-            usec = _read_keyed(self.folders["unified"] / "cpu.stat").get("usage_usec")
+            usec = read_keyed(self.folders["unified"] / "cpu.stat").get("usage_usec")
             out["cpu"] = usec / 1e6 if usec is not None else None
         return out
 
