@@ -27,7 +27,7 @@ from ..core.backend import Capability, ExecStatus
 from ..core.convert import structure, unstructure
 from ..core.errors import ConfigError, ConflictError, InternalError, PolicyError, SandboxError
 from ..core.output import OutputSink
-from ..core.results import ResourceUsage, SandboxInfo
+from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
 from ..core.units import parse_size
 from .cgroupfs import read_int, read_keyed
@@ -287,6 +287,18 @@ def wait_until_gone(
                 sandbox_id=sandbox_id,
             )
         time.sleep(0.05)
+
+
+def health_from(report: dict[str, Any] | None) -> Health:
+    """The engines' healthcheck report (Status, FailingStreak, Log) as corral's Health."""
+    if not report:
+        return Health(status="none")
+    log = report.get("Log") or []
+    return Health(
+        status=report.get("Status", "none"),
+        failing_streak=report.get("FailingStreak", 0),
+        last_output=(log[-1].get("Output", "") if log else ""),
+    )
 
 
 def info_from_labels(

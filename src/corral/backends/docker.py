@@ -363,15 +363,7 @@ class DockerBackend(Backend):
     def health(self, sandbox_id: str) -> Health:
         with self._engine(sandbox_id):
             state = self.api().inspect_container(containers.container_name(sandbox_id))["State"]
-        health = state.get("Health")
-        if not health:
-            return Health(status="none")
-        log = health.get("Log") or []
-        return Health(
-            status=health.get("Status", "none"),
-            failing_streak=health.get("FailingStreak", 0),
-            last_output=(log[-1].get("Output", "") if log else ""),
-        )
+        return containers.health_from(state.get("Health"))
 
     # -- exec ---------------------------------------------------------------------
 

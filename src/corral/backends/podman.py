@@ -409,12 +409,8 @@ class PodmanBackend(Backend):
         name = containers.container_name(sandbox_id)
         if not self._inspect(sandbox_id)["Config"].get("Healthcheck"):
             return Health(status="none")
-        result = self._call("get", f"/containers/{name}/healthcheck", sandbox_id).json()
-        log = result.get("Log") or []
-        return Health(
-            status=result.get("Status", "none"),
-            failing_streak=result.get("FailingStreak", 0),
-            last_output=(log[-1].get("Output", "") if log else ""),
+        return containers.health_from(
+            self._call("get", f"/containers/{name}/healthcheck", sandbox_id).json()
         )
 
     # -- exec ----------------------------------------------------------------------
