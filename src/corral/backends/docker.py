@@ -61,6 +61,13 @@ class DockerBackend(Backend):
 
     name = "docker"
     Settings = DockerSettings
+    capability_conditions = (
+        (containers.CAPABILITIES, "always"),
+        (
+            Capability.SECCOMP | Capability.APPARMOR | Capability.SELINUX,
+            "when the engine offers it",
+        ),
+    )
 
     def __init__(self, settings: DockerSettings) -> None:
         super().__init__(settings)

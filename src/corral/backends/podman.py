@@ -77,6 +77,10 @@ class PodmanBackend(Backend):
 
     name = "podman"
     Settings = PodmanSettings
+    capability_conditions = (
+        (containers.CAPABILITIES | Capability.SECCOMP, "always"),
+        (Capability.APPARMOR | Capability.SELINUX, "when the host has it"),
+    )
 
     def __init__(self, settings: PodmanSettings) -> None:
         super().__init__(settings)

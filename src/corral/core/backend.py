@@ -151,6 +151,10 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: An attrs class for the backend's options, filled from ``[backends.NAME]``.
     Settings: ClassVar[type] = NoSettings
+    #: What the backend can enforce and under which condition, for documentation and
+    #: ``corral doctor``: pairs of (capabilities, condition such as "always").
+    #: ``capabilities()`` says what holds on this host now.
+    capability_conditions: ClassVar[tuple[tuple[Capability, str], ...]] = ()
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings

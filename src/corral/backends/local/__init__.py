@@ -118,11 +118,30 @@ class _State:
         )
 
 
+_C = Capability
+ALWAYS = (
+    _C.MEMORY_LIMIT | _C.NOFILE_LIMIT | _C.NPROC_LIMIT | _C.CPU_TIME_LIMIT | _C.FILE_SIZE_LIMIT
+    | _C.LIFETIME | _C.USER
+)  # fmt: skip
+WITH_BUBBLEWRAP = (
+    _C.ISOLATION | _C.NETWORK_NONE | _C.NETWORK_BRIDGE | _C.READ_ONLY_ROOT
+    | _C.NO_NEW_PRIVILEGES | _C.BIND_MOUNTS | _C.TMPFS
+)  # fmt: skip
+WITH_PIDS_CGROUP = _C.PIDS_LIMIT
+WITH_CPU_CGROUP = _C.CPU_LIMIT
+
+
 class LocalBackend(Backend):
     """Sandboxes as host processes under bubblewrap, with rlimits and cgroups."""
 
     name = "local"
     Settings = LocalSettings
+    capability_conditions = (
+        (ALWAYS, "always"),
+        (WITH_BUBBLEWRAP, "when bubblewrap can make namespaces here"),
+        (WITH_PIDS_CGROUP, "with a writable pids cgroup (corral as root)"),
+        (WITH_CPU_CGROUP, "with a writable cpu cgroup (corral as root)"),
+    )
 
     def __init__(self, settings: LocalSettings) -> None:
         super().__init__(settings)
@@ -159,30 +178,13 @@ class LocalBackend(Backend):
         )
 
     def capabilities(self) -> Capability:
-        C = Capability
-        caps = (
-            C.MEMORY_LIMIT
-            | C.NOFILE_LIMIT
-            | C.NPROC_LIMIT
-            | C.CPU_TIME_LIMIT
-            | C.FILE_SIZE_LIMIT
-            | C.LIFETIME
-            | C.USER
-        )
+        caps = ALWAYS
         if self._cgroups is not None and self._cgroups.has("pids"):
-            caps |= C.PIDS_LIMIT
+            caps |= WITH_PIDS_CGROUP
         if self._cgroups is not None and self._cgroups.has("cpu"):
-            caps |= C.CPU_LIMIT
+            caps |= WITH_CPU_CGROUP
         if self._bwrap_problem() is None:
-            caps |= (
-                C.ISOLATION
-                | C.NETWORK_NONE
-                | C.NETWORK_BRIDGE
-                | C.READ_ONLY_ROOT
-                | C.NO_NEW_PRIVILEGES
-                | C.BIND_MOUNTS
-                | C.TMPFS
-            )
+            caps |= WITH_BUBBLEWRAP
         return caps
 
     def capability_hint(self, missing: Capability) -> str:
