@@ -459,3 +459,10 @@ def test_command_line_on_the_engine(engine, engine_settings, tmp_path):
     assert json.loads(corral_cli("stats", sandbox_id, "--json").stdout)["memory_limit_bytes"] > 0
     assert corral_cli("rm", sandbox_id).returncode == 0
     assert sandbox_id not in [s["id"] for s in json.loads(corral_cli("ls", "--json").stdout)]
+
+
+def test_kernel_paths_stay_masked_and_the_spec_can_mask_more(box):
+    sb = box(security={"masked_paths": ["/etc/passwd"]})
+    assert sb.exec(["cat", "/proc/keys"]).stdout == b""  # a default masked path
+    assert sb.exec(["cat", "/etc/passwd"]).stdout == b""  # one the spec added
+    assert sb.exec(["cat", "/proc/self/status"]).stdout  # a positive control

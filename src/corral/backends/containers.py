@@ -264,6 +264,9 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
     expect("Devices", not hc.get("Devices"), [])
     limits = {u["Name"].lower().removeprefix("rlimit_"): u for u in hc.get("Ulimits") or []}
     expect("Ulimits", limits.get("nofile", {}).get("Hard") == plan_.ulimits["nofile"][1], "nofile")
+    if hc.get("MaskedPaths") is not None:  # Docker reports them; Podman does not
+        missing = set(plan_.masked_paths) - set(hc["MaskedPaths"])
+        expect("MaskedPaths", not missing, sorted(missing))
     mounts = {m.get("Destination"): m for m in inspect.get("Mounts") or []}
     for bind in plan_.binds:
         found = mounts.get(bind.target)
