@@ -77,6 +77,14 @@ def config_reference() -> str:
         settings_cls = record.info.backend.Settings
         if attrs.fields(settings_cls):
             lines += _table(settings_cls, f"backends.{name}")
+    from corral.plugins.audit import AuditSettings
+    from corral.plugins.metrics import MetricsSettings
+    from corral.plugins.repository.model import CredentialsSettings, RepositorySettings
+
+    for cls, name in ((AuditSettings, "plugins.audit"), (MetricsSettings, "plugins.metrics"),
+                      (RepositorySettings, "plugins.repository"),
+                      (CredentialsSettings, "plugins.repository.credentials")):
+        lines += _table(cls, name)
     return "\n".join(lines)
 
 

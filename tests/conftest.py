@@ -12,3 +12,8 @@ os.environ["CORRAL_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 for name in list(os.environ):
     if name.startswith("CORRAL_") and not name.startswith("CORRAL_DISABLE_PLUGIN"):
         del os.environ[name]
+
+# corral's own test kit, opt-in exactly as a user's suite opts in (fixtures and options;
+# the fake backend is registered only by the fake_backend fixture); pytester runs inner
+# sessions to test that kit.
+pytest_plugins = ["corral.testing", "pytester"]

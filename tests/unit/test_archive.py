@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +79,21 @@ def test_tar_from_bytes_clears_setuid_bits_and_sets_the_owner() -> None:
     assert (info.uname, info.gname) == ("", "")
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         assert t.extractfile(info).read() == b"#!/bin/sh\n"
+
+
+def test_members_carry_a_real_modification_time(tmp_path: Path) -> None:
+    # A member dated 1970 makes stale build targets and files zip cannot store.
+    before = int(time.time())
+    with archive.build_tar_from_bytes("f", b"x", 0o644, (0, 0)) as f:
+        (info,) = read_back(f.read())
+    assert before <= info.mtime <= time.time() + 1
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "old").write_text("x")
+    os.utime(tmp_path / "src" / "old", (1_600_000_000, 1_600_000_000))
+    with archive.build_tar_from_path(tmp_path / "src", (0, 0)) as f:
+        members = {m.name: m for m in read_back(f.read())}
+    assert members["src/old"].mtime == 1_600_000_000
+    assert members["src"].mtime >= before
 
 
 @pytest.mark.parametrize("name", ["a/b", "", ".", ".."])

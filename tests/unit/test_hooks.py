@@ -17,6 +17,7 @@ import pytest
 
 import corral
 from corral.core import hookspecs
+from corral.core.convert import structure
 from corral.core.plugins import PluginHost
 from corral.core.settings import Settings, load_settings
 
@@ -24,6 +25,7 @@ BACKEND = "subprocess-test"
 NOT_ISOLATED = corral.Security(isolate=False, allow_unsafe=("isolate",))
 
 HOOKS_IN_ORDER = [
+    "corral_configure",
     "corral_backends",
     "corral_extra_mounts",
     "corral_extra_env",
@@ -93,6 +95,10 @@ class Recorder:
         self.calls.append((name, arguments))
 
     @corral.hookimpl
+    def corral_configure(self, settings: Settings) -> None:
+        self._record("corral_configure", settings=settings)
+
+    @corral.hookimpl
     def corral_backends(self) -> list[corral.BackendInfo]:
         self._record("corral_backends")
         return []
@@ -155,6 +161,7 @@ def test_every_hook_is_called_in_order(
     assert recorder.names() == HOOKS_IN_ORDER
     assert sorted(set(recorder.names())) == hookspec_names()
     calls = dict(recorder.calls)
+    assert calls["corral_configure"]["settings"] is settings
     for name in ("corral_extra_mounts", "corral_extra_env", "corral_check_spec"):
         assert calls[name]["backend"] == BACKEND
     assert calls["corral_sandbox_creating"]["sandbox_id"] == sandbox.id
@@ -202,6 +209,87 @@ def test_corral_backends_adds_a_backend_that_create_can_select(
         assert sb.exec(["echo", "twin"]).text == "twin\n"
         assert (tmp_path / "twins" / sb.id).is_dir()
     assert corral.list(backend="subprocess-twin", settings=settings) == []
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class GreetingSettings:
+    """``[plugins.greeting]`` of the test plugin below."""
+
+    word: str = "hello"
+
+
+class Greeting:
+    """corral_configure: reads its own table, and puts the word in every sandbox's env."""
+
+    def __init__(self) -> None:
+        self.given: list[Settings] = []
+        self.word = "unconfigured"
+
+    @corral.hookimpl
+    def corral_configure(self, settings: Settings) -> None:
+        self.given.append(settings)
+        table = settings.plugins.get("greeting", {})
+        self.word = structure(table, GreetingSettings, "plugins.greeting").word
+
+    @corral.hookimpl
+    def corral_extra_env(self, spec: Any, backend: str) -> dict[str, str]:
+        return {"GREETING": self.word}
+
+
+def test_corral_configure_gives_each_plugin_its_own_table_once(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox], settings: Settings
+) -> None:
+    greeting = Greeting()
+    global_host.register(greeting, "greeting")
+    first = make()
+    assert first.spec.env["GREETING"] == "hello"
+    # Equal settings, even a new object, do not call it again.
+    twin = load_settings({"backends": settings.backends}, cwd=Path.cwd(), environ={})
+    assert twin == settings and twin is not settings
+    corral.create(backend=BACKEND, security=NOT_ISOLATED, settings=twin).close()
+    assert greeting.given == [settings]
+    # Other settings do, and the plugin reads its table from them.
+    other = attrs.evolve(settings, plugins={"greeting": {"word": "bonjour"}})
+    with corral.create(backend=BACKEND, security=NOT_ISOLATED, settings=other) as sb:
+        assert sb.exec(["sh", "-c", 'echo "$GREETING"']).text == "bonjour\n"
+    assert greeting.given == [settings, other]
+    # attach configures too: the settings in force become the first ones again.
+    corral.attach(first.id, backend=BACKEND, settings=settings).detach()  # `first` closes it
+    assert greeting.given == [settings, other, settings]
+    assert greeting.word == "hello"
+
+
+def test_corral_configure_is_replayed_to_a_plugin_registered_later(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox], settings: Settings
+) -> None:
+    make()
+    late = Greeting()
+    global_host.register(late, "late")
+    assert late.given == [settings]
+    assert make().spec.env["GREETING"] == "hello"
+    assert late.given == [settings]
+
+
+def test_a_plugin_refusing_its_table_fails_the_create_before_anything_is_made(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox], settings: Settings
+) -> None:
+    greeting = Greeting()
+    global_host.register(greeting, "greeting")
+    bad = attrs.evolve(settings, plugins={"greeting": {"wrod": "hi"}})
+    for _ in range(2):  # refused settings are not remembered as given
+        with pytest.raises(corral.ConfigError, match=r"plugins\.greeting\.wrod: unknown setting"):
+            corral.create(backend=BACKEND, security=NOT_ISOLATED, settings=bad)
+    assert existing(settings) == []
+    assert len(greeting.given) == 2
+    # A plugin registered now is replayed the refused settings, refuses them, and is
+    # not left half-registered.
+    with pytest.raises(corral.PluginError, match="cannot be registered"):
+        global_host.register(Greeting(), "late")
+    assert "late" not in {p.name for p in global_host.plugins()}
+    assert make().spec.env["GREETING"] == "hello"
 
 
 # -- exec: wrappers and replacements ---------------------------------------------------

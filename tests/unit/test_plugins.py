@@ -200,7 +200,8 @@ def test_reset_host_swaps_the_process_host(host: PluginHost) -> None:
 def test_tracing_prints_hook_calls(
     test_plugin_version: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    host = PluginHost(environ={"CORRAL_TRACE_PLUGINS": "1"})
+    # Without the built-in repository plugin, which would answer with an empty mapping.
+    host = PluginHost(environ={"CORRAL_TRACE_PLUGINS": "1", "CORRAL_DISABLE_PLUGINS": "repository"})
     host.pm.hook.corral_extra_env(spec=corral.SandboxSpec(), backend=BACKEND)
     err = capsys.readouterr().err
     assert "corral_extra_env [hook]" in err

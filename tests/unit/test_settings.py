@@ -153,6 +153,15 @@ def test_backend_tables_are_kept_raw_for_the_backend(project: Path) -> None:
     assert settings.backends == {"docker": {"base_url": "unix:///x.sock", "timeout": 30}}
 
 
+def test_plugin_tables_are_kept_raw_for_the_plugin(project: Path) -> None:
+    write(project / "corral.toml", '[plugins.audit]\npath = "audit.jsonl"\n')
+    environ = {"CORRAL_PLUGINS__METRICS__PROMETHEUS": "true"}
+    settings = load_settings(cwd=project, environ=environ)
+    assert settings.plugins == {"audit": {"path": "audit.jsonl"}, "metrics": {"prometheus": True}}
+    with pytest.raises(corral.ConfigError, match=r"plugins\.audit: 'x' is not a table"):
+        load_settings({"plugins": {"audit": "x"}}, cwd=project, environ={})
+
+
 # -- errors name their source ----------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -66,10 +67,12 @@ def _safe_mode(mode: int, is_dir: bool) -> int:
 
 
 def _tarinfo(
-    name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int]
+    name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int], mtime: float
 ) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
+    # Without it, files land dated 1970: make sees stale targets, zip refuses them.
+    info.mtime = int(mtime)
     info.mode = _safe_mode(mode, kind == tarfile.DIRTYPE)
     info.size = size
     info.uid, info.gid = owner
@@ -87,7 +90,8 @@ def build_tar_from_bytes(name: str, data: bytes, mode: int, owner: tuple[int, in
         raise PathSecurityError(f"{name!r} is not a file name")
     out = _spooled()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_tarinfo(name, tarfile.REGTYPE, mode, len(data), owner), io.BytesIO(data))
+        info = _tarinfo(name, tarfile.REGTYPE, mode, len(data), owner, time.time())
+        tar.addfile(info, io.BytesIO(data))
     out.seek(0)
     return out
 
@@ -107,10 +111,14 @@ def build_tar_from_path(source: Path, owner: tuple[int, int]) -> IO[bytes]:
             for path, arcname in _walk(source, root):
                 st = path.lstat()
                 if stat.S_ISDIR(st.st_mode):
-                    tar.addfile(_tarinfo(arcname, tarfile.DIRTYPE, st.st_mode, 0, owner))
+                    tar.addfile(
+                        _tarinfo(arcname, tarfile.DIRTYPE, st.st_mode, 0, owner, st.st_mtime)
+                    )
                 elif stat.S_ISREG(st.st_mode):
                     with path.open("rb") as f:
-                        info = _tarinfo(arcname, tarfile.REGTYPE, st.st_mode, st.st_size, owner)
+                        info = _tarinfo(
+                            arcname, tarfile.REGTYPE, st.st_mode, st.st_size, owner, st.st_mtime
+                        )
                         tar.addfile(info, f)
                 else:
                     raise PathSecurityError(

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .output import OutputSink
     from .results import ExecResult, ResourceUsage
     from .sandbox import Sandbox
+    from .settings import Settings
     from .spec import ExecRequest, MountLike, SandboxSpec
 
 PROJECT = "corral"
@@ -49,6 +50,43 @@ def corral_backends() -> list[BackendInfo]:
         def corral_backends():
             return [corral.BackendInfo(name="firecracker", backend=FirecrackerBackend,
                                        description="microVMs")]
+    """
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def corral_configure(settings: Settings) -> None:
+    """Receive the settings in use, to read this plugin's own ``[plugins.NAME]`` table.
+
+    Historic: called by ``corral.create`` and ``corral.attach`` before any other hook,
+    the first time they are given settings and again whenever the settings differ from
+    the last ones given (an equal Settings object does not call it again), and replayed
+    to a plugin registered later. A process normally has one Settings, so this is a
+    one-time configuration; where it has several, the most recent are in force. Keep it
+    cheap, and keep nothing from older settings.
+
+    Args:
+        settings: the effective Settings; ``settings.plugins`` holds one raw table per
+            plugin, which the plugin structures into its own attrs class with
+            ``corral.core.convert.structure(table, Cls, "plugins.NAME")`` so that a
+            typo is a ConfigError naming its path.
+
+    May raise: ConfigError for a bad table. The create or attach that brought the
+    settings fails with it before anything is made, and the next one given the same
+    settings calls this hook again. Raised while replaying to a plugin being
+    registered, it fails that registration (PluginError).
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_configure(settings):
+            global config
+            config = structure(settings.plugins.get("quota", {}), QuotaSettings,
+                               "plugins.quota")
     """
 
 

@@ -67,6 +67,8 @@ class PluginHost:
         self._provenance: dict[str, tuple[str | None, str | None]] = {}
         self._backends: dict[str, BackendRecord] | None = None
         self._instances: dict[tuple[str, str], Backend] = {}
+        self._configured: Settings | None = None
+        self._instance_plugins: dict[tuple[str, str], str] = {}  # which plugin made each
         self._lock = threading.RLock()
         self.blocked = tuple(
             n.strip() for n in environ.get("CORRAL_DISABLE_PLUGINS", "").split(",") if n.strip()
@@ -94,7 +96,11 @@ class PluginHost:
         with self._lock:
             try:
                 self.pm.register(plugin, name=name)
-            except (pluggy.PluginValidationError, ValueError) as e:
+            except Exception as e:
+                # Replaying corral_configure to the new plugin may raise once part of it
+                # is registered: take that part out again.
+                if self.pm.get_plugin(name) is plugin:
+                    self.pm.unregister(name=name)
                 raise PluginError(f"plugin {name!r} cannot be registered: {e}") from e
             try:
                 # pluggy only refuses a hook without a specification in check_pending().
@@ -112,10 +118,15 @@ class PluginHost:
             self._backends = None  # rebuilt on next use
 
     def unregister(self, name: str) -> None:
+        """Remove a plugin; instances of the backends it provided are closed and dropped."""
         with self._lock:
             self.pm.unregister(name=name)
             self._provenance.pop(name, None)
             self._backends = None
+            for key, plugin in list(self._instance_plugins.items()):
+                if plugin == name:
+                    del self._instance_plugins[key]
+                    self._instances.pop(key).close()
 
     def _load_entry_points(self, autoload: bool) -> None:
         for dist in metadata.distributions():
@@ -146,6 +157,22 @@ class PluginHost:
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
             records.append(PluginRecord(name, dist, version, hooks))
         return records
+
+    # -- configuration -------------------------------------------------------------
+
+    def configure(self, settings: Settings) -> None:
+        """Give plugins the settings in use (``corral_configure``), unless they have them.
+
+        Each call to a historic hook is kept and replayed to later plugins, so it is
+        made only when the settings differ from the last ones given; when a plugin
+        refuses them, nothing is remembered and the next call tries again.
+        """
+        with self._lock:
+            last = self._configured
+            if last is not None and (settings is last or settings == last):
+                return
+            self.pm.hook.corral_configure.call_historic(kwargs={"settings": settings})
+            self._configured = settings
 
     # -- backends ------------------------------------------------------------------
 
@@ -187,6 +214,7 @@ class PluginHost:
             if instance is None:
                 instance = self.make_backend(name, settings)
                 self._instances[key] = instance
+                self._instance_plugins[key] = self.backends()[name].plugin
         availability = instance.check()
         if not availability.ok:
             raise BackendUnavailableError(
@@ -217,6 +245,7 @@ class PluginHost:
             for instance in self._instances.values():
                 instance.close()
             self._instances.clear()
+            self._instance_plugins.clear()
 
 
 _host: PluginHost | None = None

@@ -476,6 +476,7 @@ def create(
     }
     final = build_spec(settings, spec, keywords)
     host = get_host()
+    host.configure(settings)
     name = select_backend_name(backend, settings)
     chosen = host.backend(name, settings)
     final = _contribute(host, final, name)
@@ -542,6 +543,7 @@ def attach(
     """A handle on a sandbox made elsewhere (another process); NotFoundError if gone."""
     settings = load_settings() if settings is None else settings
     host = get_host()
+    host.configure(settings)
     chosen = host.backend(select_backend_name(backend, settings), settings)
     info, spec = chosen.inspect(sandbox_id)
     return Sandbox(

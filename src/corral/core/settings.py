@@ -37,7 +37,7 @@ def _table(value: Any, name: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _backends(value: Any, name: str) -> dict[str, dict[str, Any]]:
+def _tables(value: Any, name: str) -> dict[str, dict[str, Any]]:
     tables = _table(value, name)
     return {key: _table(table, f"{name}.{key}") for key, table in tables.items()}
 
@@ -74,14 +74,17 @@ class Settings:
 
     ``sandbox`` holds defaults for every sandbox's spec; ``backends`` holds one raw
     table per backend, structured into that backend's own Settings class when the
-    backend is first used.
+    backend is first used; ``plugins`` holds one raw table per plugin, which each
+    plugin structures into its own class when it is given the settings
+    (``corral_configure``).
     """
 
     backend: str | None = _field(_backend_name, default=None)
     max_output: int = size_field("4MiB", minimum=0)
     mount_roots: tuple[str, ...] | None = _field(_roots, default=None)
     sandbox: dict[str, Any] = _field(_sandbox, factory=dict)
-    backends: dict[str, dict[str, Any]] = _field(_backends, factory=dict)
+    backends: dict[str, dict[str, Any]] = _field(_tables, factory=dict)
+    plugins: dict[str, dict[str, Any]] = _field(_tables, factory=dict)
 
     def allowed_mount_roots(self) -> tuple[Path, ...]:
         """Host folders bind-mount sources must live under; by default the current folder."""
