@@ -466,3 +466,12 @@ def test_kernel_paths_stay_masked_and_the_spec_can_mask_more(box):
     assert sb.exec(["cat", "/proc/keys"]).stdout == b""  # a default masked path
     assert sb.exec(["cat", "/etc/passwd"]).stdout == b""  # one the spec added
     assert sb.exec(["cat", "/proc/self/status"]).stdout  # a positive control
+
+
+def test_reading_a_symlink_is_refused_on_every_engine(box):
+    sb = box()
+    sb.exec(["ln", "-s", "/etc/passwd", "/workspace/link"])
+    with pytest.raises(corral.PathSecurityError):
+        sb.read_file("/workspace/link")
+    sb.write_file("/workspace/plain", b"ok")
+    assert sb.read_file("/workspace/plain") == b"ok"  # a positive control

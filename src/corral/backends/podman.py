@@ -8,6 +8,7 @@ or a log driver), and execs stream over a hijacked connection, as on Docker.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -525,6 +526,15 @@ class PodmanBackend(Backend):
             "get", f"/containers/{name}/archive", sandbox_id, params={"path": path}, stream=True
         )
         with self._engine(sandbox_id), contextlib.closing(response):
+            # Podman resolves a final symlink where Docker hands back the link itself;
+            # refuse it, as the other backends do, rather than read through it.
+            target = _stat_header(response).get("linkTarget") or path
+            if target.rstrip("/") != path.rstrip("/"):
+                raise PathSecurityError(
+                    f"{path!r} is a symlink (to {target!r}); corral does not follow it",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                )
             yield from response.iter_content(1024 * 1024)
 
     def usage(self, sandbox_id: str) -> ResourceUsage:
@@ -555,6 +565,17 @@ class PodmanBackend(Backend):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _stat_header(response: Any) -> dict[str, Any]:
+    """The path's stat that the archive API sends in a header (base64 JSON)."""
+    raw = response.headers.get("X-Docker-Container-Path-Stat")
+    if not raw:
+        return {}
+    try:
+        return json.loads(base64.b64decode(raw))
+    except ValueError:
+        return {}
 
 
 @hookimpl
