@@ -19,10 +19,11 @@ from .core.errors import (
     TimeoutError,
 )
 from .core.hookspecs import hookimpl, hookspec
+from .core.lifecycle import attach, create, gc
+from .core.lifecycle import list_sandboxes as list
 from .core.output import OutputSink
 from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
-from .core.sandbox import Sandbox, attach, create, gc
-from .core.sandbox import list_sandboxes as list
+from .core.sandbox import Sandbox
 from .core.settings import Settings, load_settings
 from .core.spec import (
     ExecRequest,

@@ -23,8 +23,8 @@ import attrs
 import corral
 from corral.core import settings as settings_module
 from corral.core.backend import Availability
+from corral.core.lifecycle import select_backend_name
 from corral.core.plugins import get_host
-from corral.core.sandbox import select_backend_name
 from corral.core.spec import ExecRequest
 
 # Exit statuses of `run` and `exec`, as `docker run` and GNU `timeout` use them, so that a

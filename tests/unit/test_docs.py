@@ -67,3 +67,32 @@ def test_examples_run(where, code):
         assert done.returncode == 0, f"{where} failed:\n{done.stderr}"
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_tutorial_shows_the_example_backend_as_it_is():
+    """Every line of code in the tutorial is the example distribution's, which CI runs."""
+
+    def squeeze(text: str) -> str:
+        return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+    blocks = re.findall(
+        r"```py\n(.*?)```", (ROOT / "docs" / "writing-a-backend.md").read_text(), re.S
+    )
+    example = ROOT / "examples" / "corral-unshare"
+    package = example / "src" / "corral_unshare"
+    shown = {
+        "__init__.py": "\n\n".join(blocks[:6]),
+        "files.py": blocks[6],
+        "process.py": blocks[7],
+        "test_conformance.py": blocks[8],
+    }
+    actual = {
+        "__init__.py": (package / "__init__.py").read_text(),
+        "files.py": (package / "files.py").read_text(),
+        "process.py": (package / "process.py").read_text(),
+        "test_conformance.py": (example / "tests" / "test_conformance.py").read_text(),
+    }
+    for name, text in shown.items():
+        assert squeeze(text) == squeeze(actual[name]), (
+            f"the tutorial's {name} differs from the example's"
+        )

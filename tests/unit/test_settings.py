@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral.core.sandbox import build_spec
+from corral.core.lifecycle import build_spec
 from corral.core.settings import Settings, load_settings
 
 GiB = 1024**3

@@ -9,7 +9,7 @@ import pytest
 
 import corral
 from corral.core.convert import structure, unstructure
-from corral.core.sandbox import build_spec
+from corral.core.lifecycle import build_spec
 from corral.core.settings import Settings
 
 MiB = 1024**2

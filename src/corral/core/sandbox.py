@@ -1,4 +1,4 @@
-"""The Sandbox users hold, and create / attach / list, which route through the hooks."""
+"""The Sandbox users hold: exec, stream, files, usage and close, routed through the hooks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import posixpath
 import queue
 import threading
 import time
-import uuid
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,33 +18,19 @@ from typing import Any
 import attrs
 
 from . import archive
-from .backend import Backend, Capability, required_capabilities
-from .convert import structure, unstructure
-from .errors import CapabilityError, ConfigError, SandboxClosedError, SandboxError
+from .backend import Backend
+from .errors import ConfigError, SandboxClosedError
 from .output import OutputSink
-from .plugins import PluginHost, get_host
-from .policy import apply_policy
+from .plugins import PluginHost
 from .results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
-from .settings import Settings, _merge, load_settings
-from .spec import ExecRequest, MountLike, SandboxSpec
+from .settings import Settings
+from .spec import ExecRequest, SandboxSpec
 
-__all__ = ["Sandbox", "attach", "create", "list_sandboxes"]
+__all__ = ["Sandbox"]
 
 log = logging.getLogger("corral")
 
 LABEL_PREFIX = "corral."
-# Keywords of corral.create() that belong to spec.limits rather than the spec itself.
-_LIMIT_KEYWORDS = (
-    "memory",
-    "cpus",
-    "pids",
-    "nofile",
-    "nproc",
-    "cputime",
-    "file_size",
-    "disk",
-    "lifetime",
-)
 
 
 def _warn_unclosed(sandbox_id: str) -> None:
@@ -334,245 +319,3 @@ def _notify(hook: Any, **kwargs: Any) -> None:
         hook(**kwargs)
     except Exception:
         log.exception("a plugin failed in %s", hook.name)
-
-
-# -- module-level API ------------------------------------------------------------------
-
-
-def select_backend_name(explicit: str | None, settings: Settings) -> str:
-    """The backend to use: the argument, else CORRAL_BACKEND, else the setting, else local."""
-    return explicit or os.environ.get("CORRAL_BACKEND") or settings.backend or "local"
-
-
-def _keyword_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
-    layer: dict[str, Any] = {}
-    limits = {k: kwargs.pop(k) for k in _LIMIT_KEYWORDS if kwargs.get(k) is not None}
-    if limits:
-        layer["limits"] = limits
-    network = kwargs.pop("network", None)
-    if network is not None:
-        layer["network"] = {"mode": network} if isinstance(network, str) else network
-    for key, value in kwargs.items():
-        # A lone string is not iterated into characters: the spec refuses it whole.
-        if key == "mounts" and isinstance(value, (list, tuple)):
-            layer[key] = [_as_data(m) for m in value]
-        elif value is not None:
-            layer[key] = _as_data(value)
-    return layer
-
-
-def _as_data(value: Any) -> Any:
-    """Model objects given as keywords become plain data, so layers can merge."""
-    return unstructure(value) if attrs.has(type(value)) else value
-
-
-def build_spec(
-    settings: Settings, spec: SandboxSpec | None, keywords: dict[str, Any]
-) -> SandboxSpec:
-    """The spec from settings defaults, a spec object and keywords, strongest last."""
-    data = dict(settings.sandbox)
-    if spec is not None:
-        if not isinstance(spec, SandboxSpec):
-            raise ConfigError("spec", f"{type(spec).__name__} is not a SandboxSpec")
-        data = _merge(data, unstructure(spec))
-    return structure(_merge(data, _keyword_layer(dict(keywords))), SandboxSpec, "sandbox")
-
-
-def _contribute(host: PluginHost, spec: SandboxSpec, backend: str) -> SandboxSpec:
-    hook = host.pm.hook
-    extra_mounts: list[MountLike] = [
-        m for ms in hook.corral_extra_mounts(spec=spec, backend=backend) for m in ms or ()
-    ]
-    extra_env: dict[str, str] = {}
-    for env in hook.corral_extra_env(spec=spec, backend=backend):
-        extra_env.update(env or {})
-    if not extra_mounts and not extra_env:
-        return spec
-    return structure(
-        {
-            **unstructure(spec),
-            "mounts": [unstructure(m) for m in (*spec.mounts, *extra_mounts)],
-            "env": {**extra_env, **spec.env},
-        },
-        SandboxSpec,
-        "sandbox",
-    )
-
-
-def _check_capabilities(backend: Backend, spec: SandboxSpec) -> None:
-    have = backend.capabilities()
-    missing = {cap: field for cap, field in required_capabilities(spec).items() if cap not in have}
-    if missing:
-        lines = "; ".join(f"{field} needs {cap.name}" for cap, field in missing.items())
-        combined = Capability(0)
-        for cap in missing:
-            combined |= cap
-        hint = backend.capability_hint(combined)
-        raise CapabilityError(
-            f"the {backend.name} backend cannot enforce what this sandbox asks for here: "
-            f"{lines}" + (f" ({hint})" if hint else ""),
-            backend=backend.name,
-        )
-
-
-def create(
-    image: str | None = None,
-    *,
-    backend: str | None = None,
-    spec: SandboxSpec | None = None,
-    command: Sequence[str] | None = None,
-    env: Mapping[str, str] | None = None,
-    workdir: str | None = None,
-    user: str | None = None,
-    mounts: Sequence[Any] | None = None,
-    memory: int | str | None = None,
-    cpus: float | None = None,
-    pids: int | None = None,
-    nofile: int | None = None,
-    nproc: int | None = None,
-    cputime: float | str | None = None,
-    file_size: int | str | None = None,
-    disk: int | str | None = None,
-    lifetime: float | str | None = None,
-    network: str | None = None,
-    security: Any = None,
-    labels: Mapping[str, str] | None = None,
-    healthcheck: Any = None,
-    settings: Settings | None = None,
-) -> Sandbox:
-    """Create and start a sandbox; use the result as a context manager.
-
-    The backend is ``backend``, else ``CORRAL_BACKEND``, else the ``backend`` setting,
-    else ``local``. Keywords override ``spec``, which overrides the ``[sandbox]``
-    defaults of the settings. Nothing is created unless every check passes.
-
-    Raises:
-        ConfigError: a bad value (the message names the field).
-        PolicyError: an unsafe option not opted into, or a refused mount source.
-        CapabilityError: the backend cannot enforce what the spec asks for.
-        BackendUnavailableError: the backend cannot run here (with the fix).
-    """
-    settings = load_settings() if settings is None else settings
-    keywords = {
-        "image": image,
-        "command": command,
-        "env": env,
-        "workdir": workdir,
-        "user": user,
-        "mounts": mounts,
-        "memory": memory,
-        "cpus": cpus,
-        "pids": pids,
-        "nofile": nofile,
-        "nproc": nproc,
-        "cputime": cputime,
-        "file_size": file_size,
-        "disk": disk,
-        "lifetime": lifetime,
-        "network": network,
-        "security": security,
-        "labels": labels,
-        "healthcheck": healthcheck,
-    }
-    final = build_spec(settings, spec, keywords)
-    host = get_host()
-    host.configure(settings)
-    name = select_backend_name(backend, settings)
-    chosen = host.backend(name, settings)
-    final = _contribute(host, final, name)
-    final = apply_policy(final, settings)
-    host.pm.hook.corral_check_spec(spec=final, backend=name)
-    _check_capabilities(chosen, final)
-
-    sandbox_id = uuid.uuid4().hex[:16]
-    now = time.time()
-    labels_out = {
-        **final.labels,
-        "corral.managed": "true",
-        "corral.sandbox": sandbox_id,
-        "corral.backend": name,
-        "corral.created": str(int(now)),
-        "corral.expires": str(int(now + final.limits.lifetime)),
-    }
-    loosened = final.security.loosened()
-    if loosened:
-        labels_out["corral.loosened"] = ",".join(loosened)
-    if loosened:
-        log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(loosened))
-    host.pm.hook.corral_sandbox_creating(spec=final, sandbox_id=sandbox_id, backend=name)
-    try:
-        chosen.create(sandbox_id, final, labels_out)
-    except BaseException:
-        _destroy_quietly(chosen, sandbox_id)
-        raise
-    info = SandboxInfo(
-        id=sandbox_id,
-        backend=name,
-        status="running",
-        created=now,
-        expires=now + final.limits.lifetime,
-        image=final.image,
-        labels=labels_out,
-    )
-    sandbox = Sandbox(
-        sandbox_id=sandbox_id, backend=chosen, spec=final, info=info, host=host, settings=settings
-    )
-    try:
-        host.pm.hook.corral_sandbox_created(sandbox=sandbox)
-    except BaseException:
-        # A full close, so observers that saw it created also see it go.
-        try:
-            sandbox.close()
-        except Exception:
-            log.exception("cleaning up sandbox %s after a failed create also failed", sandbox_id)
-        raise
-    return sandbox
-
-
-def _destroy_quietly(backend: Backend, sandbox_id: str) -> None:
-    """Clean up after a failed create without hiding why it failed."""
-    try:
-        backend.destroy(sandbox_id)
-    except Exception:
-        log.exception("cleaning up sandbox %s after a failed create also failed", sandbox_id)
-
-
-def attach(
-    sandbox_id: str, *, backend: str | None = None, settings: Settings | None = None
-) -> Sandbox:
-    """A handle on a sandbox made elsewhere (another process); NotFoundError if gone."""
-    settings = load_settings() if settings is None else settings
-    host = get_host()
-    host.configure(settings)
-    chosen = host.backend(select_backend_name(backend, settings), settings)
-    info, spec = chosen.inspect(sandbox_id)
-    return Sandbox(
-        sandbox_id=sandbox_id, backend=chosen, spec=spec, info=info, host=host, settings=settings
-    )
-
-
-def list_sandboxes(
-    *, backend: str | None = None, settings: Settings | None = None
-) -> list[SandboxInfo]:
-    """Every sandbox corral made on the backend (found by corral's labels)."""
-    settings = load_settings() if settings is None else settings
-    chosen = get_host().backend(select_backend_name(backend, settings), settings)
-    return chosen.list()
-
-
-def gc(
-    *, backend: str | None = None, settings: Settings | None = None, everything: bool = False
-) -> list[str]:
-    """Remove expired sandboxes (all of corral's with ``everything``); their ids."""
-    settings = load_settings() if settings is None else settings
-    chosen = get_host().backend(select_backend_name(backend, settings), settings)
-    now = time.time()
-    removed = []
-    for info in chosen.list():
-        if everything or info.expires <= now:
-            try:
-                chosen.destroy(info.id)
-                removed.append(info.id)
-            except SandboxError:
-                log.exception("could not remove sandbox %s", info.id)
-    return removed
