@@ -8,47 +8,24 @@ with the full path of every bad field.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import functools
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
-from cattrs.gen import make_dict_structure_fn
 
 from .errors import ConfigError
 from .spec import Mount, Tmpfs, Volume
+
+if TYPE_CHECKING:
+    import cattrs
 
 __all__ = ["structure", "unstructure"]
 
 T = TypeVar("T")
 
-converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
-
 
 def _is_model(cls: Any) -> bool:
     return isinstance(cls, type) and attrs.has(cls)
-
-
-def _model_hook(cls: type) -> Any:
-    generated = make_dict_structure_fn(
-        cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_prefer_attrib_converters=True
-    )
-
-    def structure_model(value: Any, _: Any) -> Any:
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError("", f"{value!r} is not a table of settings")
-        return generated(value, cls)
-
-    return structure_model
-
-
-# Plain values pass through untouched: the model's converters check them strictly, and
-# cattrs must not coerce (it would turn 5 into "5" or "abc" into ('a', 'b', 'c')).
-# Hooks registered later win, so this catch-all comes first.
-converter.register_structure_hook_func(lambda t: not _is_model(t), lambda value, _: value)
-converter.register_structure_hook_factory(_is_model, _model_hook)
 
 
 def _optional_model(t: Any) -> type | None:
@@ -57,31 +34,57 @@ def _optional_model(t: Any) -> type | None:
     return args[0] if is_optional and _is_model(args[0]) else None
 
 
-converter.register_structure_hook_func(
-    lambda t: _optional_model(t) is not None,
-    lambda value, t: None if value is None else converter.structure(value, _optional_model(t)),
-)
-
-
 def _unstructure_mount(mount: Any) -> dict[str, Any]:
     return {"type": mount.kind, **attrs.asdict(mount)}
 
 
-for _cls in (Mount, Tmpfs, Volume):
-    converter.register_unstructure_hook(_cls, _unstructure_mount)
+@functools.cache
+def _converter() -> cattrs.Converter:
+    """The converter, built on first use so that ``import corral`` stays cheap."""
+    import cattrs
+    from cattrs.gen import make_dict_structure_fn
+
+    converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
+
+    def model_hook(cls: type) -> Any:
+        generated = make_dict_structure_fn(
+            cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_prefer_attrib_converters=True
+        )
+
+        def structure_model(value: Any, _: Any) -> Any:
+            if isinstance(value, cls):
+                return value
+            if not isinstance(value, dict):
+                raise ConfigError("", f"{value!r} is not a table of settings")
+            return generated(value, cls)
+
+        return structure_model
+
+    # Plain values pass through untouched: the model's converters check them strictly,
+    # and cattrs must not coerce (it would turn 5 into "5" or "abc" into ('a', 'b', 'c')).
+    # Hooks registered later win, so this catch-all comes first.
+    converter.register_structure_hook_func(lambda t: not _is_model(t), lambda value, _: value)
+    converter.register_structure_hook_factory(_is_model, model_hook)
+    converter.register_structure_hook_func(
+        lambda t: _optional_model(t) is not None,
+        lambda value, t: None if value is None else converter.structure(value, _optional_model(t)),
+    )
+    for cls in (Mount, Tmpfs, Volume):
+        converter.register_unstructure_hook(cls, _unstructure_mount)
+    return converter
 
 
 def structure(data: Any, cls: type[T], path: str = "") -> T:
     """Build ``cls`` from plain data; any problem is a ConfigError naming its path."""
     try:
-        return converter.structure(data, cls)
+        return _converter().structure(data, cls)
     except Exception as e:
         raise _as_config_error(e).prefixed(path) from None
 
 
 def unstructure(obj: Any) -> Any:
     """Plain data (dicts, lists, strings, numbers) from a model object, for JSON or TOML."""
-    return converter.unstructure(obj)
+    return _converter().unstructure(obj)
 
 
 def _as_config_error(exc: BaseException) -> ConfigError:
@@ -90,6 +93,8 @@ def _as_config_error(exc: BaseException) -> ConfigError:
 
 
 def _problems(exc: BaseException, path: str) -> Any:
+    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
     from .errors import _join
 
     if isinstance(exc, ConfigError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import json
 import os
 import sys
@@ -110,6 +109,8 @@ class PluginHost:
                 raise PluginError(f"plugin {name!r} cannot be registered: {e}") from e
             version = None
             if distribution:
+                from importlib import metadata
+
                 try:
                     version = metadata.version(distribution)
                 except metadata.PackageNotFoundError:
@@ -129,6 +130,8 @@ class PluginHost:
                     self._instances.pop(key).close()
 
     def _load_entry_points(self, autoload: bool) -> None:
+        from importlib import metadata  # costly to import; only needed here
+
         for dist in metadata.distributions():
             dist_name = dist.metadata["Name"]
             for ep in dist.entry_points:
