@@ -22,6 +22,7 @@ from .core.hookspecs import hookimpl, hookspec
 from .core.lifecycle import attach, create, gc
 from .core.lifecycle import list_sandboxes as list
 from .core.output import OutputSink
+from .core.pool import Pool
 from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .core.sandbox import Sandbox
 from .core.settings import Settings, load_settings
@@ -66,6 +67,7 @@ __all__ = [
     "PathSecurityError",
     "PluginError",
     "PolicyError",
+    "Pool",
     "ResourceLimitError",
     "ResourceUsage",
     "Sandbox",

@@ -18,13 +18,14 @@ class OutputSink:
     full pipe; bytes past the cap are dropped and ``truncated`` is set. ``on_chunk``
     sees every chunk as it comes, past the cap too (streaming shows all the output
     while the result keeps a bounded copy). ``cancel()`` asks the backend to stop the
-    command, as a timeout would.
+    command, as a timeout would; so does setting ``cancel``, an event the caller owns.
     """
 
     def __init__(
         self,
         max_output: int,
         on_chunk: Callable[[OutputChunk], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.max_output = max_output
         self.truncated = False
@@ -32,7 +33,8 @@ class OutputSink:
         self._parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self._sizes = {"stdout": 0, "stderr": 0}
         self._lock = threading.Lock()
-        self._cancelled = threading.Event()
+        # A caller's own event (corral.aio's cancellation) or one of the sink's.
+        self._cancelled = threading.Event() if cancel is None else cancel
 
     def write(self, stream: str, data: bytes) -> None:
         if not data:

@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,8 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        on_chunk: Callable[[OutputChunk], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> ExecResult:
         """Run ``argv`` (a list; never a string, there is no implicit shell) and wait.
 
@@ -162,13 +164,16 @@ class Sandbox:
             user: ``uid[:gid]`` or a name, where the backend supports it.
             stdin: bytes (or text, sent as UTF-8) fed to the command.
             max_output: cap per stream; output past it is dropped, ``truncated`` set.
+            on_chunk: called (from a backend thread) with each OutputChunk as it comes.
+            cancel: an event another thread may set to stop the command, as a timeout
+                would (the result then has ``timed_out`` set); used by ``corral.aio``.
 
         Raises:
             ConfigError: bad argv, env or paths (nothing ran).
             SandboxClosedError: the sandbox was closed.
         """
         request = self._request(argv, timeout, env, workdir, user, stdin, max_output)
-        sink = OutputSink(request.max_output)
+        sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
         return self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink)
 
     def stream(

@@ -1,0 +1,348 @@
+"""corral for asyncio: the same API as ``corral``, awaitable, never blocking the event loop.
+
+Every blocking call of the sync core runs in a worker thread of a pool of this module's
+own (so long commands do not starve asyncio's default executor). Cancelling a task that
+awaits ``exec`` or ``stream`` (or a timeout of ``asyncio.wait_for``) stops the command
+inside the sandbox, and the cancellation completes only once it has stopped; the
+sandbox stays usable. Other calls are not interrupted half-way: a cancelled call
+finishes in its thread first, and a sandbox created by a cancelled ``create`` is closed.
+
+Not imported by ``import corral``: ``import corral.aio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .core import lifecycle
+from .core.archive import ArchiveLimits
+from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+from .core.sandbox import Sandbox
+from .core.settings import Settings
+
+__all__ = ["AsyncSandbox", "attach", "create", "gc", "list"]
+
+T = TypeVar("T")
+
+log = logging.getLogger("corral")
+
+# Threads are made on demand, so a large cap costs nothing until used; it bounds how
+# many blocking calls (mostly running commands) can be in flight at once.
+_MAX_WORKERS = 256
+# How many output chunks a stream holds for a slow consumer before the command waits.
+_STREAM_BUFFER = 64
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads of corral.aio, made on first use."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="corral-aio")
+        return _executor
+
+
+def _start(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """Run ``fn`` in a worker thread (with the caller's context variables)."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return loop.run_in_executor(_pool(), call)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a worker's outcome as seen, so asyncio does not log an unread error."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _settle(future: asyncio.Future[Any]) -> None:
+    """Wait for a worker to finish, whatever its outcome; a further cancel ends the wait."""
+    future.add_done_callback(_retrieve)
+    with contextlib.suppress(Exception):
+        await asyncio.shield(future)
+
+
+async def _call(
+    fn: Callable[..., T], *args: Any, on_cancel: Callable[[], None] | None = None, **kwargs: Any
+) -> T:
+    """Await ``fn`` run in a worker thread.
+
+    On cancellation ``on_cancel`` runs (to ask the work to stop), then the worker is
+    waited for, so that when the cancellation arrives the work has really ended.
+    """
+    future = _start(fn, *args, **kwargs)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
+        await _settle(future)
+        raise
+
+
+class AsyncSandbox:
+    """A running sandbox for asyncio code; ``async with`` closes it on exit.
+
+    Wraps a sync ``corral.Sandbox`` (``.sync``), which stays usable from threads.
+    """
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sync = sandbox
+
+    # -- identity ----------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.sync.id
+
+    @property
+    def backend_name(self) -> str:
+        return self.sync.backend_name
+
+    @property
+    def spec(self) -> Any:
+        return self.sync.spec
+
+    @property
+    def info(self) -> SandboxInfo:
+        return self.sync.info
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.sync.labels
+
+    @property
+    def expires(self) -> float:
+        return self.sync.expires
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<AsyncSandbox {self.id} on {self.backend_name} ({state})>"
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            await self.close()
+            return
+        try:
+            await self.close()
+        except Exception:  # never mask the error that is already on its way out
+            log.exception("closing sandbox %s failed while handling another error", self.id)
+
+    # -- exec --------------------------------------------------------------------------
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | str | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | str | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` and wait for its ExecResult; see ``corral.Sandbox.exec``.
+
+        Cancelling the awaiting task stops the command in the sandbox (every process it
+        started), and the CancelledError arrives once it has stopped.
+        """
+        cancel = threading.Event()
+        return await _call(
+            self.sync.exec,
+            argv,
+            timeout=timeout,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            max_output=max_output,
+            cancel=cancel,
+            on_cancel=cancel.set,
+        )
+
+    async def stream(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | str | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | str | None = None,
+    ) -> AsyncIterator[OutputChunk | ExecResult]:
+        """Like ``exec``, but yields OutputChunks as they come, then the ExecResult.
+
+        At most a few dozen chunks wait for a slow consumer; past that the command waits,
+        as it would on a full pipe. Cancelling the consumer, or closing the generator
+        (``contextlib.aclosing``; a loop left with ``break`` closes it when collected),
+        stops the command.
+        """
+        loop = asyncio.get_running_loop()
+        cancel = threading.Event()
+        slots = threading.Semaphore(_STREAM_BUFFER)
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        def on_chunk(chunk: OutputChunk) -> None:
+            # In a backend thread: wait for room, unless nobody is reading any more.
+            while not slots.acquire(timeout=0.05):
+                if cancel.is_set():
+                    return
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, chunk)
+            except RuntimeError:  # the loop is closed: nobody will read it
+                cancel.set()
+
+        future = _start(
+            self.sync.exec,
+            argv,
+            timeout=timeout,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            max_output=max_output,
+            on_chunk=on_chunk,
+            cancel=cancel,
+        )
+        # The result lands after every chunk: both come through the loop in order.
+        future.add_done_callback(lambda _: events.put_nowait(done))
+        try:
+            while (event := await events.get()) is not done:
+                slots.release()
+                yield event
+            yield future.result()
+        finally:
+            if not future.done():
+                cancel.set()
+            await _settle(future)
+
+    # -- files -------------------------------------------------------------------------
+
+    async def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` inside the sandbox; see ``Sandbox.write_file``."""
+        await _call(self.sync.write_file, path, data, mode=mode)
+
+    async def read_file(self, path: str, *, max_size: int = 256 * 1024**2) -> bytes:
+        """The content of the file at ``path``; see ``Sandbox.read_file``."""
+        return await _call(self.sync.read_file, path, max_size=max_size)
+
+    async def upload(self, source: str | os.PathLike[str], destination: str) -> None:
+        """Copy a local file or folder into the folder ``destination``; see ``Sandbox.upload``."""
+        await _call(self.sync.upload, source, destination)
+
+    async def download(
+        self,
+        source: str,
+        destination: str | os.PathLike[str],
+        *,
+        limits: ArchiveLimits = ArchiveLimits(),
+    ) -> Path:
+        """Copy ``source`` out to a new local path; see ``Sandbox.download``."""
+        return await _call(self.sync.download, source, destination, limits=limits)
+
+    # -- state -------------------------------------------------------------------------
+
+    async def usage(self) -> ResourceUsage:
+        """What the sandbox uses now; see ``Sandbox.usage``."""
+        return await _call(self.sync.usage)
+
+    async def health(self) -> Health:
+        """The state of the spec's healthcheck; see ``Sandbox.health``."""
+        return await _call(self.sync.health)
+
+    def detach(self) -> None:
+        """Stop owning the sandbox; see ``Sandbox.detach``."""
+        self.sync.detach()
+
+    async def close(self) -> None:
+        """Destroy the sandbox and everything in it. Idempotent; a cancel waits for it."""
+        await _call(self.sync.close)
+
+
+class _Handover:
+    """A sandbox created in a worker thread, passed to its awaiter unless it gave up."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.sandbox: Sandbox | None = None
+
+    def make(self, image: str | None, keywords: dict[str, Any]) -> Sandbox | None:
+        """In the worker: create, then hand over, or close what nobody will use."""
+        sandbox = lifecycle.create(image, **keywords)
+        with self.lock:
+            if not self.abandoned:
+                self.sandbox = sandbox
+                return sandbox
+        sandbox.close()
+        return None
+
+    def abandon(self) -> None:
+        """The awaiter was cancelled: close the sandbox, now or once it exists."""
+        with self.lock:
+            self.abandoned = True
+            sandbox, self.sandbox = self.sandbox, None
+        if sandbox is not None:
+            _pool().submit(sandbox.close).add_done_callback(_log_failure)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    if future.exception() is not None:
+        log.error("closing an abandoned sandbox failed", exc_info=future.exception())
+
+
+async def create(image: str | None = None, **keywords: Any) -> AsyncSandbox:
+    """Create and start a sandbox; the keywords are those of ``corral.create``.
+
+    Use the result with ``async with``. If the awaiting task is cancelled, the creation
+    finishes in its thread and the new sandbox is closed, not leaked.
+    """
+    handover = _Handover()
+    sandbox = await _call(handover.make, image, keywords, on_cancel=handover.abandon)
+    assert sandbox is not None  # only an abandoned creation gives None
+    return AsyncSandbox(sandbox)
+
+
+async def attach(
+    sandbox_id: str, *, backend: str | None = None, settings: Settings | None = None
+) -> AsyncSandbox:
+    """A handle on a sandbox made elsewhere; see ``corral.attach``."""
+    sandbox = await _call(lifecycle.attach, sandbox_id, backend=backend, settings=settings)
+    return AsyncSandbox(sandbox)
+
+
+async def list(
+    *, backend: str | None = None, settings: Settings | None = None
+) -> builtins.list[SandboxInfo]:
+    """Every sandbox corral made on the backend; see ``corral.list``."""
+    return await _call(lifecycle.list_sandboxes, backend=backend, settings=settings)
+
+
+async def gc(
+    *, backend: str | None = None, settings: Settings | None = None, everything: bool = False
+) -> builtins.list[str]:
+    """Remove expired sandboxes (all of corral's with ``everything``); see ``corral.gc``."""
+    return await _call(lifecycle.gc, backend=backend, settings=settings, everything=everything)
