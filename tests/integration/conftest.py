@@ -193,6 +193,18 @@ def raw_client(engine: str):
 
 
 @pytest.fixture
+def settings_of(state_dir: Path, mount_root: Path):
+    """``settings_of(engine, **backend_options)``: the test's own settings for an engine."""
+    return lambda engine, **backend: engine_settings_for(engine, state_dir, mount_root, **backend)
+
+
+@pytest.fixture
+def raw_client_of():
+    """``raw_client_of(engine)``: a docker-py APIClient on that engine (close it after)."""
+    return raw_client
+
+
+@pytest.fixture
 def engine_client(engine: str, engine_settings: corral.Settings):
     client = raw_client(engine)
     yield client

@@ -238,10 +238,16 @@ class PluginHost:
         return cls(own)
 
     def availability(self, name: str, settings: Settings) -> Availability:
+        """Whether backend ``name`` can run with these settings (a throwaway instance,
+        closed after the check so that its engine connections do not linger)."""
         try:
-            return self.make_backend(name, settings).check()
+            instance = self.make_backend(name, settings)
         except ConfigError as e:
             return Availability(False, str(e), "fix the settings")
+        try:
+            return instance.check()
+        finally:
+            instance.close()
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,166 @@
+"""The THREATS.md campaign: every case against every backend it applies to, each ending
+with proof that nothing leaked and the host is untouched.
+
+``backend`` runs a test once per backend (local, docker, podman; each with its marker);
+``sandbox(**keywords)`` creates one on it. The autouse ``nothing_leaked`` fixture
+snapshots, before the test, what a sandbox could leave behind and compares after it:
+corral's labelled containers (and volumes) on the engines, child processes of the test
+process, the client's open file descriptors, corral's temporary folders, and canary
+files on the host. Destructive cases (marker ``destructive``) run only with
+``CORRALTEST_DESTRUCTIVE=1``, which ``scripts/test`` sets under CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import corral
+from corral.core.plugins import get_host
+
+# The engines of tests/integration/conftest.py (whose fixtures this folder inherits),
+# by the variable scripts/engines sets to each one's socket.
+ENGINES = {"docker": "CORRALTEST_DOCKER_URL", "podman": "CORRALTEST_PODMAN_URL"}
+BACKENDS = ["local", *ENGINES]
+# Host files a sandbox must never change, hashed before and after each case.
+HOST_FILES = ("/etc/passwd", "/etc/shadow", "/etc/hosts", "/etc/resolv.conf")
+# Leftovers get this long to disappear: removal by an engine is not instantaneous.
+SETTLE = 10.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CORRALTEST_DESTRUCTIVE") == "1":
+        return
+    skip = pytest.mark.skip(
+        reason="destructive case: set CORRALTEST_DESTRUCTIVE=1 on a disposable machine"
+    )
+    for item in items:
+        if "destructive" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in BACKENDS])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backend_settings(backend: str, request: pytest.FixtureRequest) -> corral.Settings:
+    """The test's own settings for ``backend`` (an engine missing fails under CI)."""
+    if backend == "local":
+        return request.getfixturevalue("settings")
+    return request.getfixturevalue("settings_of")(backend)
+
+
+@pytest.fixture
+def sandbox(
+    backend: str, backend_settings: corral.Settings
+) -> Iterator[Callable[..., corral.Sandbox]]:
+    """``sandbox(**keywords)`` creates a sandbox on ``backend``, closed at the end."""
+    made: list[corral.Sandbox] = []
+
+    def _sandbox(**keywords: object) -> corral.Sandbox:
+        keywords.setdefault("settings", backend_settings)
+        keywords.setdefault("lifetime", "10m")
+        made.append(corral.create(backend=backend, **keywords))
+        return made[-1]
+
+    yield _sandbox
+    for sb in made:
+        sb.close()
+
+
+def _hash(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _engine_leftovers(raw_client: Callable[[str], object]) -> dict[str, set[str]]:
+    """Every container (by id) carrying corral's label, and every volume, per engine."""
+    found: dict[str, set[str]] = {}
+    for engine, variable in ENGINES.items():
+        if not os.environ.get(variable):
+            continue
+        client: Any = raw_client(engine)
+        try:
+            containers = client.containers(all=True, filters={"label": "corral.managed=true"})
+            volumes = client.volumes()["Volumes"] or []
+        except Exception:  # an engine a fault case stopped: the case itself reports it
+            continue
+        finally:
+            client.close()
+        found[engine] = {c["Id"] for c in containers} | {f"volume:{v['Name']}" for v in volumes}
+    return found
+
+
+def _corral_temp_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("corral-*") if "test" not in p.name}
+
+
+def _snapshot(canaries: dict[Path, str | None], raw_client: Callable) -> dict[str, object]:
+    # The shared backends' engine clients are closed first: their pooled connections are
+    # meant to outlive a sandbox, so only with them closed is "back to baseline" exact.
+    get_host().close()
+    me = psutil.Process()
+    return {
+        "engines": _engine_leftovers(raw_client),
+        "children": {p.pid for p in me.children(recursive=True) if p.is_running()},
+        "fds": me.num_fds(),
+        "temp": _corral_temp_folders(),
+        "canaries": {path: _hash(path) for path in canaries},
+    }
+
+
+def _leaks(before: dict[str, object], after: dict[str, object]) -> list[str]:
+    problems = []
+    for engine, ids in after["engines"].items():  # type: ignore[union-attr]
+        new = ids - before["engines"].get(engine, set())  # type: ignore[union-attr]
+        if new:
+            problems.append(f"{engine} kept {sorted(new)}")
+    new_children = after["children"] - before["children"]  # type: ignore[operator]
+    alive = [pid for pid in new_children if psutil.pid_exists(pid)]
+    if alive:
+        problems.append(f"host processes left: {alive}")
+    if after["fds"] > before["fds"]:  # type: ignore[operator]
+        problems.append(f"client file descriptors {before['fds']} -> {after['fds']}")
+    new_temp = after["temp"] - before["temp"]  # type: ignore[operator]
+    if new_temp:
+        problems.append(f"temporary folders left: {sorted(new_temp)}")
+    changed = [str(p) for p, h in after["canaries"].items() if before["canaries"][p] != h]  # type: ignore[union-attr,index]
+    if changed:
+        problems.append(f"host files changed: {changed}")
+    return problems
+
+
+@pytest.fixture
+def canary(shared_tmp: Path) -> Path:
+    """A host file next to the test's mount root; a case may hand its path to the attack."""
+    path = shared_tmp / "canary.txt"
+    path.write_bytes(b"canary " + os.urandom(16).hex().encode())
+    return path
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaked(canary: Path, raw_client_of: Callable) -> Iterator[None]:
+    """After each case: no labelled container or volume, host process, client fd, temporary
+    folder or changed host file more than before it (waiting out engine removal)."""
+    canaries = {canary: None, **{Path(p): None for p in HOST_FILES}}
+    before = _snapshot(canaries, raw_client_of)
+    yield
+    deadline = time.monotonic() + SETTLE
+    while True:
+        problems = _leaks(before, _snapshot(canaries, raw_client_of))
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert problems == [], "the case leaked or touched the host: " + "; ".join(problems)
