@@ -27,11 +27,14 @@ from typing import Any, TypeVar
 
 from .core import lifecycle
 from .core.archive import ArchiveLimits
+from .core.errors import SandboxClosedError
+from .core.pool import Pool as SyncPool
+from .core.pool import PoolStats
 from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .core.sandbox import Sandbox
 from .core.settings import Settings
 
-__all__ = ["AsyncSandbox", "attach", "create", "gc", "list"]
+__all__ = ["AsyncSandbox", "Pool", "attach", "create", "gc", "list"]
 
 T = TypeVar("T")
 
@@ -283,35 +286,46 @@ class AsyncSandbox:
 
 
 class _Handover:
-    """A sandbox created in a worker thread, passed to its awaiter unless it gave up."""
+    """A sandbox obtained in a worker thread, passed to its awaiter unless it gave up;
+    one nobody will use goes to ``discard`` (closed, or given back to its pool)."""
 
-    def __init__(self) -> None:
+    def __init__(self, discard: Callable[[Sandbox], None]) -> None:
+        self.discard = discard
         self.lock = threading.Lock()
         self.abandoned = False
         self.sandbox: Sandbox | None = None
 
-    def make(self, image: str | None, keywords: dict[str, Any]) -> Sandbox | None:
-        """In the worker: create, then hand over, or close what nobody will use."""
-        sandbox = lifecycle.create(image, **keywords)
+    def run(self, obtain: Callable[..., Sandbox], *args: Any, **kwargs: Any) -> Sandbox | None:
+        """In the worker: obtain a sandbox, then hand it over or discard it."""
+        sandbox = obtain(*args, **kwargs)
         with self.lock:
             if not self.abandoned:
                 self.sandbox = sandbox
                 return sandbox
-        sandbox.close()
+        self.discard(sandbox)
         return None
 
     def abandon(self) -> None:
-        """The awaiter was cancelled: close the sandbox, now or once it exists."""
+        """The awaiter was cancelled: discard the sandbox, now or once it exists."""
         with self.lock:
             self.abandoned = True
             sandbox, self.sandbox = self.sandbox, None
         if sandbox is not None:
-            _pool().submit(sandbox.close).add_done_callback(_log_failure)
+            _pool().submit(self.discard, sandbox).add_done_callback(_log_failure)
 
 
 def _log_failure(future: Future[Any]) -> None:
     if future.exception() is not None:
         log.error("closing an abandoned sandbox failed", exc_info=future.exception())
+
+
+async def _obtain(
+    obtain: Callable[..., Sandbox], discard: Callable[[Sandbox], None], *args: Any, **kwargs: Any
+) -> Sandbox:
+    handover = _Handover(discard)
+    sandbox = await _call(handover.run, obtain, *args, on_cancel=handover.abandon, **kwargs)
+    assert sandbox is not None  # only an abandoned handover gives None
+    return sandbox
 
 
 async def create(image: str | None = None, **keywords: Any) -> AsyncSandbox:
@@ -320,10 +334,71 @@ async def create(image: str | None = None, **keywords: Any) -> AsyncSandbox:
     Use the result with ``async with``. If the awaiting task is cancelled, the creation
     finishes in its thread and the new sandbox is closed, not leaked.
     """
-    handover = _Handover()
-    sandbox = await _call(handover.make, image, keywords, on_cancel=handover.abandon)
-    assert sandbox is not None  # only an abandoned creation gives None
+    sandbox = await _obtain(lifecycle.create, Sandbox.close, image, **keywords)
     return AsyncSandbox(sandbox)
+
+
+class Pool:
+    """A warm pool for asyncio code: the same pool as ``corral.Pool``, awaited.
+
+    ``async with corral.aio.Pool(4, backend="docker", image=...) as pool:`` starts it
+    (in a worker thread: the backend is checked and the refill thread started) and
+    closes it at the end; ``async with pool.acquire() as sandbox:`` hands out an
+    ``AsyncSandbox``, destroyed when the block ends. A task cancelled while waiting for
+    a sandbox takes none: one handed over too late goes back to be destroyed.
+    """
+
+    def __init__(self, size: int = 1, **keywords: Any) -> None:
+        self.size = size
+        self._keywords = keywords
+        self.sync: SyncPool | None = None
+
+    def __repr__(self) -> str:
+        return repr(self.sync) if self.sync is not None else "<Pool (not started)>"
+
+    async def start(self) -> Pool:
+        """Make the pool (idempotent); ``async with`` calls this."""
+        if self.sync is None:
+            self.sync = await _call(SyncPool, self.size, **self._keywords)
+        return self
+
+    async def __aenter__(self) -> Pool:
+        return await self.start()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            await self.close()
+            return
+        try:
+            await self.close()
+        except Exception:  # never mask the error that is already on its way out
+            log.exception("closing a pool failed while handling another error")
+
+    def _started(self) -> SyncPool:
+        if self.sync is None:
+            raise SandboxClosedError("this pool was not started: use `async with` or start()")
+        return self.sync
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, timeout: float | None = None) -> AsyncIterator[AsyncSandbox]:
+        """Hand out a ready sandbox for one ``async with`` block; see ``corral.Pool.acquire``."""
+        pool = self._started()
+        sandbox = await _obtain(pool.take, pool.give_back, timeout)
+        try:
+            yield AsyncSandbox(sandbox)
+        except BaseException:
+            await _settle(_start(pool.give_back, sandbox))  # never mask the error
+            raise
+        await _call(pool.give_back, sandbox, raise_errors=True)
+
+    def stats(self) -> PoolStats:
+        """Counts of ready, in-use, created and destroyed sandboxes; see ``corral.Pool``."""
+        return self._started().stats()
+
+    async def close(self) -> None:
+        """Stop refilling and destroy every ready sandbox. Idempotent."""
+        if self.sync is not None:
+            await _call(self.sync.close)
 
 
 async def attach(

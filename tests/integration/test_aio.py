@@ -266,3 +266,72 @@ def test_on_every_engine(engine, engine_settings):
         assert sandbox_id not in left
 
     asyncio.run(main())
+
+
+async def _ready(pool: aio.Pool, count: int) -> None:
+    for _ in range(1200):
+        if pool.stats().ready >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the pool never filled: {pool.stats()}")
+
+
+@pytest.mark.local
+def test_a_pool_hands_out_async_sandboxes_once(settings):
+    async def main() -> None:
+        async with aio.Pool(2, backend="local", settings=settings) as pool:
+            await _ready(pool, 2)
+            async with pool.acquire() as sb:
+                assert isinstance(sb, aio.AsyncSandbox)
+                await sb.write_file("/tmp/mine", b"secret")
+                first = sb.id
+            assert sb.closed
+            async with pool.acquire() as sb:
+                assert sb.id != first
+                assert (await sb.exec(["cat", "/tmp/mine"])).exit_code != 0  # a fresh one
+            with pytest.raises(RuntimeError):  # an error in the block still destroys it
+                async with pool.acquire() as sb:
+                    raise RuntimeError("boom")
+            assert sb.closed
+        assert pool.sync is not None and pool.sync.closed
+        assert await aio.list(backend="local", settings=settings) == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.local
+def test_a_task_cancelled_while_waiting_for_a_pool_takes_nothing(settings, mount_root):
+    async def main() -> None:
+        source = mount_root / "repo"
+        source.mkdir()
+        mount = corral.Mount(str(source), "/repo")
+        async with aio.Pool(1, backend="local", settings=settings, mounts=[mount]) as pool:
+            await _ready(pool, 1)
+            source.rmdir()  # from now on every creation fails: the pool cannot refill
+            async with pool.acquire() as held:
+                waiter = asyncio.create_task(pool.acquire(timeout=60).__aenter__())
+                for _ in range(600):
+                    if pool.stats().failures:
+                        break
+                    await asyncio.sleep(0.05)
+                assert pool.stats().failures and not waiter.done()
+                waiter.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiter
+                assert pool.stats().in_use == 1 and not held.closed  # only the held one
+            assert pool.stats().in_use == 0
+        assert await aio.list(backend="local", settings=settings) == []
+
+    asyncio.run(main())
+
+
+def test_a_pool_on_every_engine(engine, engine_settings):
+    async def main() -> None:
+        pool = aio.Pool(1, backend=engine, settings=engine_settings)
+        async with pool, pool.acquire() as sb:
+            assert (await sb.exec(["echo", "pooled"])).text == "pooled\n"
+            sandbox_id = sb.id
+        left = [i.id for i in await aio.list(backend=engine, settings=engine_settings)]
+        assert sandbox_id not in left
+
+    asyncio.run(main())

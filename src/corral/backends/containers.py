@@ -64,6 +64,10 @@ SECCOMP_UNCONFINED = "unconfined"
 
 
 PULL_POLICIES = ("never", "missing", "always")
+# Connections each engine client keeps open for reuse: a program driving a hundred
+# sandboxes from a hundred threads reuses them instead of opening (and, past the
+# clients' default of 10, throwing away with a warning) one per call.
+CONNECTION_POOL_SIZE = 128
 _C = Capability
 # What both engines enforce for every sandbox; each adds its security modules.
 CAPABILITIES = (

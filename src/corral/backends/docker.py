@@ -124,7 +124,9 @@ class DockerBackend(Backend):
                     raise self._unavailable(e) from e
                 finally:
                     probe.close()
-                self._api = docker.APIClient(version=version, max_pool_size=64, **options)
+                self._api = docker.APIClient(
+                    version=version, max_pool_size=containers.CONNECTION_POOL_SIZE, **options
+                )
         return self._api
 
     @contextlib.contextmanager

@@ -121,7 +121,11 @@ class PodmanBackend(Backend):
                 path = self.url.removeprefix("unix://")
                 if self.url.startswith("unix://") and not os.path.exists(path):
                     raise self._unavailable(f"there is no socket at {path}")
-                self._client = podman.PodmanClient(base_url=self.url, timeout=self.settings.timeout)
+                self._client = podman.PodmanClient(
+                    base_url=self.url,
+                    timeout=self.settings.timeout,
+                    max_pool_size=containers.CONNECTION_POOL_SIZE,
+                )
         return self._client.api
 
     def _call(self, method: str, path: str, sandbox_id: str | None = None, **kwargs: Any) -> Any:

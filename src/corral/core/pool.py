@@ -357,15 +357,23 @@ class Pool:
             TimeoutError: none became ready in time (``on_empty="wait"``).
             ResourceLimitError: none is ready now (``on_empty="fail"``).
         """
-        sandbox = self._core.take(
-            self.acquire_timeout if timeout is None else timeout, self.on_empty
-        )
+        sandbox = self.take(timeout)
         try:
             yield sandbox
         except BaseException:
-            self._core.release(sandbox, quiet=True)  # never mask the error on its way out
+            self.give_back(sandbox)  # quietly: never mask the error on its way out
             raise
-        self._core.release(sandbox)
+        self.give_back(sandbox, raise_errors=True)
+
+    def take(self, timeout: float | None = None) -> Sandbox:
+        """``acquire`` in two halves, for callers that cannot hold a ``with`` block
+        (``corral.aio``): a checked sandbox, which must then go to ``give_back``."""
+        return self._core.take(self.acquire_timeout if timeout is None else timeout, self.on_empty)
+
+    def give_back(self, sandbox: Sandbox, *, raise_errors: bool = False) -> None:
+        """Destroy a sandbox from ``take`` (it never returns to the pool); a failure to
+        destroy it is logged, or raised with ``raise_errors``."""
+        self._core.release(sandbox, quiet=not raise_errors)
 
     def stats(self) -> PoolStats:
         """Counts of ready, in-use, created and destroyed sandboxes, and the last error."""
