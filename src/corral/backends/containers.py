@@ -432,15 +432,19 @@ def run_exec(
                 view.kill_marked(marker, also=[pid] if pid else [])
 
     try:
-        feeder = feed_stdin(session.socket, request.stdin)
-        timed_out = read_frames(session.socket, sink, deadline, stop)
-        if feeder is not None:
-            feeder.join(timeout=5)
+        try:
+            feeder = feed_stdin(session.socket, request.stdin)
+            timed_out = read_frames(session.socket, sink, deadline, stop)
+            if feeder is not None:
+                feeder.join(timeout=5)
+        finally:
+            session.close()
+        code = session.exit_code()
     finally:
-        session.close()
-    code = session.exit_code()
-    if view is not None:
-        view.kill_marked(marker)  # an exec owns its descendants
+        # An exec owns its descendants, also when it failed: a stream the engine broke
+        # (a restart) or an exit code it cannot report must not leave the command running.
+        if view is not None:
+            view.kill_marked(marker)
     code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
     # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count.
     oom = view is not None and code == 137 and not timed_out and view.oom_kills() > oom_before
