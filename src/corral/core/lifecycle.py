@@ -15,7 +15,7 @@ from .backend import Backend, Capability, required_capabilities
 from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
 from .plugins import PluginHost, get_host
-from .policy import apply_policy
+from .policy import apply_policy, loosened
 from .results import SandboxInfo
 from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
@@ -194,10 +194,10 @@ def create(
         "corral.created": str(int(now)),
         "corral.expires": str(int(now + final.limits.lifetime)),
     }
-    loosened = final.security.loosened()
-    if loosened:  # recorded on the sandbox, and said out loud
-        labels_out["corral.loosened"] = ",".join(loosened)
-        log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(loosened))
+    unsafe = loosened(final)
+    if unsafe:  # recorded on the sandbox, and said out loud
+        labels_out["corral.loosened"] = ",".join(unsafe)
+        log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(unsafe))
     host.pm.hook.corral_sandbox_creating(spec=final, sandbox_id=sandbox_id, backend=name)
     try:
         chosen.create(sandbox_id, final, labels_out)

@@ -17,7 +17,7 @@ from .errors import ConfigError, PolicyError
 from .settings import Settings
 from .spec import UNSAFE_OPTIONS, Mount, SandboxSpec
 
-__all__ = ["apply_policy", "sensitive_reason"]
+__all__ = ["apply_policy", "loosened", "sensitive_reason"]
 
 # Refused as a source, and so is anything below them.
 _SENSITIVE_TREES = (
@@ -46,6 +46,8 @@ _SENSITIVE_FOLDERS = (
     "/opt",
 )
 _SENSITIVE_HOME_TREES = (".ssh", ".gnupg", ".aws", ".docker", ".kube", ".config/gcloud", ".netrc")
+# The spec field each unsafe option loosens, for errors that name it.
+_FIELDS = {"selinux": "selinux_label"}
 
 
 def _under(path: Path, root: Path) -> bool:
@@ -76,7 +78,8 @@ def _resolve_mount(mount: Mount, index: int, spec: SandboxSpec, settings: Settin
         resolved = source.resolve(strict=True)
     except OSError:
         raise ConfigError(field, f"{mount.source!r} does not exist") from None
-    reason = sensitive_reason(resolved)
+    # The path as written counts too: /lib resolves to /usr/lib on merged-/usr hosts.
+    reason = sensitive_reason(resolved) or sensitive_reason(Path(os.path.abspath(source)))
     if reason and "sensitive_mounts" not in spec.security.allow_unsafe:
         raise PolicyError(
             f"{field}: {str(resolved)!r} {reason}; it can only be mounted with "
@@ -97,11 +100,19 @@ def apply_policy(spec: SandboxSpec, settings: Settings) -> SandboxSpec:
     for name in spec.security.loosened():
         if name not in spec.security.allow_unsafe:
             raise PolicyError(
-                f"sandbox.security: {UNSAFE_OPTIONS[name]}; to allow it, add {name!r} to "
-                "sandbox.security.allow_unsafe"
+                f"sandbox.security.{_FIELDS.get(name, name)}: {UNSAFE_OPTIONS[name]}; to allow "
+                f"it, add {name!r} to sandbox.security.allow_unsafe"
             )
     mounts = tuple(
         _resolve_mount(m, i, spec, settings) if isinstance(m, Mount) else m
         for i, m in enumerate(spec.mounts)
     )
     return attrs.evolve(spec, mounts=mounts)
+
+
+def loosened(spec: SandboxSpec) -> list[str]:
+    """Every unsafe option a policy-checked spec uses, sensitive mounts included."""
+    found = spec.security.loosened()
+    if any(isinstance(m, Mount) and sensitive_reason(Path(m.source)) for m in spec.mounts):
+        found.append("sensitive_mounts")
+    return found

@@ -35,7 +35,7 @@ __all__ = [
 UNSAFE_OPTIONS = {
     "cap_add": "adds Linux capabilities",
     "no_new_privileges": "lets setuid programs gain privileges",
-    "seccomp": "turns the seccomp filter off",
+    "seccomp": "turns the seccomp filter off or replaces it with a profile of its own",
     "apparmor": "turns the AppArmor profile off",
     "selinux": "turns SELinux labelling off",
     "isolate": "runs the command without any isolation",
@@ -412,7 +412,9 @@ class Security:
             found.append("cap_add")
         if not self.no_new_privileges:
             found.append("no_new_privileges")
-        if self.seccomp == "unconfined":
+        # A profile of the caller's own replaces the engine's default wholesale, and
+        # corral cannot tell a stricter one from {"defaultAction": "SCMP_ACT_ALLOW"}.
+        if self.seccomp is not None:
             found.append("seccomp")
         if self.apparmor == "unconfined":
             found.append("apparmor")
