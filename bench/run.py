@@ -1,0 +1,116 @@
+"""Every benchmark of issue 7 in one run: corral against the raw clients, per backend.
+
+    .venv/bin/python bench/run.py [--backends local,docker,podman] [--rounds N] [--quick]
+
+Per backend (local against bwrap by hand, docker against docker-py, podman against
+podman-py), corral and the raw client alternate round by round doing the same work:
+a ready sandbox cold and from a warm pool, the full cycle, an exec, usage(), file
+copies of 1 KiB and 10 MiB, 20 and 100 concurrent sandboxes, client memory per idle
+sandbox; then ``import corral`` time, and llm-sandbox where it is installed. Writes
+bench/results/benchmarks.md and benchmarks.json. Everything made carries the run's
+label and is removed at the end, also after an error. Not a test: never asserts on time.
+The engines default to the test suite's (``scripts/engines up``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import backends  # noqa: E402
+import measure  # noqa: E402
+import probes  # noqa: E402
+from backend_local import private_state_dir  # noqa: E402
+from common import Config, Row, markdown, write_results  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(backends.NAMES))
+    parser.add_argument("--rounds", type=int, default=None, help="default 15 (5 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, 20 concurrent only")
+    parser.add_argument("--docker-url", default="unix:///run/corral-test/docker.sock")
+    parser.add_argument("--podman-url", default="unix:///run/corral-test/podman.sock")
+    parser.add_argument("--image", default="corral-test/busybox:latest")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    return parser.parse_args(argv)
+
+
+def plan_of(args: argparse.Namespace) -> measure.Plan:
+    rounds = args.rounds or (5 if args.quick else 15)
+    if args.quick:
+        return measure.Plan(rounds, 2, (20,), {20: 1})
+    return measure.Plan(rounds, 3)
+
+
+def usage_rounds(backend: str, plan: measure.Plan) -> measure.Plan:
+    """docker-py's stats() waits for a second sample (2 s a call): few rounds there."""
+    if backend == "docker":
+        return plan
+    return measure.Plan(
+        plan.rounds, plan.rounds, plan.concurrency, plan.concurrency_rounds, plan.pool_size
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for name in chosen:
+        backends.module(name)  # unknown names and missing clients fail before any work
+    plan = plan_of(args)
+    state_dir = private_state_dir()
+    config = Config(
+        run_id=uuid.uuid4().hex[:12],
+        image=args.image,
+        docker_url=args.docker_url,
+        podman_url=args.podman_url,
+        state_dir=state_dir,
+        quick=args.quick,
+    )
+    started, clock = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
+    rows: list[Row] = []
+    failed = []
+    try:
+        for name in chosen:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            try:
+                got = backends.module(name).run(config, usage_rounds(name, plan))
+            except Exception as e:  # one backend's failure must not lose the others' figures
+                traceback.print_exc()
+                failed.append(name)
+                got = [
+                    Row(name, "(backend failed)", None, None, "", note=f"{type(e).__name__}: {e}")
+                ]
+            rows += got
+            print(markdown(got, ""), file=sys.stderr, flush=True)
+        print("== import time", file=sys.stderr, flush=True)
+        rows += probes.import_rows(10 if args.quick else 25)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    meta = {
+        "started": started,
+        "seconds": time.monotonic() - clock,
+        "rounds": plan.rounds,
+        "quick": args.quick,
+        "backends": chosen,
+        "run_id": config.run_id,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
+    }
+    path = write_results(Path(args.out), rows, meta)
+    print(path.read_text())
+    print(f"written: {path} and {path.with_suffix('.json')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
