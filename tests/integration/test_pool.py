@@ -289,4 +289,13 @@ def test_pool_on_an_engine(engine, engine_settings, engine_client):
         with p.acquire() as sandbox:
             assert sandbox.id not in gone
             assert sandbox.exec(["true"]).exit_code == 0
+        # Nor are ones paused or stopped behind its back (seen from the host, not asked
+        # of the engine).
+        _filled(p)
+        paused, stopped = sorted(_ids(engine, engine_settings, mark))
+        engine_client.pause(f"corral-{paused}")
+        engine_client.kill(f"corral-{stopped}")
+        with p.acquire() as sandbox:
+            assert sandbox.id not in (paused, stopped)
+            assert sandbox.exec(["true"]).exit_code == 0
     assert p.closed and _ids(engine, engine_settings, mark) == set()

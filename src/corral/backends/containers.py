@@ -510,6 +510,21 @@ class HostView:
                     return [int(p) for p in path.read_text().split()]
         return []
 
+    def running(self) -> bool:
+        """Whether the container still runs, unpaused: its init is in its cgroup (a removed
+        container's cgroup is gone, and a reused pid would be elsewhere) and not frozen."""
+        if self.init_pid not in self.pids():
+            return False
+        freezer = self._file("freezer", "freezer.state")
+        if freezer is not None:
+            with contextlib.suppress(OSError):
+                return freezer.read_text().strip() == "THAWED"
+        frozen = self._file("unified", "cgroup.freeze")
+        if frozen is not None:
+            with contextlib.suppress(OSError):
+                return frozen.read_text().strip() == "0"
+        return True
+
     def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
         """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``."""
         wanted = f"{MARKER}={marker}".encode()

@@ -394,6 +394,15 @@ class PodmanBackend(Backend):
             if "corral.sandbox" in (c.get("Labels") or {})
         ]
 
+    def alive(self, sandbox_id: str) -> bool:
+        # From the host's view of the container when the engine is local: microseconds,
+        # where an inspect call takes milliseconds (tens on Podman).
+        try:
+            view = self._view(sandbox_id)
+        except SandboxError:
+            return False
+        return view.running() if view is not None else super().alive(sandbox_id)
+
     def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
         state = self._inspect(sandbox_id)
         labels = state["Config"]["Labels"] or {}

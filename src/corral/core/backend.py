@@ -9,7 +9,7 @@ from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import CapabilityError
+from .errors import CapabilityError, SandboxError
 
 if TYPE_CHECKING:
     from .output import OutputSink
@@ -202,6 +202,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
         """One sandbox and its spec, for ``corral.attach``; NotFoundError when gone."""
+
+    def alive(self, sandbox_id: str) -> bool:
+        """Whether the sandbox still runs and can take commands (a warm pool asks this
+        before every hand-out, so a backend with a cheaper way than ``inspect`` should
+        override it). Errors mean no."""
+        try:
+            return self.inspect(sandbox_id)[0].status == "running"
+        except SandboxError:
+            return False
 
     def capability_hint(self, missing: Capability) -> str:
         """Why this host lacks ``missing`` and how to fix it, for the refusal message."""

@@ -124,6 +124,9 @@ class _Core:
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
             backoff = _BACKOFF_FIRST
+            # Asked once here, off the hand-out path, so that the backend has what it
+            # needs to answer quickly (a container's host view) when acquire asks again.
+            sandbox.backend.alive(sandbox.id)
             with self.cond:
                 self.creating -= 1
                 self.created += 1
@@ -187,21 +190,20 @@ class _Core:
         )
 
     def _alive(self, sandbox: Sandbox) -> bool:
-        """Whether a pooled sandbox can still be used: lifetime left, and the backend still
-        knows it as running (one inspect: a dict look-up on local, one API call on an
-        engine, which sees a container removed or stopped behind the pool's back)."""
+        """Whether a pooled sandbox can still be used: lifetime left, and the backend says
+        it still runs (``Backend.alive``: on a local engine a read of the container's
+        cgroup, which sees a container removed, stopped or paused behind the pool's back)."""
         if sandbox.expires <= time.time():
             log.info("pooled sandbox %s outlived its lifetime; replacing it", sandbox.id)
             return False
         try:
-            info, _ = sandbox.backend.inspect(sandbox.id)
+            alive = sandbox.backend.alive(sandbox.id)
         except Exception as e:
-            log.warning("pooled sandbox %s is gone (%s); replacing it", sandbox.id, e)
+            log.warning("pooled sandbox %s cannot be checked (%s); replacing it", sandbox.id, e)
             return False
-        if info.status != "running":
-            log.warning("pooled sandbox %s is %s; replacing it", sandbox.id, info.status)
-            return False
-        return True
+        if not alive:
+            log.warning("pooled sandbox %s no longer runs; replacing it", sandbox.id)
+        return alive
 
     def release(self, sandbox: Sandbox, *, quiet: bool = False) -> None:
         """Destroy a sandbox that was handed out; a failure raises unless ``quiet``."""
