@@ -178,7 +178,7 @@ def run(config: Config, plan: measure.Plan) -> list[Row]:
             "local", ours, raw, RAW_NAME, plan, {"exec": Target("< 8 ms", ms=8)}
         )
         rows += measure.concurrent("local", ours, raw, RAW_NAME, plan)
-        rows += probes.memory_rows("local", config, 20 if config.quick else 50, RAW_NAME)
+        rows += probes.memory_rows("local", config, 10 if config.quick else 30, RAW_NAME)
         rows += llm_reference.local_rows(ours, raw.bwrap, plan)
     finally:
         ours.cleanup()

@@ -76,7 +76,7 @@ def run_engine(
             backend, ours, raw, name, plan, {"exec": Target("≤ 1.1x raw", ratio=1.1)}
         )
         rows += measure.concurrent(backend, ours, raw, name, plan)
-        rows += probes.memory_rows(backend, config, 20 if config.quick else 50, name)
+        rows += probes.memory_rows(backend, config, 10 if config.quick else 30, name)
         rows += llm_reference.engine_rows(backend, config, ours, raw, plan)
     finally:
         raw.cleanup()

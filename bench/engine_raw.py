@@ -61,9 +61,10 @@ class EngineRawSide(Side):
         handle.remove(force=True)
 
     def exec_true(self, handle: Any) -> None:
-        result = handle.exec_run(["true"])
-        if result.exit_code != 0:
-            raise RuntimeError(f"true exited {result.exit_code}: {result.output!r}")
+        # docker-py returns an ExecResult, podman-py a plain (exit code, output) pair.
+        exit_code, output = handle.exec_run(["true"])
+        if exit_code != 0:
+            raise RuntimeError(f"true exited {exit_code}: {output!r}")
 
     def usage(self, handle: Any) -> None:
         handle.stats(stream=False)

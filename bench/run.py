@@ -36,7 +36,7 @@ from common import Config, Row, markdown, write_results  # noqa: E402
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(backends.NAMES))
-    parser.add_argument("--rounds", type=int, default=None, help="default 15 (5 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 10 (5 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, 20 concurrent only")
     parser.add_argument("--docker-url", default="unix:///run/corral-test/docker.sock")
     parser.add_argument("--podman-url", default="unix:///run/corral-test/podman.sock")
@@ -46,7 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan_of(args: argparse.Namespace) -> measure.Plan:
-    rounds = args.rounds or (5 if args.quick else 15)
+    rounds = args.rounds or (5 if args.quick else 10)
     if args.quick:
         return measure.Plan(rounds, 2, (20,), {20: 1})
     return measure.Plan(rounds, 3)
