@@ -4,7 +4,8 @@ with proof that nothing leaked and the host is untouched.
 ``backend`` runs a test once per backend (local, docker, podman; each with its marker);
 ``sandbox(**keywords)`` creates one on it. The autouse ``nothing_leaked`` fixture
 snapshots, before the test, what a sandbox could leave behind and compares after it:
-corral's labelled containers (and volumes) on the engines, child processes of the test
+the containers and volumes of the sandboxes the case made (other suites share the
+engines, so only those are the case's), child processes of the test
 process, the client's open file descriptors, corral's temporary folders, and canary
 files on the host. Destructive cases (marker ``destructive``) run only with
 ``CORRALTEST_DESTRUCTIVE=1``, which ``scripts/test`` sets under CI.
@@ -85,13 +86,33 @@ def _hash(path: Path) -> str | None:
         return None
 
 
-def _engine_leftovers(raw_client: Callable[[str], object]) -> dict[str, set[str]]:
-    """Every container (by id) carrying corral's label, and every volume, per engine."""
+class _MadeHere:
+    """The ids of the sandboxes this process makes during a case: other suites share the
+    engines, so only containers and volumes labelled with one of these are the case's."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    @corral.hookimpl
+    def corral_sandbox_creating(self, spec: object, sandbox_id: str, backend: str) -> None:
+        self.ids.add(sandbox_id)
+
+
+def _ours(labels: dict[str, str] | None, ids: set[str]) -> bool:
+    return (labels or {}).get("corral.sandbox") in ids
+
+
+def _engine_leftovers(ids: set[str]) -> dict[str, set[str]]:
+    """Every container (by id) and volume of the sandboxes in ``ids``, per engine."""
+    import docker
+
     found: dict[str, set[str]] = {}
     for engine, variable in ENGINES.items():
         if not os.environ.get(variable):
             continue
-        client: Any = raw_client(engine)
+        # A pinned API version: version="auto" asks /version first, which takes seconds
+        # on a busy Podman, twice per case. Both engines speak 1.41.
+        client: Any = docker.APIClient(base_url=os.environ[variable], version="1.41")
         try:
             containers = client.containers(all=True, filters={"label": "corral.managed=true"})
             volumes = client.volumes()["Volumes"] or []
@@ -99,7 +120,9 @@ def _engine_leftovers(raw_client: Callable[[str], object]) -> dict[str, set[str]
             continue
         finally:
             client.close()
-        found[engine] = {c["Id"] for c in containers} | {f"volume:{v['Name']}" for v in volumes}
+        found[engine] = {c["Id"] for c in containers if _ours(c.get("Labels"), ids)} | {
+            f"volume:{v['Name']}" for v in volumes if _ours(v.get("Labels"), ids)
+        }
     return found
 
 
@@ -107,13 +130,13 @@ def _corral_temp_folders() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("corral-*") if "test" not in p.name}
 
 
-def _snapshot(canaries: dict[Path, str | None], raw_client: Callable) -> dict[str, object]:
+def _snapshot(canaries: dict[Path, str | None], ids: set[str]) -> dict[str, object]:
     # The shared backends' engine clients are closed first: their pooled connections are
     # meant to outlive a sandbox, so only with them closed is "back to baseline" exact.
     get_host().close()
     me = psutil.Process()
     return {
-        "engines": _engine_leftovers(raw_client),
+        "engines": _engine_leftovers(ids),
         "children": {p.pid for p in me.children(recursive=True) if p.is_running()},
         "fds": me.num_fds(),
         "temp": _corral_temp_folders(),
@@ -151,15 +174,21 @@ def canary(shared_tmp: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def nothing_leaked(canary: Path, raw_client_of: Callable) -> Iterator[None]:
-    """After each case: no labelled container or volume, host process, client fd, temporary
-    folder or changed host file more than before it (waiting out engine removal)."""
+def nothing_leaked(canary: Path) -> Iterator[None]:
+    """After each case: no container or volume of its sandboxes, host process, client fd,
+    temporary folder or changed host file more than before it (waiting out engine removal)."""
     canaries = {canary: None, **{Path(p): None for p in HOST_FILES}}
-    before = _snapshot(canaries, raw_client_of)
-    yield
+    made = _MadeHere()
+    host = get_host()
+    host.pm.register(made)
+    before = _snapshot(canaries, made.ids)
+    try:
+        yield
+    finally:
+        host.pm.unregister(made)
     deadline = time.monotonic() + SETTLE
     while True:
-        problems = _leaks(before, _snapshot(canaries, raw_client_of))
+        problems = _leaks(before, _snapshot(canaries, made.ids))
         if not problems or time.monotonic() > deadline:
             break
         time.sleep(0.2)
