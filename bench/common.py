@@ -173,7 +173,9 @@ def write_results(out: Path, rows: list[Row], meta: dict) -> Path:
             "## Results",
             "",
             f"Run {meta['started']} ({meta['seconds']:.0f} s), rounds={meta['rounds']}"
-            f"{' (quick)' if meta['quick'] else ''}, backends: {', '.join(meta['backends'])}.",
+            f"{' (quick)' if meta['quick'] else ''}, backends: {', '.join(meta['backends'])}; "
+            f"{meta['cpus']} CPUs, load average {meta['load_average'][0]} at the start and "
+            f"{meta['load_average'][1]} at the end.",
             "Medians; ratio = corral / reference; corral and the reference alternate round "
             "by round.",
             "",

@@ -76,10 +76,20 @@ def run_engine(
             backend, ours, raw, name, plan, {"exec": Target("≤ 1.1x raw", ratio=1.1)}
         )
         rows += measure.concurrent(backend, ours, raw, name, plan)
-        rows += probes.memory_rows(backend, config, 10 if config.quick else 30, name)
+        rows += probes.memory_rows(backend, config, 10 if config.quick else 20, name)
         rows += llm_reference.engine_rows(backend, config, ours, raw, plan)
+        raw.cleanup()
+        raw.cleanup_corral()
+        rows.append(leftover_row(backend, raw))
     finally:
         raw.cleanup()
         raw.cleanup_corral()
         raw.close()
     return rows
+
+
+def leftover_row(backend: str, raw: EngineRawSide) -> Row:
+    """What the run's own clean-up could not remove (expected: nothing)."""
+    left = raw.corral_leftovers() + raw.leftovers()
+    note = f"containers of this run left on the engine: {len(left)}"
+    return Row(backend, "leftovers after the run", None, None, "", note=note)

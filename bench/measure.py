@@ -29,7 +29,7 @@ class Plan:
     rounds: int = 15
     usage_rounds: int = 15  # docker-py's stats waits for a second sample: 2 s a call
     concurrency: tuple[int, ...] = (20, 100)
-    concurrency_rounds: dict[int, int] = field(default_factory=lambda: {20: 3, 100: 1})
+    concurrency_rounds: dict[int, int] = field(default_factory=lambda: {20: 2, 100: 1})
     pool_size: int = 2
 
 

@@ -15,6 +15,7 @@ The engines default to the test suite's (``scripts/engines up``).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
     )
     started, clock = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
+    load_before = os.getloadavg()[0]
     rows: list[Row] = []
     failed = []
     try:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
             print(markdown(got, ""), file=sys.stderr, flush=True)
         print("== import time", file=sys.stderr, flush=True)
-        rows += probes.import_rows(10 if args.quick else 25)
+        rows += probes.import_rows(10 if args.quick else 15)
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
     meta = {
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": plan.rounds,
         "quick": args.quick,
         "backends": chosen,
+        # The machine may be shared: its load says how much the figures can be trusted.
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpus": os.cpu_count(),
         "run_id": config.run_id,
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
