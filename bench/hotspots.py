@@ -14,6 +14,7 @@ import argparse
 import cProfile
 import pstats
 import shutil
+import statistics
 import subprocess
 import sys
 import uuid
@@ -27,21 +28,28 @@ from backend_local import private_state_dir  # noqa: E402
 from common import Config  # noqa: E402
 
 
-def import_profile(top: int) -> None:
-    done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import corral"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    lines = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
-    rows = []
-    for line in lines[1:]:
-        own, total, name = (part.strip() for part in line.replace("import time:", "").split("|"))
-        rows.append((int(total), int(own), name))
-    print("cumulative µs | own µs | module")
-    for total, own, name in sorted(rows, reverse=True)[:top]:
-        print(f"{total:>12} | {own:>6} | {name}")
+def import_profile(top: int, rounds: int) -> None:
+    """Median cumulative and own import time per module over ``rounds`` fresh interpreters."""
+    totals: dict[str, list[int]] = {}
+    owns: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "import corral"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        for line in done.stderr.splitlines()[1:]:
+            if not line.startswith("import time:"):
+                continue
+            own, total, name = (p.strip() for p in line.removeprefix("import time:").split("|"))
+            totals.setdefault(name, []).append(int(total))
+            owns.setdefault(name, []).append(int(own))
+    print(f"median over {rounds} interpreters: cumulative µs | own µs | module")
+    ranked = sorted(totals, key=lambda n: statistics.median(totals[n]), reverse=True)
+    for name in ranked[:top]:
+        total, own = statistics.median(totals[name]), statistics.median(owns[name])
+        print(f"{total:>10.0f} | {own:>8.0f} | {name}")
 
 
 def operation_profile(what: str, backend: str, rounds: int, top: int, args: argparse.Namespace):
@@ -98,7 +106,7 @@ def main() -> None:
     parser.add_argument("--image", default="corral-test/busybox:latest")
     args = parser.parse_args()
     if args.what == "import":
-        import_profile(args.top)
+        import_profile(args.top, args.rounds)
     else:
         operation_profile(args.what, args.backend, args.rounds, args.top, args)
 
