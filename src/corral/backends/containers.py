@@ -10,6 +10,8 @@ import contextlib
 import json
 import math
 import os
+import posixpath
+import re
 import select
 import signal
 import socket
@@ -217,11 +219,45 @@ def plan(
         nano_cpus=None if lim.cpus is None else int(lim.cpus * 1e9),
         ulimits=ulimits,
         tmpfs_volumes=tmpfs,
-        binds=[m for m in spec.mounts if isinstance(m, Mount)],
+        binds=_with_read_only_submounts([m for m in spec.mounts if isinstance(m, Mount)]),
         volumes=[m for m in spec.mounts if isinstance(m, Volume)],
         masked_paths=[*DEFAULT_MASKED_PATHS, *sec.masked_paths],
         healthcheck=hc,
     )
+
+
+def _with_read_only_submounts(binds: list[Mount]) -> list[Mount]:
+    """The binds, plus a read-only bind over every host mount below a read-only one.
+
+    The engines make a bind read-only at its top only: the submounts it carries in (a
+    tmpfs at ``repo/cache``) stay writable inside, and neither engine here offers a
+    recursive read-only option (Docker's ReadOnlyForceRecursive needs API 1.44). So
+    each submount is bound again, read-only, over itself.
+    """
+    points = _host_mount_points()
+    out = list(binds)
+    targets = {b.target for b in binds}
+    for bind in binds:
+        if not bind.read_only:
+            continue
+        prefix = bind.source.rstrip("/") + "/"
+        for point in points:
+            target = posixpath.join(bind.target, point[len(prefix) :])
+            if point.startswith(prefix) and target not in targets:
+                out.append(Mount(point, target, read_only=True))
+                targets.add(target)
+    return out
+
+
+def _host_mount_points() -> list[str]:
+    """Every mount point of this host (the engine's, for a local engine), in mount order."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    # Field 5 is the mount point, with space, tab, newline and backslash as octal escapes.
+    unescape = re.compile(r"\\([0-7]{3})")
+    return [unescape.sub(lambda m: chr(int(m[1], 8)), line.split(" ")[4]) for line in lines]
 
 
 def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
@@ -456,6 +492,14 @@ def run_exec(
     )
 
 
+def not_running(engine_message: str) -> bool:
+    """Whether a 409 says the container is not running: it never runs again (its lifetime
+    ended, or it was killed from outside, and the engine is removing it), so retrying is
+    pointless; other conflicts (a name still taken, a removal under way) may pass."""
+    text = engine_message.lower()
+    return "is not running" in text or "container state improper" in text
+
+
 def exit_code_for_start_failure(code: int, output: bytes) -> int:
     """The runtime reports a missing command as 126; shells and corral say 127."""
     text = output.lower()
@@ -526,18 +570,31 @@ class HostView:
         return True
 
     def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
-        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``."""
+        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``.
+
+        Each is stopped (SIGSTOP) as soon as it is found and all are killed together
+        after: killed one by one, a parent could run its next command between its
+        child's death and its own (``trap '' TERM; sleep 1000; rm -rf ...``). Rounds
+        repeat until one finds nothing new, so forks made meanwhile (a fork bomb) die too.
+        """
         wanted = f"{MARKER}={marker}".encode()
         victims = set(also)
-        for pid in self.pids():
-            if pid == self.init_pid:
-                continue
-            with contextlib.suppress(OSError):
-                if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    victims.add(pid)
         for pid in victims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGSTOP)
+        for _ in range(50):
+            found = set()
+            for pid in self.pids():
+                if pid == self.init_pid or pid in victims:
+                    continue
+                with contextlib.suppress(OSError):
+                    if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                        _signal(pid, signal.SIGSTOP)
+                        found.add(pid)
+            if not found:
+                break
+            victims |= found
+        for pid in victims:
+            _signal(pid, signal.SIGKILL)
         return len(victims)
 
     def oom_kills(self) -> int:
@@ -585,6 +642,11 @@ class HostView:
                 elif len(parts) == 3 and parts[1] == "Write":
                     write += int(parts[2])
         return read, write
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def _locate(controller: str, path: str, container_id: str) -> Path | None:

@@ -29,6 +29,7 @@ __all__ = [
     "ArchiveLimits",
     "build_tar_from_bytes",
     "build_tar_from_path",
+    "check_host_path",
     "check_sandbox_path",
     "extract",
     "iter_members",
@@ -37,6 +38,7 @@ __all__ = [
 
 _SPOOL = 8 * 1024 * 1024  # build small archives in memory, big ones on disk
 _NAME_MAX = 4096
+_KERNEL_ROOTS = ("/proc", "/sys", "/dev")
 
 
 @attrs.frozen
@@ -58,7 +60,20 @@ def check_sandbox_path(path: object, field: str = "path") -> str:
         raise PathSecurityError(f"{field}: {path!r} is not absolute")
     if ".." in path.split("/"):
         raise PathSecurityError(f"{field}: {path!r} contains '..'")
-    return posixpath.normpath(path)
+    normal = posixpath.normpath(path)
+    # The kernel's files are not the sandbox's to copy: engines answer "not found",
+    # "read-only" or even write into a container's /dev; refuse the same everywhere.
+    if any(normal == root or normal.startswith(root + "/") for root in _KERNEL_ROOTS):
+        raise PathSecurityError(f"{field}: {path!r} is inside a kernel filesystem")
+    return normal
+
+
+def check_host_path(path: str | os.PathLike[str], field: str) -> Path:
+    """A local path as the file helpers take it; a NUL byte is refused, not a ValueError."""
+    text = os.fspath(path)
+    if "\0" in (text.decode(errors="replace") if isinstance(text, bytes) else text):
+        raise PathSecurityError(f"{field}: {text!r} contains a NUL byte")
+    return Path(text)  # type: ignore[arg-type]
 
 
 def _safe_mode(mode: int, is_dir: bool) -> int:
@@ -162,6 +177,28 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
+class _MemberData(io.RawIOBase):
+    """A member's content as it streams in; a stream cut short (an engine's copy failing
+    halfway) is an ArchiveError like any other broken archive, never tarfile's own."""
+
+    def __init__(self, data: IO[bytes]) -> None:
+        self._data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        try:
+            return self._data.read(-1 if size is None else size)
+        except tarfile.TarError as e:
+            raise ArchiveError(f"broken tar archive: {e}") from None
+
+    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
+        chunk = self.read(len(target))
+        target[: len(chunk)] = chunk
+        return len(chunk)
+
+
 def _member_name(member: tarfile.TarInfo) -> str:
     name = member.name
     if not name or "\0" in name or len(name) > _NAME_MAX:
@@ -215,7 +252,7 @@ def iter_members(
                     raise ResourceLimitError(
                         f"the archive holds more than {limits.max_bytes} bytes"
                     )
-                yield name, member, tar.extractfile(member)
+                yield name, member, _MemberData(tar.extractfile(member))  # type: ignore[arg-type]
         except tarfile.TarError as e:
             raise ArchiveError(f"broken tar archive: {e}") from None
 

@@ -251,7 +251,8 @@ class Sandbox:
         """
         self._check_open()
         destination = archive.check_sandbox_path(destination, "destination")
-        with archive.build_tar_from_path(Path(source), self._owner()) as tar:
+        local = archive.check_host_path(source, "source")
+        with archive.build_tar_from_path(local, self._owner()) as tar:
             self.backend.put_archive(self.id, destination, tar)
 
     def download(
@@ -268,8 +269,9 @@ class Sandbox:
         """
         self._check_open()
         source = archive.check_sandbox_path(source, "source")
+        target = archive.check_host_path(destination, "destination")
         chunks = self.backend.get_archive(self.id, source)
-        return archive.extract(chunks, Path(destination), limits)
+        return archive.extract(chunks, target, limits)
 
     # -- state -------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO
@@ -130,53 +129,69 @@ def _write_file(
 
 
 def get_archive(root: str, parts: list[str], path: str) -> Iterator[bytes]:
-    """A tar of the file or folder at ``path``; links are listed as links, never followed."""
+    """A tar stream of the file or folder at ``path``, made as it is read.
+
+    Links are listed as links, never followed. Nothing is staged on the host: the
+    reader's caps (a 20 GB sparse file, a million files) stop the walk at the header
+    that breaks them, instead of after a full copy onto the host's disk.
+    """
     *folders, leaf = parts or ["."]
-    out = tempfile.SpooledTemporaryFile(max_size=8 * _CHUNK)  # noqa: SIM115 - closed below
-    try:
-        with walk(root, folders, path) as parent, tarfile.open(fileobj=out, mode="w") as tar:
-            if leaf == ".":
-                _add(tar, parent, None, os.path.basename(root.rstrip("/")) or "root")
-            else:
-                try:
-                    st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
-                except FileNotFoundError:
-                    raise NotFoundError(f"{path!r} does not exist in the sandbox") from None
-                if stat.S_ISLNK(st.st_mode):
-                    raise PathSecurityError(f"{path!r} is a symlink; corral does not follow it")
-                _add(tar, parent, leaf, leaf)
-        out.seek(0)
-        while chunk := out.read(_CHUNK):
-            yield chunk
-    finally:
-        out.close()
+    with walk(root, folders, path) as parent:
+        if leaf == ".":
+            yield from _members(parent, None, os.path.basename(root.rstrip("/")) or "root")
+        else:
+            try:
+                st = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise NotFoundError(f"{path!r} does not exist in the sandbox") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise PathSecurityError(f"{path!r} is a symlink; corral does not follow it")
+            yield from _members(parent, leaf, leaf)
+    yield bytes(tarfile.RECORDSIZE)  # the end-of-archive blocks, padded to a record
 
 
-def _add(tar: tarfile.TarFile, parent: int, name: str | None, arcname: str) -> None:
-    fd = (
-        os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        if name
-        else os.dup(parent)
-    )
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _members(parent: int, name: str | None, arcname: str) -> Iterator[bytes]:
+    # O_NONBLOCK: a FIFO swapped in for a file must not hang the host on open.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(name, flags, dir_fd=parent) if name else os.dup(parent)
     try:
         st = os.fstat(fd)
         info = tarfile.TarInfo(arcname)
         info.mode, info.mtime = st.st_mode & 0o7777, int(st.st_mtime)
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
-            tar.addfile(info)
+            yield _header(info)
             for entry in sorted(os.listdir(fd)):
                 est = os.stat(entry, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(est.st_mode) or stat.S_ISREG(est.st_mode):
-                    _add(tar, fd, entry, f"{arcname}/{entry}")
+                    yield from _members(fd, entry, f"{arcname}/{entry}")
                 else:
-                    tar.addfile(_special(entry, fd, est, f"{arcname}/{entry}"))
-        else:
+                    yield _header(_special(entry, fd, est, f"{arcname}/{entry}"))
+        elif stat.S_ISREG(st.st_mode):
             info.size = st.st_size
-            with os.fdopen(os.dup(fd), "rb") as f:
-                tar.addfile(info, f)
+            yield _header(info)
+            yield from _file_data(fd, st.st_size)
+        else:  # replaced by a FIFO or a device since it was listed
+            yield _header(_special(name or ".", parent, st, arcname))
     finally:
         os.close(fd)
+
+
+def _file_data(fd: int, size: int) -> Iterator[bytes]:
+    """Exactly ``size`` bytes and the block padding, whatever the file does meanwhile."""
+    remaining = size
+    while remaining:
+        chunk = os.read(fd, min(_CHUNK, remaining))
+        if not chunk:  # it shrank while being read: keep the size the header promised
+            chunk = bytes(min(_CHUNK, remaining))
+        remaining -= len(chunk)
+        yield chunk
+    if size % tarfile.BLOCKSIZE:
+        yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
 
 
 def _special(name: str, parent: int, st: os.stat_result, arcname: str) -> tarfile.TarInfo:
