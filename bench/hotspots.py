@@ -1,11 +1,13 @@
 """Where the time of one corral operation goes, for a target the run missed.
 
     .venv/bin/python bench/hotspots.py exec|cycle|acquire|usage BACKEND [--rounds N]
+    .venv/bin/python bench/hotspots.py phases BACKEND [--rounds N]
     .venv/bin/python bench/hotspots.py import
 
 Runs the operation under cProfile on the suite's engines (the same defaults as run.py)
 and prints the functions with the most cumulative time; ``import`` prints the slowest
-modules of ``python -X importtime -c 'import corral'``. Not a test.
+modules of ``python -X importtime -c 'import corral'``; ``phases`` times each step of
+the full cycle (create, exec, destroy) on both sides. Not a test.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -95,9 +100,43 @@ def operation_profile(what: str, backend: str, rounds: int, top: int, args: argp
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
 
+def phases(backend: str, rounds: int, args: argparse.Namespace) -> None:
+    """Median time of each step of the full cycle, corral's and the raw client's, alternating."""
+    config = Config(
+        uuid.uuid4().hex[:12], args.image, args.docker_url, args.podman_url, private_state_dir()
+    )
+    ours, raw = backends.module(backend).make_sides(config)
+    times: dict[str, list[float]] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = fn()
+        times.setdefault(name, []).append(time.perf_counter() - started)
+        return result
+
+    try:
+        ours.cycle()
+        raw.cycle()
+        for _ in range(rounds):
+            for side in (ours, raw):
+                handle = step(f"{side.name}: create", side.create)
+                step(f"{side.name}: exec true", lambda: side.exec_true(handle))  # noqa: B023
+                step(f"{side.name}: destroy", lambda: side.destroy(handle))  # noqa: B023
+            if hasattr(raw, "one_shot"):
+                step(f"{raw.name}: containers.run(['true'], remove=True)", raw.one_shot)
+    finally:
+        ours.cleanup()
+        raw.cleanup()
+        raw.close()
+        shutil.rmtree(config.state_dir, ignore_errors=True)
+    print(f"{backend}: median ms over {rounds} rounds")
+    for name, values in times.items():
+        print(f"{statistics.median(values) * 1000:>9.1f}  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["exec", "cycle", "acquire", "usage", "import"])
+    parser.add_argument("what", choices=["exec", "cycle", "acquire", "usage", "import", "phases"])
     parser.add_argument("backend", nargs="?", default="local", choices=backends.NAMES)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
@@ -107,6 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "import":
         import_profile(args.top, args.rounds)
+    elif args.what == "phases":
+        phases(args.backend, args.rounds, args)
     else:
         operation_profile(args.what, args.backend, args.rounds, args.top, args)
 
