@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -18,12 +19,15 @@ if TYPE_CHECKING:
 def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> ExecResult:
     started = time.monotonic()
     status = sandbox.backend.exec(sandbox.id, request, sink)
+    # RLIMIT_CPU ends a command with SIGXCPU: out of CPU time is a timeout too, whatever
+    # the backend (THREATS T26), and never an OOM.
+    cpu_timeout = sandbox.spec.limits.cputime is not None and status.signal == signal.SIGXCPU
     return ExecResult(
         exit_code=status.exit_code,
         stdout=sink.value("stdout"),
         stderr=sink.value("stderr"),
         duration=time.monotonic() - started,
-        timed_out=status.timed_out,
+        timed_out=status.timed_out or cpu_timeout,
         oom_killed=status.oom_killed,
         truncated=sink.truncated,
         signal=status.signal,

@@ -1,0 +1,285 @@
+"""THREATS.md B5, resource exhaustion (T33-T42), on every backend it applies to.
+
+Every bomb runs under small limits (tens of MiB, tens of processes, MiB-sized
+filesystems, seconds of time) so that no case can hurt the shared host, and each is
+paired with a harmless twin under the same limits that must succeed. Nothing here
+writes more than a few MiB to the host's disk: fills go to capped tmpfs folders, or are
+stopped by a file-size limit, or are refused before anything is created.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+import corral
+
+SETTLE = 15.0
+MiB = 1024**2
+
+
+def token() -> str:
+    return f"corral-attack-{uuid.uuid4().hex[:12]}"
+
+
+def host_processes(needle: str) -> list[str]:
+    """Live (non-zombie) host processes with ``needle`` as one of their arguments."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        args = p.info["cmdline"] or []
+        if p.info["status"] != psutil.STATUS_ZOMBIE and needle in args:
+            found.append(f"{p.pid}: {' '.join(args)}")
+    return found
+
+
+def gone(find: Callable[[], list[str]], within: float = SETTLE) -> list[str]:
+    deadline = time.monotonic() + within
+    while (left := find()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def engine_host_config(raw_client_of: Callable, backend: str, sandbox_id: str) -> dict:
+    client = raw_client_of(backend)
+    try:
+        return client.inspect_container(f"corral-{sandbox_id}")["HostConfig"]
+    finally:
+        client.close()
+
+
+def engines_only(*names: str) -> pytest.MarkDecorator:
+    """Run a case on the engines only (``backend`` comes from the campaign's fixture)."""
+    return pytest.mark.parametrize(
+        "backend",
+        [pytest.param(n, marks=getattr(pytest.mark, n)) for n in names],
+        indirect=True,
+    )
+
+
+# -- T33 ------------------------------------------------------------------------------
+
+
+def test_t33_a_fork_bomb_hits_the_pids_limit_and_nothing_of_it_survives(sandbox):
+    sb = sandbox(memory="64MiB", pids=48)
+    neighbour = sandbox(memory="32MiB", pids=16)
+    # The twin first: a normal fork of a few children works under the same limit.
+    few = sb.exec(["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked"])
+    assert few.ok and few.text == "forked\n"
+    mark = token()
+    bomb = "b() { b | b & }; b; sleep 5"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(sb.exec, ["sh", "-c", bomb, mark], timeout=4, max_output="64KiB")
+        # A parallel sandbox keeps working while the bomb goes off.
+        assert neighbour.exec(["echo", "ok"], timeout=60).text == "ok\n"
+        peak = 0
+        while not running.done():
+            peak = max(peak, sb.usage().pids or 0)
+            time.sleep(0.05)
+        result = running.result()
+    assert peak <= 48, f"the sandbox reached {peak} processes"
+    assert result.timed_out or result.exit_code != 0
+    assert b"fork" in result.stderr.lower(), "fork is refused inside the sandbox"
+    assert gone(lambda: host_processes(mark)) == [], "bomb processes outlived the exec"
+    assert sb.exec(["echo", "still usable"], timeout=60).text == "still usable\n"
+
+
+# -- T34 ------------------------------------------------------------------------------
+
+# dd fills its whole buffer: one read of bs bytes from /dev/zero touches every page.
+ALLOCATE = "dd if=/dev/zero of=/dev/null bs={size} count=1 2>/dev/null && echo allocated"
+
+
+def _swap_limit(backend: str, sb: corral.Sandbox, raw_client_of: Callable) -> int | None:
+    """Memory plus swap the sandbox may use, as the engine or the host's cgroup says."""
+    if backend != "local":
+        return engine_host_config(raw_client_of, backend, sb.id)["MemorySwap"]
+    memsw = Path(f"/sys/fs/cgroup/memory/corral/corral-{sb.id}/memory.memsw.limit_in_bytes")
+    if memsw.exists():
+        return int(memsw.read_text())
+    # Without swap accounting the host must have no swap at all for "no swap" to hold.
+    swap = Path("/proc/meminfo").read_text().split("SwapTotal:")[1].split()[0]
+    return 32 * MiB if swap == "0" else None
+
+
+def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_client_of):
+    sb = sandbox(memory="32MiB", pids=32)
+    assert _swap_limit(backend, sb, raw_client_of) == 32 * MiB, "swap would double the limit"
+    under = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
+    assert under.ok and under.text == "allocated\n" and not under.oom_killed
+    bomb = sb.exec(["sh", "-c", "exec " + ALLOCATE.format(size="256M")], timeout=60)
+    assert bomb.exit_code == 137 and bomb.signal == 9
+    assert bomb.oom_killed and not bomb.timed_out
+    # The framework and the sandbox go on.
+    after = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
+    assert after.ok and not after.oom_killed
+
+
+# -- T35 ------------------------------------------------------------------------------
+
+
+def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
+    sb = sandbox(memory="32MiB", pids=32)
+    # A child is OOM-killed; the parent carries on and exits 0: not an OOM exec.
+    child = sb.exec(
+        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived"], timeout=60
+    )
+    assert child.exit_code == 0 and child.text == "parent-survived\n"
+    assert not child.oom_killed
+    # The sandbox's OOM count is now above zero: later execs must not inherit it.
+    assert not sb.exec(["echo", "ok"]).oom_killed
+    killed = sb.exec(["sh", "-c", "kill -9 $$"])
+    assert killed.exit_code == 137 and not killed.oom_killed, "SIGKILL alone is not an OOM"
+    again = sb.exec(["sh", "-c", "exec " + ALLOCATE.format(size="256M")], timeout=60)
+    assert again.oom_killed, "a second OOM in the same sandbox is still seen"
+
+
+# -- T36 ------------------------------------------------------------------------------
+
+FILL = "dd if=/dev/zero of={path} bs=1M count={mib} 2>&1; echo size=$(wc -c < {path})"
+
+
+def test_t36_a_tmpfs_fills_up_at_its_size_not_the_hosts_memory(sandbox, backend):
+    sb = sandbox(memory="64MiB", mounts=[corral.Tmpfs("/tmp", size="8MiB")])
+    twin = sb.exec(["sh", "-c", FILL.format(path="/tmp/small", mib=2)], timeout=60)
+    assert twin.ok and "size=2097152" in twin.text
+    before = sb.usage().memory_bytes
+    fill = sb.exec(["sh", "-c", FILL.format(path="/tmp/fill", mib=64)], timeout=60)
+    assert "No space left on device" in fill.text
+    size = int(fill.text.rsplit("size=", 1)[1])
+    assert 6 * MiB <= size <= 8 * MiB, f"the fill stopped at {size} bytes, not at the cap"
+    if backend != "local":
+        # The memory cgroup pays for what the tmpfs holds. (A local sandbox's tmpfs
+        # lives only as long as one exec: nothing to measure after it.)
+        after = sb.usage().memory_bytes
+        assert before is not None and after is not None
+        assert after - before >= 3 * MiB, (before, after)
+    # Freed, the tmpfs takes writes again (on local it is gone with the exec already).
+    assert sb.exec(["sh", "-c", "rm -f /tmp/fill; " + FILL.format(path="/tmp/again", mib=2)]).ok
+
+
+@engines_only("docker", "podman")
+def test_t36_the_default_tmp_of_an_engine_sandbox_has_a_size(sandbox):
+    sb = sandbox()
+    mounts = sb.exec(["cat", "/proc/mounts"]).text
+    line = next(m for m in mounts.splitlines() if m.split()[1] == "/tmp")
+    assert line.split()[2] == "tmpfs" and "size=65536k" in line, line
+
+
+# -- T37 ------------------------------------------------------------------------------
+
+
+def test_t37_a_read_only_root_refuses_a_fill_at_once(sandbox):
+    sb = sandbox()
+    fill = sb.exec(["sh", "-c", "dd if=/dev/zero of=/bigfile bs=1M count=1024"], timeout=60)
+    assert fill.exit_code != 0
+    assert "Read-only file system" in fill.stderr_text
+    assert sb.exec(["sh", "-c", "test ! -e /bigfile"]).ok
+    # The twin: the workspace is where writing is meant to go.
+    small = sb.exec(["sh", "-c", FILL.format(path="small", mib=1)], timeout=60)
+    assert small.ok and "size=1048576" in small.text
+
+
+def test_t37_a_disk_limit_the_backend_cannot_enforce_is_refused(sandbox):
+    # No backend here can cap a writable layer (overlay2 needs xfs with pquota): fail
+    # closed, before anything exists (the harness proves nothing was created).
+    with pytest.raises(corral.CapabilityError, match=r"sandbox\.limits\.disk needs DISK_LIMIT"):
+        sandbox(disk="1GiB")
+
+
+def test_t37_a_writable_root_is_bounded_per_file_by_the_file_size_limit(sandbox):
+    # As root in the sandbox, in a folder of the image (root's, mode 755; Podman makes
+    # "/" itself 555, and all capabilities are still dropped).
+    sb = sandbox(security={"read_only_root": False}, file_size="4MiB", user="0:0")
+    fill = sb.exec(["sh", "-c", FILL.format(path="/etc/bigfile", mib=64)], timeout=60)
+    assert "File too large" in fill.text or "File size limit" in fill.text, fill
+    assert "size=4194304" in fill.text
+    small = sb.exec(["sh", "-c", FILL.format(path="/etc/small", mib=1)], timeout=60)
+    assert small.ok and "size=1048576" in small.text
+    sb.close()  # destroying a sandbox that filled its root still works
+
+
+# -- T38 ------------------------------------------------------------------------------
+
+
+def test_t38_a_rw_mount_fill_stops_at_the_file_size_limit_and_stays_inside(sandbox, mount_root):
+    repo = mount_root / "repo"
+    repo.mkdir()
+    os.chmod(repo, 0o777)  # the sandbox user (an unprivileged uid) writes here
+    sb = sandbox(mounts=[corral.Mount(str(repo), "/repo", read_only=False)], file_size="2MiB")
+    twin = sb.exec(["sh", "-c", FILL.format(path="/repo/small", mib=1)], timeout=60)
+    assert twin.ok and (repo / "small").stat().st_size == MiB
+    fill = sb.exec(["sh", "-c", FILL.format(path="/repo/big", mib=64)], timeout=60)
+    assert "size=2097152" in fill.text, fill
+    assert (repo / "big").stat().st_size == 2 * MiB
+    assert sorted(p.name for p in mount_root.rglob("*")) == ["big", "repo", "small"]
+
+
+# -- T40 ------------------------------------------------------------------------------
+
+
+def test_t40_the_cpu_quota_holds_and_usage_reads_while_throttled(sandbox):
+    sb = sandbox(cpus=0.5, memory="32MiB", pids=16)
+    neighbour = sandbox(memory="32MiB", pids=16)
+    spin = "timeout 4 sh -c 'while :; do :; done' & timeout 4 sh -c 'while :; do :; done' & wait"
+    with ThreadPoolExecutor(1) as pool:
+        start = sb.usage()
+        started = time.monotonic()
+        running = pool.submit(sb.exec, ["sh", "-c", spin], timeout=60)
+        samples = []
+        while not running.done():
+            samples.append(sb.usage())  # numbers, not exceptions, while throttled
+            time.sleep(0.2)
+        assert neighbour.exec(["echo", "ok"], timeout=60).text == "ok\n"
+        assert running.result().exit_code in (0, 124, 143)
+        wall = time.monotonic() - started
+    end = sb.usage()
+    assert start.cpu_seconds is not None and end.cpu_seconds is not None
+    assert all(s.cpu_seconds is not None for s in samples)
+    used = end.cpu_seconds - start.cpu_seconds
+    # Two spinners for about 4 s under half a CPU: at most about 0.5 CPU-s per second
+    # (a loaded host only lowers it). Some CPU must have been used: throttled, not frozen.
+    assert 0 < used <= 0.65 * wall, f"{used:.2f} CPU-s in {wall:.2f} s"
+
+
+# -- T41 ------------------------------------------------------------------------------
+
+
+@engines_only("docker", "podman")
+def test_t41_a_main_process_log_flood_is_not_kept_by_the_engine(sandbox, backend, raw_client_of):
+    flood = "yes corral-log-flood | head -c 20000000; echo flooded > /tmp/done; exec sleep 600"
+    sb = sandbox(command=["sh", "-c", flood], memory="32MiB", pids=16)
+    deadline = time.monotonic() + 60
+    while not sb.exec(["sh", "-c", "test -e /tmp/done"]).ok and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sb.exec(["cat", "/tmp/done"]).text == "flooded\n"
+    config = engine_host_config(raw_client_of, backend, sb.id)
+    assert config["LogConfig"]["Type"] in ("none", ""), config["LogConfig"]
+    client = raw_client_of(backend)
+    try:
+        log_path = client.inspect_container(f"corral-{sb.id}").get("LogPath") or ""
+    finally:
+        client.close()
+    if log_path and os.path.exists(log_path):
+        assert os.path.getsize(log_path) < MiB, f"{log_path} kept the flood"
+
+
+# -- T42 ------------------------------------------------------------------------------
+
+
+def test_t42_many_sandboxes_at_once_are_distinct_and_all_go_away(sandbox):
+    count = 8  # a 2-core shared machine: enough to race, not to overload
+    with ThreadPoolExecutor(count) as pool:
+        made = list(pool.map(lambda _: sandbox(memory="16MiB", pids=8), range(count)))
+        said = list(pool.map(lambda sb: sb.exec(["sh", "-c", "echo $$"], timeout=60), made))
+    assert len({sb.id for sb in made}) == count
+    assert [r for r in said if not r.ok] == []
+    for sb in made:
+        sb.close()
+    # The campaign harness then proves no container, volume, folder or process is left.
