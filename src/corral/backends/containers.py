@@ -202,9 +202,7 @@ def plan(
     return ContainerPlan(
         name=container_name(labels["corral.sandbox"]),
         image=image,
-        # PID 1 (under the engine's init, which reaps) ends with the lifetime, and the
-        # engine then removes the container: nothing outlives a crashed caller.
-        command=list(spec.command or ["sleep", str(math.ceil(lim.lifetime))]),
+        command=init_command(spec.command, lim.lifetime),
         user=spec.user,
         workdir=spec.workdir,
         env=env,
@@ -258,6 +256,17 @@ def _host_mount_points() -> list[str]:
     # Field 5 is the mount point, with space, tab, newline and backslash as octal escapes.
     unescape = re.compile(r"\\([0-7]{3})")
     return [unescape.sub(lambda m: chr(int(m[1], 8)), line.split(" ")[4]) for line in lines]
+
+
+def init_command(command: tuple[str, ...] | None, lifetime: float) -> list[str]:
+    """PID 1 (under the engine's init, which reaps): it ends with the lifetime, and the
+    engine then removes the container, so nothing outlives a crashed caller. The spec's
+    own command is bounded the same way, by ``timeout`` (coreutils' or busybox's); an
+    image without it fails to start rather than run past its lifetime."""
+    seconds = str(math.ceil(lifetime))
+    if command is None:
+        return ["sleep", seconds]
+    return ["timeout", "-s", "KILL", seconds, *command]
 
 
 def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
