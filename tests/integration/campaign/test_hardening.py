@@ -9,8 +9,11 @@ checked by its errno and every harmless twin by its success.
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
 import os
 import shutil
+import socketserver
 import subprocess
 import threading
 from pathlib import Path
@@ -19,6 +22,7 @@ import pytest
 
 import corral
 from corral.core.backend import Capability
+from corral.core.settings import load_settings
 
 ENGINES_ONLY = pytest.mark.parametrize(
     "backend",
@@ -428,7 +432,79 @@ def test_t71_overwriting_sh_with_proc_self_exe_never_reaches_runc(sandbox):
 
 
 # -- T72: the engine and runtime version gate ---------------------------------------------
-# Not covered: corral has no version gate yet (see the campaign report). A test needs an
-# engine that reports runc 1.1.11 or Docker 19.03.0, and Debian's runc 1.1.5+ds1 here
-# carries the CVE-2024-21626 fix under an older version string, so a gate must weigh
-# distribution patches before it can refuse anything.
+
+
+class _OldEngine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """An engine API on a unix socket that reports vulnerable versions, and has nothing."""
+
+    daemon_threads = True
+
+
+def _old_engine_handler(version: dict) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path.endswith("/_ping"):
+                self._answer(200, b"OK", "text/plain")
+            elif path.endswith("/version"):
+                self._answer(200, json.dumps(version).encode())
+            elif path.endswith("/info"):
+                self._answer(200, json.dumps({"SecurityOptions": [], "host": {}}).encode())
+            else:
+                self._answer(404, b'{"message": "no such thing"}')
+
+        do_POST = do_DELETE = do_GET
+
+        def _answer(self, status: int, body: bytes, kind: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def address_string(self) -> str:
+            return "unix"
+
+    return Handler
+
+
+OLD_ENGINES = {
+    "docker": (
+        {"Version": "19.03.0", "ApiVersion": "1.40", "MinAPIVersion": "1.12",
+         "Components": [{"Name": "runc", "Version": "1.1.11"}]},
+        "CVE-2019-14271|CVE-2024-21626",
+    ),
+    "podman": ({"Version": "1.5.0", "ApiVersion": "1.40"}, "CVE-2019-18466"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("engine_name", sorted(OLD_ENGINES))
+@pytest.mark.xfail(
+    strict=True,
+    reason="T72 gap: corral has no engine and runtime version gate yet (Debian's runc "
+    "1.1.5+ds1 here carries backported fixes under an old version string, so a gate "
+    "must weigh distribution patches before refusing)",
+)
+def test_t72_a_vulnerable_engine_is_refused_naming_the_cve(engine_name, shared_tmp, state_dir):
+    version, cves = OLD_ENGINES[engine_name]
+    path = shared_tmp / "old-engine.sock"
+    server = _OldEngine(str(path), _old_engine_handler(version))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = load_settings(
+            {"backends": {engine_name: {"url": f"unix://{path}", "pull": "never"}}},
+            cwd=state_dir,
+            environ={},
+        )
+        with pytest.raises(corral.SandboxError, match=cves):
+            corral.create(backend=engine_name, settings=settings, image="busybox")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
