@@ -180,6 +180,7 @@ def run(config: Config, plan: measure.Plan) -> list[Row]:
         rows += measure.concurrent("local", ours, raw, RAW_NAME, plan)
         rows += probes.memory_rows("local", config, 10 if config.quick else 30, RAW_NAME)
         rows += llm_reference.local_rows(ours, raw.bwrap, plan)
+        rows.append(measure.leftover_row("local", ours, raw))
     finally:
         ours.cleanup()
         raw.cleanup()

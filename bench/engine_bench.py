@@ -44,6 +44,7 @@ def run_engine(
     one_shot_ratio: float,
     same_steps_ratio: float | None,
 ) -> list[Row]:
+    """Every measurement on one engine; whatever is left is removed, also after an error."""
     raw = make_raw()
     ours = corral_side(backend, url, config, raw)
     name = raw.name
@@ -78,18 +79,9 @@ def run_engine(
         rows += measure.concurrent(backend, ours, raw, name, plan)
         rows += probes.memory_rows(backend, config, 10 if config.quick else 20, name)
         rows += llm_reference.engine_rows(backend, config, ours, raw, plan)
-        raw.cleanup()
-        raw.cleanup_corral()
-        rows.append(leftover_row(backend, raw))
+        rows.append(measure.leftover_row(backend, ours, raw))
     finally:
         raw.cleanup()
         raw.cleanup_corral()
         raw.close()
     return rows
-
-
-def leftover_row(backend: str, raw: EngineRawSide) -> Row:
-    """What the run's own clean-up could not remove (expected: nothing)."""
-    left = raw.corral_leftovers() + raw.leftovers()
-    note = f"containers of this run left on the engine: {len(left)}"
-    return Row(backend, "leftovers after the run", None, None, "", note=note)

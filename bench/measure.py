@@ -24,7 +24,8 @@ _LEAK_SETTLE = 15.0
 
 @dataclass
 class Plan:
-    """How much to measure: rounds per measurement, concurrency levels, what to skip."""
+    """How much to measure: rounds per measurement and the concurrency levels (run.py
+    sets them from its options)."""
 
     rounds: int = 15
     usage_rounds: int = 15  # docker-py's stats waits for a second sample: 2 s a call
@@ -44,14 +45,18 @@ def _untimed_destroy(side: Side, make: Callable[[], object]) -> Callable[[], flo
     return one
 
 
-def ready_cold(backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target=None):
+def ready_cold(
+    backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target: Target | None = None
+) -> list[Row]:
     seconds = interleave(
         plan.rounds, _untimed_destroy(ours, ours.create), _untimed_destroy(raw, raw.create)
     )
     return [row(backend, "ready sandbox, cold (create+start)", seconds, raw_name, target)]
 
 
-def ready_warm(backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target=None):
+def ready_warm(
+    backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target: Target | None = None
+) -> list[Row]:
     """Time to get a sandbox out of a full warm pool (its health check included)."""
     our_pool, raw_pool = ours.pool(plan.pool_size), raw.pool(plan.pool_size)
 
@@ -89,7 +94,9 @@ def ready_warm(backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, t
     ]
 
 
-def full_cycle(backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target=None):
+def full_cycle(
+    backend: str, ours: Side, raw: Side, raw_name: str, plan: Plan, target: Target | None = None
+) -> list[Row]:
     seconds = interleave(plan.rounds, lambda: timed(ours.cycle), lambda: timed(raw.cycle))
     return [row(backend, "full cycle (create, exec true, destroy)", seconds, raw_name, target)]
 
@@ -164,6 +171,24 @@ class Batch:
     leaks: list[str]
 
 
+def settled(leftovers: Callable[[], list[str]]) -> list[str]:
+    """What ``leftovers()`` still finds once removals had time to show."""
+    deadline = time.monotonic() + _LEAK_SETTLE
+    while (found := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def leftover_row(backend: str, ours: Side, raw: Side) -> Row:
+    """What the measurements left behind before the final clean-up (expected: nothing)."""
+    note = (
+        f"sandboxes of this run still there before the final clean-up: "
+        f"corral {len(settled(ours.leftovers))}, "
+        f"raw and references {len(settled(raw.leftovers))}"
+    )
+    return Row(backend, "leftovers after the run", None, None, "", note=note)
+
+
 def _batch(side: Side, n: int) -> Batch:
     errors: list[str] = []
     lock = threading.Lock()
@@ -179,9 +204,7 @@ def _batch(side: Side, n: int) -> Batch:
         started = time.perf_counter()
         list(workers.map(work, range(n)))
         elapsed = time.perf_counter() - started
-    deadline = time.monotonic() + _LEAK_SETTLE
-    while (leaks := side.leftovers()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    leaks = settled(side.leftovers)
     if leaks:
         side.cleanup()  # counted above; removed so that the next batch starts clean
     return Batch(elapsed, errors, leaks)
