@@ -1,0 +1,149 @@
+"""The campaign harness's leak check can fail: inner pytest runs (pytester, in this
+process) of cases that leave a host process, a file descriptor, a temporary folder, a
+changed canary or a container behind must each be reported, and a clean case must not.
+
+The inner runs use copies of the real conftest files (the campaign's with a shorter
+settling time, so a reported leak does not wait out ten seconds); what the inner cases
+leave behind is written to a file, and cleaned up here so that this test's own check
+passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+import corral
+
+CAMPAIGN = Path(__file__).parent
+
+INNER_CASES = """
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import corral
+
+RECORD = Path(os.environ["CORRALTEST_HARNESS_RECORD"])
+
+
+def _left(kind, value):
+    with RECORD.open("a") as record:
+        record.write(json.dumps([kind, value]) + "\\n")
+
+
+def test_clean(canary):
+    assert canary.read_bytes().startswith(b"canary ")
+
+
+def test_leaves_a_process():
+    _left("pid", os.spawnlp(os.P_NOWAIT, "sleep", "sleep", "120"))
+
+
+def test_leaves_an_fd():
+    _left("fd", os.open(os.devnull, os.O_RDONLY))
+
+
+def test_leaves_a_temporary_folder():
+    _left("folder", tempfile.mkdtemp(prefix="corral-leak-"))
+
+
+def test_changes_a_canary(canary):
+    canary.write_bytes(b"changed")
+
+
+def test_leaves_a_sandbox(settings_of):
+    engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
+    sandbox = corral.create(backend=engine, settings=settings_of(engine), lifetime="2m")
+    _left("sandbox", sandbox.id)
+    sandbox.detach()
+"""
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings_of):
+    """A pytester folder laid out like tests/integration, with the real fixtures."""
+    pytester.makeconftest((CAMPAIGN.parent / "conftest.py").read_text())
+    harness = (CAMPAIGN / "conftest.py").read_text()
+    quick = harness.replace("SETTLE = 10.0", "SETTLE = 1.0")
+    assert quick != harness, "the harness no longer has SETTLE = 10.0; update this test"
+    folder = pytester.mkdir("campaign")
+    (folder / "conftest.py").write_text(quick)
+    (folder / "test_cases.py").write_text(INNER_CASES)
+    record = tmp_path / "left.jsonl"
+    record.touch()
+    monkeypatch.setenv("CORRALTEST_HARNESS_RECORD", str(record))
+    yield pytester
+    _clean_up(record, settings_of)
+
+
+def _clean_up(record: Path, settings_of) -> None:
+    """Remove what the inner cases left, by what they recorded (never by name)."""
+    for line in record.read_text().splitlines():
+        kind, value = json.loads(line)
+        if kind == "pid":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(value, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(value, 0)
+        elif kind == "fd":
+            os.close(value)
+        elif kind == "folder":
+            shutil.rmtree(value, ignore_errors=True)
+        elif kind == "sandbox":
+            engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
+            corral.attach(value, backend=engine, settings=settings_of(engine)).close()
+
+
+def _run(inner: pytest.Pytester, *names: str) -> pytest.RunResult:
+    return inner.runpytest("-p", "no:cacheprovider", "-k", " or ".join(names))
+
+
+@pytest.mark.local
+def test_host_side_leaks_are_reported_and_a_clean_case_is_not(inner):
+    result = _run(
+        inner,
+        "test_clean",
+        "test_leaves_a_process",
+        "test_leaves_an_fd",
+        "test_leaves_a_temporary_folder",
+        "test_changes_a_canary",
+    )
+    result.assert_outcomes(passed=5, errors=4)
+    reports = _teardown_reports(result.stdout.str())
+    assert reports.keys() == {
+        "test_leaves_a_process",
+        "test_leaves_an_fd",
+        "test_leaves_a_temporary_folder",
+        "test_changes_a_canary",
+    }, "the clean case was reported, or a leaking one was not"
+    assert "host processes left: [" in reports["test_leaves_a_process"]
+    assert "client file descriptors " in reports["test_leaves_an_fd"]
+    assert "temporary folders left: ['corral-leak-" in reports["test_leaves_a_temporary_folder"]
+    assert "host files changed: ['" in reports["test_changes_a_canary"]
+
+
+def _teardown_reports(output: str) -> dict[str, str]:
+    """Each inner case whose teardown failed, with the text of its failure."""
+    sections = output.split("ERROR at teardown of ")[1:]
+    return {section.split(" ", 1)[0]: section for section in sections}
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
+)
+def test_a_sandbox_left_on_an_engine_is_reported(inner, engine, settings_of, monkeypatch):
+    settings_of(engine)  # fails under CI, skips elsewhere, when the engine is not set up
+    monkeypatch.setenv("CORRALTEST_HARNESS_ENGINE", engine)
+    result = _run(inner, "test_leaves_a_sandbox")
+    result.assert_outcomes(passed=1, errors=1)
+    report = _teardown_reports(result.stdout.str())["test_leaves_a_sandbox"]
+    assert f"the case leaked or touched the host: {engine} kept [" in report
