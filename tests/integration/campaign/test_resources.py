@@ -23,6 +23,10 @@ import corral
 
 SETTLE = 15.0
 MiB = 1024**2
+# The fewest processes a sandbox here is given: on the engines, runc's exec helper joins
+# the sandbox's pids cgroup with its threads, and with pids=8 an exec failed at random
+# ("OCI runtime exec failed: read init-p: connection reset by peer", exit 126).
+FEW_PIDS = 32
 
 
 def token() -> str:
@@ -68,7 +72,7 @@ def engines_only(*names: str) -> pytest.MarkDecorator:
 
 def test_t33_a_fork_bomb_hits_the_pids_limit_and_nothing_of_it_survives(sandbox):
     sb = sandbox(memory="64MiB", pids=48)
-    neighbour = sandbox(memory="32MiB", pids=16)
+    neighbour = sandbox(memory="32MiB", pids=FEW_PIDS)
     # The twin first: a normal fork of a few children works under the same limit.
     few = sb.exec(["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo forked"])
     assert few.ok and few.text == "forked\n"
@@ -109,7 +113,7 @@ def _swap_limit(backend: str, sb: corral.Sandbox, raw_client_of: Callable) -> in
 
 
 def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_client_of):
-    sb = sandbox(memory="32MiB", pids=32)
+    sb = sandbox(memory="32MiB", pids=FEW_PIDS)
     assert _swap_limit(backend, sb, raw_client_of) == 32 * MiB, "swap would double the limit"
     under = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
     assert under.ok and under.text == "allocated\n" and not under.oom_killed
@@ -125,7 +129,7 @@ def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_c
 
 
 def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
-    sb = sandbox(memory="32MiB", pids=32)
+    sb = sandbox(memory="32MiB", pids=FEW_PIDS)
     # A child is OOM-killed; the parent carries on and exits 0: not an OOM exec.
     child = sb.exec(
         ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived"], timeout=60
@@ -225,8 +229,8 @@ def test_t38_a_rw_mount_fill_stops_at_the_file_size_limit_and_stays_inside(sandb
 
 
 def test_t40_the_cpu_quota_holds_and_usage_reads_while_throttled(sandbox):
-    sb = sandbox(cpus=0.5, memory="32MiB", pids=16)
-    neighbour = sandbox(memory="32MiB", pids=16)
+    sb = sandbox(cpus=0.5, memory="32MiB", pids=FEW_PIDS)
+    neighbour = sandbox(memory="32MiB", pids=FEW_PIDS)
     spin = "timeout 4 sh -c 'while :; do :; done' & timeout 4 sh -c 'while :; do :; done' & wait"
     with ThreadPoolExecutor(1) as pool:
         start = sb.usage()
@@ -254,7 +258,7 @@ def test_t40_the_cpu_quota_holds_and_usage_reads_while_throttled(sandbox):
 @engines_only("docker", "podman")
 def test_t41_a_main_process_log_flood_is_not_kept_by_the_engine(sandbox, backend, raw_client_of):
     flood = "yes corral-log-flood | head -c 20000000; echo flooded > /tmp/done; exec sleep 600"
-    sb = sandbox(command=["sh", "-c", flood], memory="32MiB", pids=16)
+    sb = sandbox(command=["sh", "-c", flood], memory="32MiB", pids=FEW_PIDS)
     deadline = time.monotonic() + 60
     while not sb.exec(["sh", "-c", "test -e /tmp/done"]).ok and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -276,7 +280,7 @@ def test_t41_a_main_process_log_flood_is_not_kept_by_the_engine(sandbox, backend
 def test_t42_many_sandboxes_at_once_are_distinct_and_all_go_away(sandbox):
     count = 8  # a 2-core shared machine: enough to race, not to overload
     with ThreadPoolExecutor(count) as pool:
-        made = list(pool.map(lambda _: sandbox(memory="16MiB", pids=8), range(count)))
+        made = list(pool.map(lambda _: sandbox(memory="16MiB", pids=FEW_PIDS), range(count)))
         said = list(pool.map(lambda sb: sb.exec(["sh", "-c", "echo $$"], timeout=60), made))
     assert len({sb.id for sb in made}) == count
     assert [r for r in said if not r.ok] == []
