@@ -10,8 +10,11 @@ all three backends. The busybox image has no python, so every attack is a shell 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -249,3 +252,37 @@ def test_t32_a_sandbox_running_its_own_command_ends_with_its_lifetime_too(
     assert _wait_removed(raw_client_of, backend, sb.id), "the container outlived its life"
     assert gone(lambda: host_processes(n)) == []
     sb.close()
+
+
+# A caller that dies in the middle of an exec: bwrap's parent-death signal ends it.
+_CALLER = """
+import sys, corral
+from corral.core.settings import load_settings
+settings = load_settings({"backends": {"local": {"state_dir": sys.argv[1]}}}, environ={})
+sb = corral.create(backend="local", settings=settings, memory="64MiB", pids=64)
+print(sb.id, flush=True)
+sb.exec(["sleep", sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)], indirect=True)
+def test_t32_a_local_exec_dies_with_a_caller_that_was_killed(backend, backend_settings, state_dir):
+    n = unique_sleep()
+    caller = subprocess.Popen(
+        [sys.executable, "-c", _CALLER, str(state_dir), n],
+        stdout=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    try:
+        sandbox_id = caller.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 60
+        while not host_processes(n) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert host_processes(n), "the caller's exec never started"
+    finally:
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()  # type: ignore[union-attr]
+    assert gone(lambda: host_processes(n)) == [], "the exec outlived its caller"
+    # What stays is the sandbox's folder, for the next create's sweep or `corral gc`.
+    corral.attach(sandbox_id, backend="local", settings=backend_settings).close()
