@@ -14,11 +14,6 @@ from .convert import structure, unstructure
 from .errors import ConfigError
 from .spec import SandboxSpec, size_field
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 __all__ = ["Settings", "load_settings"]
 
 # Variables that steer corral itself rather than hold a setting.
@@ -100,7 +95,18 @@ def _find_upwards(name: str, start: Path) -> Path | None:
     return None
 
 
+def _toml() -> Any:
+    """The TOML parser, imported when a setting is first read (it costs ``import corral``
+    several milliseconds that a program with no configuration need not pay)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    return tomllib
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    tomllib = _toml()
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -112,6 +118,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _env_value(text: str) -> Any:
     """A variable's value read as a TOML value when it is one (1, true, [..]), else text."""
+    tomllib = _toml()
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
