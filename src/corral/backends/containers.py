@@ -380,19 +380,32 @@ def spec_from_labels(labels: dict[str, str]) -> SandboxSpec:
 _STREAMS = {1: "stdout", 2: "stderr"}
 
 
+def _write_frames(buffer: bytes, sink: OutputSink) -> bytes:
+    """Hand the whole frames in ``buffer`` to ``sink``; what is left of a partial one."""
+    while len(buffer) >= 8:
+        kind, size = struct.unpack(">BxxxL", buffer[:8])
+        if len(buffer) < 8 + size:
+            break
+        sink.write(_STREAMS.get(kind, "stdout"), buffer[8 : 8 + size])
+        buffer = buffer[8 + size :]
+    return buffer
+
+
 def read_frames(
     sock: socket.socket,
     sink: OutputSink,
     deadline: float | None,
     on_timeout: Callable[[], None],
+    initial: bytes = b"",
 ) -> bool:
     """Demultiplex an attached exec stream into ``sink`` until EOF; True if it timed out.
 
     Frames are an 8-byte header (stream, 0, 0, 0, big-endian size) and the payload.
-    On the deadline or a cancel, ``on_timeout`` kills the command, and reading goes
-    on briefly so the output produced until then is kept.
+    ``initial`` is what was read from the stream before (with the HTTP upgrade). On
+    the deadline or a cancel, ``on_timeout`` kills the command, and reading goes on
+    briefly so the output produced until then is kept.
     """
-    buffer = b""
+    buffer = _write_frames(initial, sink)
     timed_out = False
     grace_end: float | None = None
     while True:
@@ -415,13 +428,7 @@ def read_frames(
             break
         if not chunk:
             break
-        buffer += chunk
-        while len(buffer) >= 8:
-            kind, size = struct.unpack(">BxxxL", buffer[:8])
-            if len(buffer) < 8 + size:
-                break
-            sink.write(_STREAMS.get(kind, "stdout"), buffer[8 : 8 + size])
-            buffer = buffer[8 + size :]
+        buffer = _write_frames(buffer + chunk, sink)
     return timed_out
 
 
@@ -449,6 +456,7 @@ class ExecSession:
     pid: Callable[[], int]  # the exec's host pid (asked only to stop it)
     exit_code: Callable[[], int]  # asked once the stream has ended
     close: Callable[[], None]
+    buffered: bytes = b""  # stream bytes already read along with the upgrade's headers
 
 
 def run_exec(
@@ -479,7 +487,7 @@ def run_exec(
     try:
         try:
             feeder = feed_stdin(session.socket, request.stdin)
-            timed_out = read_frames(session.socket, sink, deadline, stop)
+            timed_out = read_frames(session.socket, sink, deadline, stop, session.buffered)
             if feeder is not None:
                 feeder.join(timeout=5)
         finally:

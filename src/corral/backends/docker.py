@@ -149,7 +149,11 @@ class DockerBackend(Backend):
         except docker.errors.APIError as e:
             text = str(e.explanation or e)
             if e.status_code == 409:
-                raise ConflictError(f"the engine refused: {text}", **where) from e
+                raise ConflictError(
+                    f"the engine refused: {text}",
+                    retryable=not containers.not_running(text),
+                    **where,
+                ) from e
             if "no space left" in text.lower():
                 raise ResourceLimitError(f"the engine is out of space: {text}", **where) from e
             if "read-only" in text:
@@ -414,6 +418,7 @@ class DockerBackend(Backend):
                 pid=lambda: self._exec_pid(exec_id),
                 exit_code=lambda: self._exit_code(exec_id, sandbox_id),
                 close=close,
+                buffered=_read_ahead(stream, raw),
             )
 
         return containers.run_exec(start, request, sink, self._view(sandbox_id))
@@ -452,6 +457,11 @@ class DockerBackend(Backend):
 
     def usage(self, sandbox_id: str) -> ResourceUsage:
         view = self._view(sandbox_id)
+        if view is not None and view.init_pid not in view.pids():
+            # The container ended since its view was taken (killed or removed from
+            # outside): its cgroup is gone, and the engine says why.
+            self._views.pop(sandbox_id, None)
+            view = None
         if view is not None:
             if sandbox_id not in self._specs:
                 self._specs[sandbox_id] = self.inspect(sandbox_id)[1]
@@ -466,6 +476,23 @@ class DockerBackend(Backend):
         if self._api is not None:
             self._api.close()
             self._api = None
+
+
+def _read_ahead(stream: Any, raw: socket.socket) -> bytes:
+    """The exec stream's first bytes, if the HTTP parser read them with the upgrade's
+    headers (a slow or remote engine sends both at once); the raw socket no longer has
+    them. Read without waiting: only what is buffered already."""
+    try:
+        reader = stream._response.raw._fp.fp  # docker-py keeps the response on the socket
+    except AttributeError:
+        return b""
+    raw.setblocking(False)
+    try:
+        return reader.read1(1 << 20) or b""
+    except (OSError, ValueError):
+        return b""
+    finally:
+        raw.setblocking(True)
 
 
 def _usage_from_stats(stats: dict[str, Any]) -> ResourceUsage:

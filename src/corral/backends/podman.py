@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from typing import IO, Any, Literal
 from urllib.parse import quote
@@ -133,7 +134,12 @@ class PodmanBackend(Backend):
         with self._engine(sandbox_id):
             response = getattr(self.api(), method)(path, **kwargs)
         if response.status_code >= 400:
-            raise self._status_error(response, sandbox_id)
+            error = self._status_error(response, sandbox_id)
+            # Closed, and not left in this frame: the error's traceback keeps the frame,
+            # and with it the connection, open until a garbage collection otherwise.
+            response.close()
+            del response
+            raise error
         return response
 
     def _status_error(self, response: Any, sandbox_id: str | None) -> SandboxError:
@@ -146,7 +152,9 @@ class PodmanBackend(Backend):
         if status == 404:
             return NotFoundError(f"not found: {text}", **where)
         if status == 409:
-            return ConflictError(f"the service refused: {text}", **where)
+            return ConflictError(
+                f"the service refused: {text}", retryable=not containers.not_running(text), **where
+            )
         if "no space left" in text.lower():
             return ResourceLimitError(f"the engine is out of space: {text}", **where)
         if "value too large for defined data type" in text:
@@ -169,13 +177,21 @@ class PodmanBackend(Backend):
             yield
         except SandboxError:
             raise
-        except requests.exceptions.Timeout as e:
-            raise CorralTimeoutError(
-                f"the Podman service at {self.url} did not answer in time",
-                backend=self.name,
-                sandbox_id=sandbox_id,
-            ) from e
-        except (requests.exceptions.ConnectionError, podman.errors.PodmanError, OSError) as e:
+        except (
+            requests.exceptions.RequestException,
+            podman.errors.PodmanError,
+            OSError,
+        ) as e:
+            _release_frames(e)
+            # podman-py wraps a read timeout in its own APIError: the cause tells.
+            if isinstance(e, requests.exceptions.Timeout) or isinstance(
+                e.__cause__, requests.exceptions.Timeout
+            ):
+                raise CorralTimeoutError(
+                    f"the Podman service at {self.url} did not answer in time",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                ) from e
             raise self._unavailable(e) from e
 
     # -- what this service can do ------------------------------------------------------
@@ -224,12 +240,20 @@ class PodmanBackend(Backend):
                     backend=self.name,
                 )
         try:
-            self._call("post", "/images/pull", params={"reference": image, "quiet": True})
+            pulled = self._call("post", "/images/pull", params={"reference": image, "quiet": True})
         except SandboxError as e:
             raise NotFoundError(
                 f"image {image!r} could not be pulled (pull policy {policy!r}): {e.message}",
                 backend=self.name,
             ) from e
+        # A pull that fails once begun still answers 200, with the error in its stream.
+        for line in pulled.text.splitlines():
+            with contextlib.suppress(ValueError, AttributeError):
+                if error := json.loads(line).get("error"):
+                    raise NotFoundError(
+                        f"image {image!r} could not be pulled (pull policy {policy!r}): {error}",
+                        backend=self.name,
+                    )
 
     def _call_status(self, method: str, path: str) -> int:
         with self._engine():
@@ -552,6 +576,11 @@ class PodmanBackend(Backend):
 
     def usage(self, sandbox_id: str) -> ResourceUsage:
         view = self._view(sandbox_id)
+        if view is not None and view.init_pid not in view.pids():
+            # The container ended since its view was taken (killed or removed from
+            # outside): its cgroup is gone, and the engine says why.
+            self._views.pop(sandbox_id, None)
+            view = None
         if sandbox_id not in self._specs:
             self._specs[sandbox_id] = self.inspect(sandbox_id)[1]
         limit = self._specs[sandbox_id].limits.memory
@@ -561,6 +590,8 @@ class PodmanBackend(Backend):
         stats = self._call(
             "get", "/containers/stats", sandbox_id, params={"containers": name, "stream": False}
         ).json()
+        if not stats.get("Stats"):
+            self._inspect(sandbox_id)  # no stats for a container that is gone: NotFoundError
         entry = (stats.get("Stats") or [{}])[0]
         return ResourceUsage(
             cpu_seconds=(entry.get("CPUNano") or 0) / 1e9,
@@ -578,6 +609,18 @@ class PodmanBackend(Backend):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the locals of the frames in ``error``'s chain: podman-py leaves the socket
+    of a connection that failed to open unclosed in them, and the chained error would
+    keep it (an open file descriptor) until a garbage collection."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 def _stat_header(response: Any) -> dict[str, Any]:

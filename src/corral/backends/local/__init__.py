@@ -275,6 +275,12 @@ class LocalBackend(Backend):
         with self._lock:
             state = self._states.get(sandbox_id)
         if state is not None:
+            if not os.path.exists(os.path.join(state.folder, "meta.json")):
+                raise NotFoundError(
+                    f"the sandbox's folder {state.folder} is gone (removed from outside)",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                )
             return state
         if not sandbox_id.isalnum():
             raise NotFoundError(f"{sandbox_id!r} is not a sandbox id", backend=self.name)
@@ -319,10 +325,13 @@ class LocalBackend(Backend):
 
     @_translated
     def destroy(self, sandbox_id: str) -> None:
-        try:
-            state = self._state(sandbox_id)
-        except NotFoundError:
-            return
+        with self._lock:
+            state = self._states.get(sandbox_id)  # known here even if its folder is gone
+        if state is None:
+            try:
+                state = self._state(sandbox_id)
+            except NotFoundError:
+                return
         for process in list(state.running):
             process.kill()
         if state.cgroup is not None:
