@@ -34,10 +34,11 @@ __all__ = [
 # Loosenings that are refused unless named in ``security.allow_unsafe``.
 UNSAFE_OPTIONS = {
     "cap_add": "adds Linux capabilities",
+    "read_only_root": "makes the root filesystem writable",
     "no_new_privileges": "lets setuid programs gain privileges",
     "seccomp": "turns the seccomp filter off or replaces it with a profile of its own",
     "apparmor": "turns the AppArmor profile off",
-    "selinux": "turns SELinux labelling off",
+    "selinux": "turns SELinux labelling off or runs as a super-privileged type (spc_t)",
     "isolate": "runs the command without any isolation",
     "sensitive_mounts": "mounts a sensitive host path or an engine socket",
 }
@@ -410,6 +411,8 @@ class Security:
         found = []
         if self.cap_add:
             found.append("cap_add")
+        if self.isolate and not self.read_only_root:  # without isolation there is no root
+            found.append("read_only_root")
         if not self.no_new_privileges:
             found.append("no_new_privileges")
         # A profile of the caller's own replaces the engine's default wholesale, and
@@ -418,7 +421,7 @@ class Security:
             found.append("seccomp")
         if self.apparmor == "unconfined":
             found.append("apparmor")
-        if self.selinux_label == "disable":
+        if self.selinux_label == "disable" or "spc_t" in (self.selinux_label or ""):
             found.append("selinux")
         if not self.isolate:
             found.append("isolate")

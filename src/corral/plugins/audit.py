@@ -24,6 +24,7 @@ import attrs
 from corral.core.convert import structure, unstructure
 from corral.core.errors import ConfigError
 from corral.core.hookspecs import hookimpl
+from corral.core.policy import loosened
 from corral.core.spec import bool_field, str_field
 
 from .jsonlines import JsonLinesFile, utc_now
@@ -141,7 +142,7 @@ class AuditPlugin:
                 user=_who(),
                 pid=os.getpid(),
                 image=spec.image,
-                loosened=spec.security.loosened(),
+                loosened=loosened(spec),
                 sandbox_user=spec.user,
                 workdir=spec.workdir,
                 env=redact_env(spec.env),

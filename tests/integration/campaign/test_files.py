@@ -401,7 +401,7 @@ def marker(shared_tmp: Path) -> Path:
 def test_t56_trojan_helpers_in_the_image_never_run(sandbox, marker, trojan_library, tmp_path):
     """The container's root holds a trojan NSS library and trojan decompressors; corral's
     file calls (and the engine's helpers under them) must never load or run them."""
-    sb = sandbox(security={"read_only_root": False})
+    sb = sandbox(security={"read_only_root": False, "allow_unsafe": ["read_only_root"]})
     script = f"#!/bin/sh\necho pwned by $0 > /proc/1/root{marker}\nexec cat\n".encode()
     sb.write_file("/workspace/libnss_files.so.2", trojan_library)
     sb.write_file("/workspace/trojan", script, mode=0o755)

@@ -246,7 +246,7 @@ def test_t64_identity_and_privileges_in_every_process_and_thread(sandbox, probe_
 @ENGINES_ONLY
 def test_t65_a_setuid_root_binary_cannot_raise_the_euid(sandbox, probe_binary):
     """On the container's own root (no nosuid there), only no-new-privileges stops it."""
-    sb = sandbox(security={"read_only_root": False})
+    sb = sandbox(security={"read_only_root": False, "allow_unsafe": ["read_only_root"]})
     probe = with_probe(sb, probe_binary)
     made = sh(sb, f"cp {probe} /bin/suid-probe && chmod 4755 /bin/suid-probe", user="0")
     assert made.exit_code == 0, made.stderr
@@ -405,7 +405,7 @@ def test_t71_overwriting_sh_with_proc_self_exe_never_reaches_runc(sandbox):
     corral's default user is 1000, and its root is read-only), runc stays intact."""
     runtimes = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in _runtime_binaries()}
     assert runtimes, "no runc on the host to check"
-    sb = sandbox(security={"read_only_root": False})
+    sb = sandbox(security={"read_only_root": False, "allow_unsafe": ["read_only_root"]})
     assert sb.exec(["id", "-u"]).text.strip() == "1000"  # the precondition is absent by default
     assert sh(sb, "echo '#!/proc/self/exe' > /bin/sh").exit_code != 0  # not root's file
     planted = sb.exec(

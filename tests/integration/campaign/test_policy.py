@@ -87,6 +87,8 @@ LOOSENINGS = [
     ("apparmor", {"apparmor": "unconfined"}, "apparmor", Capability.APPARMOR),
     ("selinux", {"selinux_label": "disable"}, "selinux_label", Capability.SELINUX),
     ("isolate", {"isolate": False}, "isolate", None),
+    ("read_only_root", {"read_only_root": False}, "read_only_root", None),
+    ("selinux", {"selinux_label": "type:spc_t"}, "selinux_label", Capability.SELINUX),
 ]
 IDS = [f"{name}-{next(iter(loosening.values()))}" for name, loosening, _, _ in LOOSENINGS]
 IDS[3] = "seccomp-allow-all-profile"
@@ -131,6 +133,9 @@ def _expect_applied(backend: str, name: str, loosening: dict, sb: corral.Sandbox
     elif name == "seccomp":  # the allow-all profile: filtered by nothing
         result = sb.exec(["unshare", "-U", "true"])
         assert result.exit_code == 0, result.stderr_text
+    elif name == "read_only_root":
+        root = sb.exec(["awk", '$5 == "/" { print $6 }', "/proc/self/mountinfo"]).text
+        assert root.split(",")[0] == "rw", root
     elif name == "isolate":
         pid_ns = sb.exec(["readlink", "/proc/self/ns/pid"]).text.strip()
         host_ns = os.readlink("/proc/self/ns/pid")

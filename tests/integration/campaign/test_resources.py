@@ -200,7 +200,11 @@ def test_t37_a_disk_limit_the_backend_cannot_enforce_is_refused(sandbox):
 def test_t37_a_writable_root_is_bounded_per_file_by_the_file_size_limit(sandbox):
     # As root in the sandbox, in a folder of the image (root's, mode 755; Podman makes
     # "/" itself 555, and all capabilities are still dropped).
-    sb = sandbox(security={"read_only_root": False}, file_size="4MiB", user="0:0")
+    sb = sandbox(
+        security={"read_only_root": False, "allow_unsafe": ["read_only_root"]},
+        file_size="4MiB",
+        user="0:0",
+    )
     fill = sb.exec(["sh", "-c", FILL.format(path="/etc/bigfile", mib=64)], timeout=60)
     assert "File too large" in fill.text or "File size limit" in fill.text, fill
     assert "size=4194304" in fill.text
