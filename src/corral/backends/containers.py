@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -507,6 +508,18 @@ def run_exec(
         oom_killed=oom,
         signal=code - 128 if code > 128 else None,
     )
+
+
+def release_frames(error: BaseException) -> None:
+    """Clear the locals of the frames in ``error``'s chain: the engine clients leave the
+    socket of a connection that failed to open unclosed there, and the error corral
+    chains to it would keep it (an open file descriptor) until a garbage collection."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 def not_running(engine_message: str) -> bool:

@@ -83,11 +83,12 @@ class DockerBackend(Backend):
     def url(self) -> str:
         return self.settings.engine_url()
 
-    def _unavailable(self, why: object) -> BackendUnavailableError:
+    def _unavailable(self, why: object, sandbox_id: str | None = None) -> BackendUnavailableError:
         return BackendUnavailableError(
             f"the Docker engine at {self.url} does not answer ({why}); start it (for example "
             "`dockerd &` or `systemctl start docker`) or set backends.docker.url / DOCKER_HOST",
             backend=self.name,
+            sandbox_id=sandbox_id,
         )
 
     def api(self) -> Any:
@@ -168,7 +169,8 @@ class DockerBackend(Backend):
                 f"the Docker engine at {self.url} did not answer in time", **where
             ) from e
         except (requests.exceptions.ConnectionError, docker.errors.DockerException) as e:
-            raise self._unavailable(e) from e
+            containers.release_frames(e)
+            raise self._unavailable(e, sandbox_id) from e
 
     # -- what this engine can do --------------------------------------------------
 

@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from typing import IO, Any, Literal
 from urllib.parse import quote
@@ -98,12 +97,13 @@ class PodmanBackend(Backend):
     def url(self) -> str:
         return self.settings.service_url()
 
-    def _unavailable(self, why: object) -> BackendUnavailableError:
+    def _unavailable(self, why: object, sandbox_id: str | None = None) -> BackendUnavailableError:
         return BackendUnavailableError(
             f"the Podman service at {self.url} does not answer ({why}); start it with "
             f"`podman system service --time=0 {self.url}` (rootless: `systemctl --user "
             "enable --now podman.socket`) or set backends.podman.url / CONTAINER_HOST",
             backend=self.name,
+            sandbox_id=sandbox_id,
         )
 
     def api(self) -> Any:
@@ -182,17 +182,27 @@ class PodmanBackend(Backend):
             podman.errors.PodmanError,
             OSError,
         ) as e:
-            _release_frames(e)
+            containers.release_frames(e)
             # podman-py wraps a read timeout in its own APIError: the cause tells.
             if isinstance(e, requests.exceptions.Timeout) or isinstance(
                 e.__cause__, requests.exceptions.Timeout
             ):
+                self._drop_connections()
                 raise CorralTimeoutError(
                     f"the Podman service at {self.url} did not answer in time",
                     backend=self.name,
                     sandbox_id=sandbox_id,
                 ) from e
-            raise self._unavailable(e) from e
+            raise self._unavailable(e, sandbox_id) from e
+
+    def _drop_connections(self) -> None:
+        """Start over with new connections after a timeout: podman-py puts the one that
+        timed out back in its pool, where the late answer would reach the next request
+        sent on it (a clean-up's remove, say) as if it were its own."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     # -- what this service can do ------------------------------------------------------
 
@@ -517,7 +527,7 @@ class PodmanBackend(Backend):
             return sock
         except OSError as e:
             sock.close()
-            raise self._unavailable(e) from e
+            raise self._unavailable(e, sandbox_id) from e
         except BaseException:
             sock.close()
             raise
@@ -609,18 +619,6 @@ class PodmanBackend(Backend):
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _release_frames(error: BaseException) -> None:
-    """Clear the locals of the frames in ``error``'s chain: podman-py leaves the socket
-    of a connection that failed to open unclosed in them, and the chained error would
-    keep it (an open file descriptor) until a garbage collection."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)
-        current = current.__cause__ or current.__context__
 
 
 def _stat_header(response: Any) -> dict[str, Any]:
