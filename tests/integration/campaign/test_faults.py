@@ -10,7 +10,6 @@ a silent socket in front of (or instead of) the shared ones, which nothing stops
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import threading
@@ -60,15 +59,6 @@ def fails_with(kind: type[corral.SandboxError], call: Callable[[], Any], limit: 
     return error
 
 
-def collect_timed_out_podman_connections(engine: str) -> None:
-    """Known limit, not hidden elsewhere: after a read timeout, podman-py leaves the
-    connection it timed out on in a reference cycle, so its socket closes at the next
-    garbage collection rather than at once. Collected after each proxied case, so that
-    the leak check tests everything else; Docker's runs of the same cases need none."""
-    if engine == "podman":
-        gc.collect()
-
-
 @pytest.fixture
 def proxy(engine: str, shared_tmp: Path) -> Iterator[private_engines.EngineProxy]:
     """A proxy in front of the shared engine (it only slows or records answers)."""
@@ -79,7 +69,6 @@ def proxy(engine: str, shared_tmp: Path) -> Iterator[private_engines.EngineProxy
     yield made
     get_host().close()  # the proxied clients' pooled connections, before the proxy goes
     made.stop()
-    collect_timed_out_podman_connections(engine)
 
 
 # -- T77: no engine, or one that never answers -------------------------------------------------
