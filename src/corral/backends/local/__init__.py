@@ -41,8 +41,8 @@ from ...core.errors import (
 from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
 from ...core.results import ResourceUsage, SandboxInfo
-from ...core.spec import ExecRequest, Mount, SandboxSpec
-from . import bwrap, files
+from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
+from . import bwrap, disk, files
 from .cgroups import Cgroup, CgroupLayout
 from .runner import Process
 
@@ -60,6 +60,8 @@ class LocalSettings:
     bwrap: str | None = None
     host_user: str = "65534:65534"
     cgroups: bool = True
+    # Room for a sandbox's workspace, /tmp and corral's own files (as root: a tmpfs).
+    disk_size: int = size_field("1GiB", minimum=16 * 1024**2)
 
 
 @contextlib.contextmanager
@@ -232,27 +234,35 @@ class LocalBackend(Backend):
             float(labels["corral.expires"]),
             None,
         )
-        layout = state.layout
-        for sub in (layout.workspace, layout.tmp):
-            os.mkdir(sub, 0o700)
-            if self._owner() is not None:
-                os.chown(sub, *self._owner())  # type: ignore[misc]
-        os.mkdir(layout.etc, 0o755)
-        passwd, group = bwrap.passwd_files(ids[0], ids[1], spec.workdir)
-        for name, text in (("passwd", passwd), ("group", group)):
-            with open(os.path.join(layout.etc, name), "w") as f:
-                f.write(text)
-        if self._cgroups is not None:
-            state.cgroup = Cgroup.create(
-                self._cgroups,
-                f"corral-{sandbox_id}",
-                spec.limits.memory,
-                spec.limits.pids,
-                spec.limits.cpus,
-            )
-        meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(meta, f)
+        try:
+            if self._root_user:
+                disk.mount_capped(folder, self.settings.disk_size)
+            layout = state.layout
+            for sub in (layout.workspace, layout.tmp):
+                os.mkdir(sub, 0o700)
+                if self._owner() is not None:
+                    os.chown(sub, *self._owner())  # type: ignore[misc]
+            os.mkdir(layout.etc, 0o755)
+            passwd, group = bwrap.passwd_files(ids[0], ids[1], spec.workdir)
+            for name, text in (("passwd", passwd), ("group", group)):
+                with open(os.path.join(layout.etc, name), "w") as f:
+                    f.write(text)
+            if self._cgroups is not None:
+                state.cgroup = Cgroup.create(
+                    self._cgroups,
+                    f"corral-{sandbox_id}",
+                    spec.limits.memory,
+                    spec.limits.pids,
+                    spec.limits.cpus,
+                )
+            meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
+            with open(os.path.join(folder, "meta.json"), "w") as f:
+                json.dump(meta, f)
+        except BaseException:
+            self._remove_folder(folder)
+            if state.cgroup is not None:
+                state.cgroup.remove()
+            raise
         with self._lock:
             self._states[sandbox_id] = state
 
@@ -336,9 +346,14 @@ class LocalBackend(Backend):
             process.kill()
         if state.cgroup is not None:
             state.cgroup.remove()
-        shutil.rmtree(state.folder, ignore_errors=True)  # fd-based: never follows links
+        self._remove_folder(state.folder)
         with self._lock:
             self._states.pop(sandbox_id, None)
+
+    def _remove_folder(self, folder: str) -> None:
+        if self._root_user:
+            disk.unmount(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows links
 
     def _sweep_expired(self) -> None:
         now = time.time()
