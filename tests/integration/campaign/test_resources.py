@@ -176,6 +176,28 @@ def test_t36_the_default_tmp_of_an_engine_sandbox_has_a_size(sandbox):
     assert line.split()[2] == "tmpfs" and "size=65536k" in line, line
 
 
+@pytest.mark.local
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local folder cap is a tmpfs, mounted as root")
+def test_t36_a_local_sandbox_fills_its_own_capped_folder_not_the_hosts_disk(state_dir):
+    settings = corral.load_settings(
+        {"backends": {"local": {"state_dir": str(state_dir), "disk_size": "24MiB"}}},
+        environ={},
+    )
+    free = os.statvfs(state_dir).f_bavail
+    with corral.create(backend="local", settings=settings, memory="128MiB") as sb:
+        # The workspace and /tmp share the cap: together they hold 24 MiB, not 64.
+        script = FILL.format(path="/workspace/a", mib=16) + "; "
+        fill = sb.exec(["sh", "-c", script + FILL.format(path="/tmp/b", mib=48)])
+        assert "No space left on device" in fill.text, fill
+        sizes = [int(part.split()[0]) for part in fill.text.split("size=")[1:]]
+        assert sizes[0] == 16 * 1024**2 and sum(sizes) <= 24 * 1024**2, sizes
+        with pytest.raises(corral.ResourceLimitError):  # the host side meets the cap too
+            sb.write_file("/workspace/c", b"x" * 16 * 1024**2)
+        assert sb.exec(["sh", "-c", "rm /tmp/b; echo ok > /tmp/d; cat /tmp/d"]).text == "ok\n"
+    # The host's disk did not pay for it (a tolerance for everything else on the machine).
+    assert free - os.statvfs(state_dir).f_bavail < (16 * 1024**2) // os.statvfs(state_dir).f_frsize
+
+
 # -- T37 ------------------------------------------------------------------------------
 
 
