@@ -176,13 +176,16 @@ def test_a_killed_programs_sandboxes_end_within_their_lifetime(
 
 
 @pytest.fixture
-def gc_target(backend, backend_settings, request, state_dir, mount_root) -> corral.Settings:
+def gc_target(
+    backend, backend_settings, request, state_dir, mount_root
+) -> Iterator[corral.Settings]:
     """Settings where ``corral gc --all`` may remove everything: the local backend's own
     state folder, or a private engine (never the shared ones other tests are using)."""
     if backend == "local":
-        return backend_settings
+        yield backend_settings
+        return
     engine = private_engines.private_engine(backend, request.config)
-    return load_settings(
+    settings = load_settings(
         {
             "mount_roots": [str(mount_root)],
             "backends": {
@@ -192,6 +195,9 @@ def gc_target(backend, backend_settings, request, state_dir, mount_root) -> corr
         cwd=state_dir,
         environ={},
     )
+    yield settings
+    # Whatever the case left on the private engine goes, so later cases start empty.
+    corral.gc(backend=backend, settings=settings, everything=True)
 
 
 def engine_image() -> str:
@@ -215,7 +221,7 @@ def test_corral_gc_removes_a_killed_programs_sandboxes_at_once(backend, gc_targe
     config = write_config(shared_tmp, backend, gc_target)
     expired: dict[str, Any] = {"lifetime": 5}
     if backend != "local":
-        # Its own PID 1 outlives the lifetime label: only gc can end it.
+        # A command of its own as PID 1: bounded by the lifetime too.
         expired["command"] = ["sleep", "600"]
     made = run_and_kill_holder(config, shared_tmp, [expired, {"lifetime": "10m"}])
     (old, old_expires), (young, _) = made
@@ -223,8 +229,10 @@ def test_corral_gc_removes_a_killed_programs_sandboxes_at_once(backend, gc_targe
     assert {old, young} <= listed
     time.sleep(max(old_expires - time.time() + 1, 0))
 
-    # Plain gc: what is past its lifetime goes at once, the rest stays.
-    assert corral_gc(config, shared_tmp) == [old]
+    # Plain gc: what is past its lifetime goes at once, the rest stays. (A container's
+    # PID 1 may have ended it already, command and all: then gc finds nothing to do.)
+    removed = corral_gc(config, shared_tmp)
+    assert removed == [old] if backend == "local" else set(removed) <= {old}
     listed = {i.id for i in corral.list(backend=backend, settings=gc_target)}
     assert old not in listed and young in listed
     # --all: every sandbox of corral's there, whatever its lifetime.
