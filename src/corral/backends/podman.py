@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import quote
 
@@ -141,6 +142,15 @@ class PodmanBackend(Backend):
             del response
             raise error
         return response
+
+    def _json(self, method: str, path: str, sandbox_id: str | None = None, **kwargs: Any) -> Any:
+        """One libpod call's decoded body, its response closed. (A response left in a
+        frame that a later error's traceback keeps holds its connection pool open.)"""
+        response = self._call(method, path, sandbox_id, **kwargs)
+        try:
+            return response.json()
+        finally:
+            response.close()
 
     def _status_error(self, response: Any, sandbox_id: str | None) -> SandboxError:
         try:
@@ -335,7 +345,7 @@ class PodmanBackend(Backend):
         }
         for option in plan.security_opt:
             key, _, value = option.partition("=")
-            if key == "seccomp":
+            if key == "seccomp" and not value.startswith("{"):  # unconfined
                 spec["seccomp_profile_path"] = value
             elif key == "apparmor":
                 spec["apparmor_profile"] = value
@@ -365,17 +375,21 @@ class PodmanBackend(Backend):
             image=self.settings.default_image,
             workspace_size=self.settings.workspace_size,
         )
-        if plan.security_opt and any(o.startswith("seccomp={") for o in plan.security_opt):
-            raise ConfigError("sandbox.security.seccomp", "the Podman backend takes a profile path")
+        libpod = self._libpod_spec(plan)
+        if any(o.startswith("seccomp={") for o in plan.security_opt):
+            # The service reads a profile from its own disk, by path: ours when local.
+            if not self.url.startswith("unix://"):
+                raise ConfigError(
+                    "sandbox.security.seccomp",
+                    f"the Podman service at {self.url} reads profiles from its own disk, "
+                    "which corral cannot reach; use a local service",
+                )
+            libpod["seccomp_profile_path"] = str(Path(spec.security.seccomp or "").resolve())
         self._ensure_image(plan.image)
-        created = self._call(
-            "post", "/containers/create", sandbox_id, data=json.dumps(self._libpod_spec(plan))
-        )
-        container_id = created.json()["Id"]
-        containers.verify(
-            plan, self._call("get", f"/containers/{container_id}/json", sandbox_id).json()
-        )
-        self._call("post", f"/containers/{container_id}/start", sandbox_id)
+        spec_json = json.dumps(libpod)
+        container_id = self._json("post", "/containers/create", sandbox_id, data=spec_json)["Id"]
+        containers.verify(plan, self._json("get", f"/containers/{container_id}/json", sandbox_id))
+        self._call("post", f"/containers/{container_id}/start", sandbox_id).close()
         self._specs[sandbox_id] = spec
 
     def _inspect(self, sandbox_id: str) -> dict[str, Any]:
