@@ -7,6 +7,7 @@ backend is first used. What Docker and Podman share lives in ``containers.py``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -31,10 +32,12 @@ from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
-from . import containers
+from . import containers, engine_versions
 from .containers import HostView
 
 __all__ = ["DockerBackend", "DockerSettings"]
+
+log = logging.getLogger("corral")
 
 _DEFAULT_URL = "unix:///var/run/docker.sock"
 _MANAGED = ["corral.managed=true", "corral.backend=docker"]
@@ -74,6 +77,7 @@ class DockerBackend(Backend):
         self._api: Any = None
         self._lock = threading.Lock()
         self._views: dict[str, HostView | None] = {}
+        self._verdict: engine_versions.Verdict | None = None
         self._specs: dict[str, SandboxSpec] = {}
         self._security_options: list[str] | None = None
 
@@ -185,7 +189,21 @@ class DockerBackend(Backend):
             return Availability(False, e.message.split("; fix")[0], fix)
         except SandboxError as e:
             return Availability(False, str(e), "check the engine")
+        verdict = self._version_verdict()
+        if verdict.refused:
+            return Availability(False, f"refused: {verdict.refused}", "upgrade the engine")
         return Availability(True, f"Docker Engine at {self.url}")
+
+    def _version_verdict(self) -> engine_versions.Verdict:
+        """The version gate's verdict on this engine, asked once (warnings logged once)."""
+        if self._verdict is None:
+            with self._engine():
+                info = self.api().version()
+            runtime = engine_versions.runtime_version(info.get("Components") or [])
+            self._verdict = engine_versions.judge("docker", info.get("Version", ""), runtime)
+            for warning in self._verdict.warnings:
+                log.warning("%s", warning)
+        return self._verdict
 
     def capabilities(self) -> Capability:
         C = Capability

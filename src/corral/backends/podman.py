@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -39,10 +40,12 @@ from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
-from . import containers
+from . import containers, engine_versions
 from .containers import HostView
 
 __all__ = ["PodmanBackend", "PodmanSettings"]
+
+log = logging.getLogger("corral")
 
 _ROOTFUL_SOCKET = "/run/podman/podman.sock"
 _LIBPOD = "/v4.0.0/libpod"  # the hijacked exec start is sent by hand; 4.x and 5.x accept it
@@ -89,6 +92,7 @@ class PodmanBackend(Backend):
         self._client: Any = None
         self._lock = threading.Lock()
         self._views: dict[str, HostView | None] = {}
+        self._verdict: engine_versions.Verdict | None = None
         self._specs: dict[str, SandboxSpec] = {}
         self._security: dict[str, Any] | None = None
 
@@ -228,7 +232,20 @@ class PodmanBackend(Backend):
             return Availability(False, e.message.split("; ")[0], fix)
         except SandboxError as e:
             return Availability(False, str(e), "check the service")
+        verdict = self._version_verdict()
+        if verdict.refused:
+            return Availability(False, f"refused: {verdict.refused}", "upgrade Podman")
         return Availability(True, f"Podman service at {self.url}")
+
+    def _version_verdict(self) -> engine_versions.Verdict:
+        """The version gate's verdict on this engine, asked once (warnings logged once)."""
+        if self._verdict is None:
+            info = self._json("get", "/version")
+            runtime = engine_versions.runtime_version(info.get("Components") or [])
+            self._verdict = engine_versions.judge("podman", info.get("Version", ""), runtime)
+            for warning in self._verdict.warnings:
+                log.warning("%s", warning)
+        return self._verdict
 
     def capabilities(self) -> Capability:
         C = Capability

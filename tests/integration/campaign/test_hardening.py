@@ -477,19 +477,13 @@ OLD_ENGINES = {
     "docker": (
         {"Version": "19.03.0", "ApiVersion": "1.40", "MinAPIVersion": "1.12",
          "Components": [{"Name": "runc", "Version": "1.1.11"}]},
-        "CVE-2019-14271|CVE-2024-21626",
+        "CVE-2019-14271",
     ),
     "podman": ({"Version": "1.5.0", "ApiVersion": "1.40"}, "CVE-2019-18466"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("engine_name", sorted(OLD_ENGINES))
-@pytest.mark.xfail(
-    strict=True,
-    reason="T72 gap: corral has no engine and runtime version gate yet (Debian's runc "
-    "1.1.5+ds1 here carries backported fixes under an old version string, so a gate "
-    "must weigh distribution patches before refusing)",
-)
 def test_t72_a_vulnerable_engine_is_refused_naming_the_cve(engine_name, shared_tmp, state_dir):
     version, cves = OLD_ENGINES[engine_name]
     path = shared_tmp / "old-engine.sock"

@@ -1,0 +1,44 @@
+"""The engine and runtime version gate (THREATS T72), case by case."""
+
+import pytest
+
+from corral.backends.engine_versions import judge, parse, runtime_version
+
+
+@pytest.mark.parametrize(
+    ("engine", "version", "cve"),
+    [
+        ("docker", "18.06.1-ce", "CVE-2019-5736"),
+        ("docker", "19.03.0", "CVE-2019-14271"),
+        ("podman", "1.5.1", "CVE-2019-18466"),
+    ],
+)
+def test_releases_with_a_known_escape_are_refused(engine, version, cve):
+    verdict = judge(engine, version, None)
+    assert verdict.refused is not None and cve in verdict.refused
+
+
+@pytest.mark.parametrize(
+    ("engine", "version"),
+    [("docker", "19.03.1"), ("docker", "20.10.24+dfsg1"), ("podman", "4.3.1")],
+)
+def test_their_fixed_successors_are_not(engine, version):
+    assert judge(engine, version, None).refused is None
+
+
+def test_releases_a_distribution_may_have_patched_are_warned_about_not_refused():
+    verdict = judge("podman", "4.3.1", "runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1+deb12u1")
+    assert verdict.refused is None
+    assert any("CVE-2024-9676" in w for w in verdict.warnings)
+    assert any("runc 1.1.5" in w and "CVE-2024-21626" in w for w in verdict.warnings)
+    assert judge("docker", "27.1.0", "1.2.8").warnings == ()
+
+
+def test_versions_are_read_from_what_engines_print():
+    assert parse("20.10.24+dfsg1") == (20, 10, 24)
+    assert parse("runc version 1.1.5+ds1") == (1, 1, 5)
+    assert parse("5.2") == (5, 2, 0)
+    assert parse("unknown") is None
+    assert runtime_version([{"Name": "Engine"}, {"Name": "runc", "Version": "1.1.5"}]) == "1.1.5"
+    assert runtime_version([{"Name": "OCI Runtime (runc)", "Version": "runc version 1.2"}])
+    assert runtime_version([]) is None
