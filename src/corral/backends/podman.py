@@ -40,7 +40,7 @@ from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
-from . import containers, engine_versions
+from . import containers, engine_versions, podman_seccomp
 from .containers import HostView
 
 __all__ = ["PodmanBackend", "PodmanSettings"]
@@ -93,6 +93,7 @@ class PodmanBackend(Backend):
         self._lock = threading.Lock()
         self._views: dict[str, HostView | None] = {}
         self._verdict: engine_versions.Verdict | None = None
+        self._profile: str | None = None
         self._specs: dict[str, SandboxSpec] = {}
         self._security: dict[str, Any] | None = None
 
@@ -385,6 +386,13 @@ class PodmanBackend(Backend):
             spec["userns"] = {"nsmode": self.settings.userns}
         return spec
 
+    def _default_profile(self) -> str | None:
+        """corral's stricter default seccomp profile, for a service on this host."""
+        if self._profile is None:
+            local = self.url.startswith("unix://")
+            self._profile = (podman_seccomp.sandbox_profile() if local else None) or ""
+        return self._profile or None
+
     def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         plan = containers.plan(
             spec,
@@ -402,6 +410,10 @@ class PodmanBackend(Backend):
                     "which corral cannot reach; use a local service",
                 )
             libpod["seccomp_profile_path"] = str(Path(spec.security.seccomp or "").resolve())
+        elif not any(o.startswith("seccomp=") for o in plan.security_opt):
+            profile = self._default_profile()
+            if profile is not None:
+                libpod["seccomp_profile_path"] = profile
         self._ensure_image(plan.image)
         spec_json = json.dumps(libpod)
         container_id = self._json("post", "/containers/create", sandbox_id, data=spec_json)["Id"]
