@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import re
 import socket
-import uuid
 
 import attrs
 import pytest
+from cases import ENGINES_ONLY, ONLY_LOCAL, refused
 
 import corral
 from corral.core.backend import Capability
@@ -27,34 +27,6 @@ from corral.core.plugins import get_host
 
 NAN, INF = float("nan"), float("inf")
 MiB = 1024**2
-# Cases that apply to some backends only (the catalogue's D / P / L column).
-ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
-ONLY_ENGINES = pytest.mark.parametrize(
-    "backend",
-    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
-)
-
-
-def _tagged(backend: str, settings: corral.Settings, tag: str) -> list[str]:
-    return [
-        info.id
-        for info in corral.list(backend=backend, settings=settings)
-        if info.labels.get("campaign.case") == tag
-    ]
-
-
-def refused(
-    backend: str, settings: corral.Settings, error: type[Exception], match: str, **keywords: object
-) -> Exception:
-    """``corral.create(**keywords)`` raises ``error`` matching ``match``; nothing was made."""
-    tag = uuid.uuid4().hex
-    if "labels" not in keywords:  # a case about labels brings its own (bad) ones
-        keywords["labels"] = {"campaign.case": tag}
-    keywords.setdefault("lifetime", "5m")
-    with pytest.raises(error, match=match) as caught:
-        corral.create(backend=backend, settings=settings, **keywords).close()
-    assert _tagged(backend, settings, tag) == [], "a refused sandbox was created"
-    return caught.value
 
 
 def _capabilities(backend: str, settings: corral.Settings) -> Capability:
@@ -403,7 +375,7 @@ def test_t07_bad_mount_destinations_are_refused(
         assert error.path == "sandbox.mounts[0].target"
 
 
-@ONLY_ENGINES
+@ENGINES_ONLY
 def test_t07_a_destination_that_is_a_symlink_in_the_image_is_refused(
     backend, backend_settings, mount_root
 ):

@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cases import ENGINES_ONLY
 
 import corral
 from corral.core.archive import ArchiveLimits
-
-ENGINES_ONLY = pytest.mark.parametrize(
-    "backend",
-    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
-)
 
 
 def sh(sb: corral.Sandbox, script: str, **options: object) -> corral.ExecResult:

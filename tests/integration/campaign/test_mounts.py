@@ -14,13 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cases import ENGINES_ONLY
 
 import corral
-
-ENGINES_ONLY = pytest.mark.parametrize(
-    "backend",
-    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
-)
 
 
 def sh(sb: corral.Sandbox, script: str, **options: object) -> corral.ExecResult:

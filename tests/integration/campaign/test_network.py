@@ -16,15 +16,11 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from cases import ENGINES_ONLY
 
 import corral
 from corral.core.convert import structure
 from corral.core.spec import Network
-
-ENGINES_ONLY = pytest.mark.parametrize(
-    "backend",
-    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
-)
 
 
 def sh(sb: corral.Sandbox, script: str, **options: object) -> corral.ExecResult:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cases import refused
 
 import corral
 from corral.core.backend import Capability
@@ -28,30 +29,6 @@ from corral.core.spec import UNSAFE_OPTIONS
 
 CAP_SYS_ADMIN = 1 << 21
 ENGINES = ("docker", "podman")
-
-
-def _tagged(backend: str, settings: corral.Settings, tag: str) -> list[str]:
-    return [
-        info.id
-        for info in corral.list(backend=backend, settings=settings)
-        if info.labels.get("campaign.case") == tag
-    ]
-
-
-def refused(
-    backend: str, settings: corral.Settings, error: type[Exception], match: str, **keywords: object
-) -> None:
-    """``corral.create(**keywords)`` raises ``error`` matching ``match``; nothing was made."""
-    tag = uuid.uuid4().hex
-    with pytest.raises(error, match=match):
-        corral.create(
-            backend=backend,
-            settings=settings,
-            lifetime="5m",
-            labels={"campaign.case": tag},
-            **keywords,
-        ).close()
-    assert _tagged(backend, settings, tag) == [], "a refused sandbox was created"
 
 
 def _status(sb: corral.Sandbox, user: str | None = None) -> dict[str, str]:

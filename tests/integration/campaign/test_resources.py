@@ -11,43 +11,20 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
+from cases import gone, host_processes, token
 
 import corral
 
-SETTLE = 15.0
 MiB = 1024**2
 # The fewest processes a sandbox here is given: on the engines, runc's exec helper joins
 # the sandbox's pids cgroup with its threads, and with pids=8 an exec failed at random
 # ("OCI runtime exec failed: read init-p: connection reset by peer", exit 126).
 FEW_PIDS = 32
-
-
-def token() -> str:
-    return f"corral-attack-{uuid.uuid4().hex[:12]}"
-
-
-def host_processes(needle: str) -> list[str]:
-    """Live (non-zombie) host processes with ``needle`` as one of their arguments."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        args = p.info["cmdline"] or []
-        if p.info["status"] != psutil.STATUS_ZOMBIE and needle in args:
-            found.append(f"{p.pid}: {' '.join(args)}")
-    return found
-
-
-def gone(find: Callable[[], list[str]], within: float = SETTLE) -> list[str]:
-    deadline = time.monotonic() + within
-    while (left := find()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def engine_host_config(raw_client_of: Callable, backend: str, sandbox_id: str) -> dict:

@@ -16,17 +16,15 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
+from cases import gone, host_processes, token
 
 import corral
 
 # Generous: the machine is shared and slow; nothing here asserts on speed.
-SETTLE = 15.0
 # Every process of the sandbox, one command line per line (busybox and the host's sh).
 LIST_PROCESSES = 'for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < "$f"; echo; done'
 _sleeps = itertools.count(random.randrange(100_000, 800_000, 1000))
@@ -35,28 +33,6 @@ _sleeps = itertools.count(random.randrange(100_000, 800_000, 1000))
 def unique_sleep() -> str:
     """A sleep length no other process on the host has: its own search key."""
     return str(next(_sleeps))
-
-
-def token() -> str:
-    return f"corral-attack-{uuid.uuid4().hex[:12]}"
-
-
-def host_processes(*needles: str) -> list[str]:
-    """Live (non-zombie) host processes whose command line contains a needle as an argument."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        with_args = p.info["cmdline"] or []
-        if p.info["status"] != psutil.STATUS_ZOMBIE and any(n in with_args for n in needles):
-            found.append(f"{p.pid}: {' '.join(with_args)}")
-    return found
-
-
-def gone(find: Callable[[], list[str]], within: float = SETTLE) -> list[str]:
-    """What ``find`` still finds once it found nothing or ``within`` seconds passed."""
-    deadline = time.monotonic() + within
-    while (left := find()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 def small(sandbox: Callable[..., corral.Sandbox], **keywords: object) -> corral.Sandbox:

@@ -1,0 +1,74 @@
+"""What the campaign's cases share: backend selections, host process probes, refusals.
+
+The test modules import it by name (pytest puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+import corral
+
+# Cases that apply to the container engines only (the catalogue's D and P columns).
+ENGINES_ONLY = pytest.mark.parametrize(
+    "backend",
+    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
+)
+ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
+# How long a killed process may take to be gone (reaping, an engine's clean-up).
+SETTLE = 15.0
+
+
+def token() -> str:
+    """A unique argument to put in an attack's command line, to find it on the host."""
+    return f"corral-attack-{uuid.uuid4().hex[:12]}"
+
+
+def host_processes(*needles: str) -> list[str]:
+    """Live (non-zombie) host processes with one of ``needles`` among their arguments.
+
+    Container and local sandbox processes alike are host processes here, so one search
+    finds an attack's leftovers on every backend.
+    """
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        args = p.info["cmdline"] or []
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(n in args for n in needles):
+            found.append(f"{p.pid}: {' '.join(args)}")
+    return found
+
+
+def gone(find: Callable[[], list[str]], within: float = SETTLE) -> list[str]:
+    """What ``find`` still finds once it found nothing or ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    while (left := find()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def tagged(backend: str, settings: corral.Settings, tag: str) -> list[str]:
+    """Ids of the backend's sandboxes labelled with the case's ``tag``."""
+    return [
+        info.id
+        for info in corral.list(backend=backend, settings=settings)
+        if info.labels.get("campaign.case") == tag
+    ]
+
+
+def refused(
+    backend: str, settings: corral.Settings, error: type[Exception], match: str, **keywords: object
+) -> Exception:
+    """``corral.create(**keywords)`` raises ``error`` matching ``match``; nothing was made."""
+    tag = uuid.uuid4().hex
+    if "labels" not in keywords:  # a case about labels brings its own (bad) ones
+        keywords["labels"] = {"campaign.case": tag}
+    keywords.setdefault("lifetime", "5m")
+    with pytest.raises(error, match=match) as caught:
+        corral.create(backend=backend, settings=settings, **keywords).close()
+    assert tagged(backend, settings, tag) == [], "a refused sandbox was created"
+    return caught.value
