@@ -46,6 +46,7 @@ def _launch_detached(argv: list[str], log: Path, env: dict[str, str] | None = No
     done = subprocess.run(
         ["sh", "-c", launcher, "sh", *argv],
         env={**(env or os.environ), "LOG": str(log)},
+        cwd=log.parent,  # an engine's helpers write files where they run (conmon's "oom")
         capture_output=True,
         text=True,
         check=True,
