@@ -145,7 +145,11 @@ def test_t46_symlink_exchange_race_never_reaches_the_host(sandbox, canary):
         swapper.join()
     assert leftovers(host_folder) == before, "a write went through the link to the host"
     assert reads > 0 and writes > 0  # the twin: between swaps, the calls work
-    assert sb.read_file("/workspace/dir/planted") == b"x"
+    # Once the race is over, the folder works as any other. (Not the last write's file:
+    # a write that landed while the folder was missing made a new one, which the next
+    # `mv real dir` then moved the real folder into.)
+    sb.write_file("/workspace/dir/planted", b"after")
+    assert sb.read_file("/workspace/dir/planted") == b"after"
 
 
 # -- T48: hostile folders coming back ------------------------------------------------------
