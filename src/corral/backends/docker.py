@@ -7,7 +7,6 @@ backend is first used. What Docker and Podman share lives in ``containers.py``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import threading
@@ -36,8 +35,6 @@ from . import containers, engine_versions
 from .containers import HostView
 
 __all__ = ["DockerBackend", "DockerSettings"]
-
-log = logging.getLogger("corral")
 
 _DEFAULT_URL = "unix:///var/run/docker.sock"
 _MANAGED = ["corral.managed=true", "corral.backend=docker"]
@@ -199,10 +196,7 @@ class DockerBackend(Backend):
         if self._verdict is None:
             with self._engine():
                 info = self.api().version()
-            runtime = engine_versions.runtime_version(info.get("Components") or [])
-            self._verdict = engine_versions.judge("docker", info.get("Version", ""), runtime)
-            for warning in self._verdict.warnings:
-                log.warning("%s", warning)
+            self._verdict = engine_versions.judge_report("docker", info)
         return self._verdict
 
     def capabilities(self) -> Capability:

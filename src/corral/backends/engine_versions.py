@@ -8,12 +8,15 @@ CVE-2024-21626 fix, for one), so refusing them would refuse patched hosts.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
 import attrs
 
-__all__ = ["Verdict", "judge", "runtime_version"]
+__all__ = ["Verdict", "judge", "judge_report", "runtime_version"]
+
+log = logging.getLogger("corral")
 
 Version = tuple[int, ...]
 
@@ -91,3 +94,13 @@ def runtime_version(components: Iterable[dict]) -> str | None:
         if "runc" in str(component.get("Name", "")).lower():
             return str(component.get("Version", ""))
     return None
+
+
+def judge_report(engine: str, report: dict) -> Verdict:
+    """The verdict on an engine from its ``/version`` answer (Docker's and Podman's have
+    the same shape), its warnings logged: a backend asks this once."""
+    runtime = runtime_version(report.get("Components") or [])
+    verdict = judge(engine, report.get("Version", ""), runtime)
+    for warning in verdict.warnings:
+        log.warning("%s", warning)
+    return verdict

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import logging
 import os
 import socket
 import threading
@@ -44,8 +43,6 @@ from . import containers, engine_versions, podman_seccomp
 from .containers import HostView
 
 __all__ = ["PodmanBackend", "PodmanSettings"]
-
-log = logging.getLogger("corral")
 
 _ROOTFUL_SOCKET = "/run/podman/podman.sock"
 _LIBPOD = "/v4.0.0/libpod"  # the hijacked exec start is sent by hand; 4.x and 5.x accept it
@@ -242,10 +239,7 @@ class PodmanBackend(Backend):
         """The version gate's verdict on this engine, asked once (warnings logged once)."""
         if self._verdict is None:
             info = self._json("get", "/version")
-            runtime = engine_versions.runtime_version(info.get("Components") or [])
-            self._verdict = engine_versions.judge("podman", info.get("Version", ""), runtime)
-            for warning in self._verdict.warnings:
-                log.warning("%s", warning)
+            self._verdict = engine_versions.judge_report("podman", info)
         return self._verdict
 
     def capabilities(self) -> Capability:
