@@ -19,7 +19,7 @@ from .core.errors import (
     TimeoutError,
 )
 from .core.hookspecs import hookimpl, hookspec
-from .core.lifecycle import attach, create, gc
+from .core.lifecycle import attach, create, gc, run
 from .core.lifecycle import list_sandboxes as list
 from .core.output import OutputSink
 from .core.pool import Pool
@@ -87,4 +87,5 @@ __all__ = [
     "hookspec",
     "list",
     "load_settings",
+    "run",
 ]

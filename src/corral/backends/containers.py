@@ -510,6 +510,111 @@ def run_exec(
     )
 
 
+# -- one command as the container's own process (corral.run) -----------------------------
+
+
+def one_shot_spec(spec: SandboxSpec, request: ExecRequest) -> SandboxSpec:
+    """The spec of a sandbox whose own process is ``request``'s command."""
+    return attrs.evolve(
+        spec,
+        command=tuple(request.argv),
+        env=dict(request.env),
+        workdir=request.workdir or spec.workdir,
+        user=request.user or spec.user,
+    )
+
+
+class EngineWait:
+    """A wait for a container's exit, asked before it starts, on a connection of its own.
+
+    Both engines answer with the response's headers once the waiter is registered and
+    send the body when the container has ended: from then on no exit can be missed,
+    also when the engine removes the container at once (auto-remove), which a wait
+    asked after the exit would find gone. Local engines only (a unix socket).
+    """
+
+    def __init__(self, socket_path: str, path: str, timeout: float) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(socket_path)
+            self._sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    raise OSError("the engine closed the wait before answering")
+                head += chunk
+        except BaseException:
+            self._sock.close()
+            raise
+        status, _, rest = head.partition(b"\r\n\r\n")
+        if b" 200 " not in status.split(b"\r\n", 1)[0]:
+            self._sock.close()
+            raise InternalError(f"the engine refused the wait: {(status + rest)[:300]!r}")
+        self._body = rest
+        self._timeout = timeout
+
+    def exit_code(self) -> int:
+        """The container's exit status (blocks until it has ended)."""
+        body = self._body
+        try:
+            self._sock.settimeout(self._timeout)
+            while chunk := self._sock.recv(4096):  # "Connection: close": read to EOF
+                body += chunk
+        except OSError as e:
+            raise InternalError(f"the engine did not report the command's end ({e})") from None
+        finally:
+            self.close()
+        # The body is one JSON object, possibly in chunked encoding: the object's bytes.
+        try:
+            answer = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])
+            return int(answer["StatusCode"])
+        except (ValueError, KeyError, TypeError):
+            raise InternalError(f"the engine's wait answer is unreadable: {body[:300]!r}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+@attrs.frozen
+class MainProcess:
+    """A created, attached container whose own process is the command, as an engine
+    module hands it to ``run_main``."""
+
+    socket: socket.socket  # the attached, multiplexed stream
+    start: Callable[[], None]
+    kill: Callable[[], None]  # on timeout or cancel: the whole container
+    outcome: Callable[[], tuple[int, bool]]  # (exit code, OOM-killed), once the stream ended
+    buffered: bytes = b""  # stream bytes already read along with the upgrade's headers
+
+
+def run_main(process: MainProcess, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+    """Start the container and follow its command to the end, as ``run_exec`` follows an
+    exec: stream, timeout and OOM evidence. Killing the container on timeout ends every
+    process the command started, since they all live in it."""
+    process.start()
+    deadline = None if request.timeout is None else time.monotonic() + request.timeout
+    try:
+        timed_out = read_frames(process.socket, sink, deadline, process.kill, process.buffered)
+    finally:
+        with contextlib.suppress(OSError):
+            process.socket.close()
+    code, oom = process.outcome()
+    code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
+    return ExecStatus(
+        exit_code=code,
+        timed_out=timed_out,
+        # The container is this one command: its own OOM record is the command's.
+        oom_killed=oom and code == 137 and not timed_out,
+        signal=code - 128 if code > 128 else None,
+    )
+
+
 def release_frames(error: BaseException) -> None:
     """Clear the locals of the frames in ``error``'s chain: the engine clients leave the
     socket of a connection that failed to open unclosed there, and the error corral

@@ -437,6 +437,99 @@ class DockerBackend(Backend):
 
         return containers.run_exec(start, request, sink, self._view(sandbox_id))
 
+    def run_once(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        request: ExecRequest,
+        sink: OutputSink,
+    ) -> ExecStatus:
+        """The command as the container's own process: no exec, and the engine removes
+        the container as it ends (auto-remove), which the wait asked before the start
+        reports."""
+        if request.stdin is not None or not self.url.startswith("unix://"):
+            # stdin goes through an exec; so do a remote engine's streams
+            return super().run_once(sandbox_id, spec, labels, request, sink)
+        plan = containers.plan(
+            containers.one_shot_spec(spec, request),
+            labels,
+            image=self.settings.default_image,
+            workspace_size=self.settings.workspace_size,
+        )
+        gone = False
+        attached: Any = None
+        waiter: containers.EngineWait | None = None
+        try:
+            with self._engine(sandbox_id):
+                api = self.api()
+                self._ensure_image(plan.image)
+                since = time.time()
+                container_id = api.create_container(**self._create_kwargs(plan))["Id"]
+                containers.verify(plan, api.inspect_container(container_id))
+                attached = api.attach_socket(
+                    container_id, params={"stdout": 1, "stderr": 1, "stream": 1}
+                )
+            raw: socket.socket = getattr(attached, "_sock", attached)
+            try:
+                waiter = containers.EngineWait(
+                    self.url.removeprefix("unix://"),
+                    f"/v{api.api_version}/containers/{container_id}/wait?condition=removed",
+                    self.settings.timeout,
+                )
+            except OSError as e:
+                raise self._unavailable(e, sandbox_id) from e
+
+            def start() -> None:
+                with self._engine(sandbox_id):
+                    api.start(container_id)
+
+            def kill() -> None:
+                with contextlib.suppress(SandboxError), self._engine(sandbox_id):
+                    api.kill(container_id)
+
+            def outcome() -> tuple[int, bool]:
+                nonlocal gone
+                assert waiter is not None
+                code = waiter.exit_code()
+                gone = True
+                return code, code == 137 and self._oom_event(container_id, since)
+
+            return containers.run_main(
+                containers.MainProcess(
+                    socket=raw,
+                    start=start,
+                    kill=kill,
+                    outcome=outcome,
+                    buffered=_read_ahead(attached, raw),
+                ),
+                request,
+                sink,
+            )
+        finally:
+            if waiter is not None:
+                waiter.close()
+            if attached is not None:
+                with contextlib.suppress(OSError):
+                    attached.close()
+            if not gone:
+                self.destroy(sandbox_id)
+
+    def _oom_event(self, container_id: str, since: float) -> bool:
+        """Whether the engine recorded an OOM kill in the (removed) container: its
+        events say so, where its state is gone with it."""
+        with self._engine():
+            events = self.api().events(
+                since=int(since) - 1,
+                until=int(time.time()) + 1,
+                filters={"container": container_id, "event": "oom"},
+                decode=True,
+            )
+            try:
+                return any(True for _ in events)
+            finally:
+                events.close()
+
     def _exec_pid(self, exec_id: str) -> int:
         with self._engine():
             return int(self.api().exec_inspect(exec_id).get("Pid") or 0)

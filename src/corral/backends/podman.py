@@ -394,6 +394,12 @@ class PodmanBackend(Backend):
             image=self.settings.default_image,
             workspace_size=self.settings.workspace_size,
         )
+        container_id = self._make(sandbox_id, spec, plan)
+        self._call("post", f"/containers/{container_id}/start", sandbox_id).close()
+        self._specs[sandbox_id] = spec
+
+    def _make(self, sandbox_id: str, spec: SandboxSpec, plan: containers.ContainerPlan) -> str:
+        """Create the container of ``plan``, not started, and verify it; its id."""
         libpod = self._libpod_spec(plan)
         if any(o.startswith("seccomp={") for o in plan.security_opt):
             # The service reads a profile from its own disk, by path: ours when local.
@@ -412,8 +418,7 @@ class PodmanBackend(Backend):
         spec_json = json.dumps(libpod)
         container_id = self._json("post", "/containers/create", sandbox_id, data=spec_json)["Id"]
         containers.verify(plan, self._json("get", f"/containers/{container_id}/json", sandbox_id))
-        self._call("post", f"/containers/{container_id}/start", sandbox_id).close()
-        self._specs[sandbox_id] = spec
+        return str(container_id)
 
     def _inspect(self, sandbox_id: str) -> dict[str, Any]:
         name = containers.container_name(sandbox_id)
@@ -522,7 +527,9 @@ class PodmanBackend(Backend):
             exec_id = self._call(
                 "post", f"/containers/{name}/exec", sandbox_id, data=json.dumps(body)
             ).json()["Id"]
-            raw = self._hijack(exec_id, sandbox_id)
+            raw = self._upgrade(
+                f"{_LIBPOD}/exec/{exec_id}/start", b'{"Detach":false,"Tty":false}', sandbox_id
+            )
             return containers.ExecSession(
                 socket=raw,
                 pid=lambda: int(self._exec_state(exec_id, sandbox_id).get("Pid") or 0),
@@ -532,8 +539,9 @@ class PodmanBackend(Backend):
 
         return containers.run_exec(start, request, sink, self._view(sandbox_id))
 
-    def _hijack(self, exec_id: str, sandbox_id: str) -> socket.socket:
-        """Start an exec on a connection of its own, upgraded to the raw stream."""
+    def _upgrade(self, path: str, body: bytes, sandbox_id: str) -> socket.socket:
+        """POST ``path`` (an exec start, an attach) on a connection of its own, upgraded
+        to the raw stream."""
         if not self.url.startswith("unix://"):
             raise ConfigError(
                 "backends.podman.url", "exec streaming needs a unix:// service socket"
@@ -542,9 +550,8 @@ class PodmanBackend(Backend):
         try:
             sock.settimeout(self.settings.timeout)
             sock.connect(self.url.removeprefix("unix://"))
-            body = b'{"Detach":false,"Tty":false}'
             head = (
-                f"POST {_LIBPOD}/exec/{exec_id}/start HTTP/1.1\r\nHost: podman\r\n"
+                f"POST {path} HTTP/1.1\r\nHost: podman\r\n"
                 "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n"
             )
@@ -553,13 +560,11 @@ class PodmanBackend(Backend):
             while b"\r\n\r\n" not in reply:
                 chunk = sock.recv(1)
                 if not chunk:
-                    raise InternalError("Podman closed the exec stream before it began")
+                    raise InternalError("Podman closed the stream before it began")
                 reply += chunk
             status = reply.split(b"\r\n", 1)[0]
             if b" 101 " not in status and b" 200 " not in status:
-                raise InternalError(
-                    f"Podman refused to start the exec: {status.decode(errors='replace')}"
-                )
+                raise InternalError(f"Podman refused the stream: {status.decode(errors='replace')}")
             sock.settimeout(None)
             return sock
         except OSError as e:
@@ -568,6 +573,88 @@ class PodmanBackend(Backend):
         except BaseException:
             sock.close()
             raise
+
+    def run_once(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        request: ExecRequest,
+        sink: OutputSink,
+    ) -> ExecStatus:
+        """The command as the container's own process: no exec (and no conmon for one).
+        Its end is read by inspect, before Podman's own clean-up removes the container;
+        a wait asked before the start reports it should that clean-up be first."""
+        if request.stdin is not None or not self.url.startswith("unix://"):
+            # stdin goes through an exec; a remote service's streams cannot be reached
+            return super().run_once(sandbox_id, spec, labels, request, sink)
+        plan = containers.plan(
+            containers.one_shot_spec(spec, request),
+            labels,
+            image=self.settings.default_image,
+            workspace_size=self.settings.workspace_size,
+        )
+        name = plan.name
+        waiter: containers.EngineWait | None = None
+        try:
+            self._make(sandbox_id, spec, plan)
+            try:
+                waiter = containers.EngineWait(
+                    self.url.removeprefix("unix://"),
+                    f"/v1.41/containers/{name}/wait?condition=next-exit",
+                    self.settings.timeout,
+                )
+            except OSError as e:
+                raise self._unavailable(e, sandbox_id) from e
+            raw = self._upgrade(
+                f"{_LIBPOD}/containers/{name}/attach?stream=true&stdout=true&stderr=true",
+                b"",
+                sandbox_id,
+            )
+            # Attaching set the container up (its cgroups exist, its init waits): the
+            # host's view of it counts OOM kills, which Podman's own OOMKilled misses
+            # where conmon writes its "oom" file elsewhere than Podman reads it.
+            state = self._inspect(sandbox_id)
+            view = HostView.find(state["Id"], int(state["State"].get("Pid") or 0))
+
+            def start() -> None:
+                self._call("post", f"/containers/{name}/start", sandbox_id).close()
+
+            def kill() -> None:
+                with contextlib.suppress(SandboxError):
+                    self._call(
+                        "post", f"/containers/{name}/kill", sandbox_id, params={"signal": "KILL"}
+                    ).close()
+
+            def outcome() -> tuple[int, bool]:
+                assert waiter is not None
+                # Read at once: Podman's clean-up removes the cgroup soon after the exit.
+                oom = view is not None and view.oom_kills() > 0
+                code, engine_oom = self._ended(sandbox_id, waiter)
+                return code, oom or engine_oom
+
+            return containers.run_main(
+                containers.MainProcess(socket=raw, start=start, kill=kill, outcome=outcome),
+                request,
+                sink,
+            )
+        finally:
+            if waiter is not None:
+                waiter.close()
+            self.destroy(sandbox_id)
+
+    def _ended(self, sandbox_id: str, waiter: containers.EngineWait) -> tuple[int, bool]:
+        """(exit code, OOM-killed) of a container whose command's stream has ended."""
+        deadline = time.monotonic() + self.settings.timeout
+        while time.monotonic() < deadline:
+            try:
+                state = self._inspect(sandbox_id)["State"]
+            except NotFoundError:
+                break  # removed by Podman's clean-up already: the wait has the code
+            if state.get("Status") in ("stopped", "exited"):
+                return int(state.get("ExitCode") or 0), bool(state.get("OOMKilled"))
+            time.sleep(0.005)
+        return waiter.exit_code(), False
 
     def _exec_state(self, exec_id: str, sandbox_id: str) -> dict[str, Any]:
         try:

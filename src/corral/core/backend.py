@@ -203,6 +203,27 @@ class Backend(abc.ABC):
     def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
         """One sandbox and its spec, for ``corral.attach``; NotFoundError when gone."""
 
+    def run_once(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        request: ExecRequest,
+        sink: OutputSink,
+    ) -> ExecStatus:
+        """Make the sandbox, run ``request`` in it and remove it: ``corral.run``'s path.
+
+        The result must be what ``create``, ``exec`` and ``destroy`` would give, and
+        nothing of the sandbox may be left on return, also when this raises. This default
+        does exactly those three; a backend that can start the command as the sandbox's
+        own process, saving the exec, overrides it (the container engines do).
+        """
+        try:
+            self.create(sandbox_id, spec, labels)
+            return self.exec(sandbox_id, request, sink)
+        finally:
+            self.destroy(sandbox_id)
+
     def alive(self, sandbox_id: str) -> bool:
         """Whether the sandbox still runs and can take commands (a warm pool asks this
         before every hand-out, so a backend with a cheaper way than ``inspect`` should

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @hookimpl(trylast=True)
 def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> ExecResult:
     started = time.monotonic()
-    status = sandbox.backend.exec(sandbox.id, request, sink)
+    status = sandbox._backend_exec(request, sink)  # the backend's exec, or run_once
     # RLIMIT_CPU ends a command with SIGXCPU: out of CPU time is a timeout too, whatever
     # the backend (THREATS T26), and never an OOM.
     cpu_timeout = sandbox.spec.limits.cputime is not None and status.signal == signal.SIGXCPU

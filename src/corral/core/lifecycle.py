@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -16,15 +17,36 @@ from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
 from .plugins import PluginHost, get_host
 from .policy import apply_policy, loosened
-from .results import SandboxInfo
+from .results import ExecResult, OutputChunk, SandboxInfo
 from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
 from .spec import MountLike, SandboxSpec
 
-__all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "select_backend_name"]
+__all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
 
 log = logging.getLogger("corral")
 
+# corral.create()'s keywords that describe the sandbox (corral.run takes them too).
+_CREATE_KEYWORDS = (
+    "command",
+    "env",
+    "workdir",
+    "user",
+    "mounts",
+    "memory",
+    "cpus",
+    "pids",
+    "nofile",
+    "nproc",
+    "cputime",
+    "file_size",
+    "disk",
+    "lifetime",
+    "network",
+    "security",
+    "labels",
+    "healthcheck",
+)
 # Keywords of corral.create() that belong to spec.limits rather than the spec itself.
 _LIMIT_KEYWORDS = (
     "memory",
@@ -152,7 +174,6 @@ def create(
         CapabilityError: the backend cannot enforce what the spec asks for.
         BackendUnavailableError: the backend cannot run here (with the fix).
     """
-    settings = load_settings() if settings is None else settings
     keywords = {
         "image": image,
         "command": command,
@@ -174,6 +195,67 @@ def create(
         "labels": labels,
         "healthcheck": healthcheck,
     }
+    return _open(keywords, backend=backend, spec=spec, settings=settings, pending=False)
+
+
+def run(
+    argv: Sequence[str],
+    image: str | None = None,
+    *,
+    timeout: float | str | None = None,
+    stdin: bytes | str | None = None,
+    max_output: int | str | None = None,
+    on_chunk: Callable[[OutputChunk], None] | None = None,
+    cancel: threading.Event | None = None,
+    backend: str | None = None,
+    spec: SandboxSpec | None = None,
+    settings: Settings | None = None,
+    **keywords: Any,
+) -> ExecResult:
+    """Run ``argv`` in a fresh sandbox, remove the sandbox, and return how it ended.
+
+    The same as ``create`` then ``exec`` then ``close``, in one call and faster: where the
+    backend can, the command is the sandbox's own process, so no exec is needed (the
+    container engines start it as the container's command; the image then needs
+    ``timeout``, as for a spec's own ``command``). ``keywords`` are ``create``'s (env,
+    workdir, user, mounts, memory, cpus, pids, lifetime, network, ...); ``timeout``,
+    ``stdin``, ``max_output``, ``on_chunk`` and ``cancel`` are ``Sandbox.exec``'s.
+    Plugins see the sandbox made and removed and the command run, as for the three
+    calls; a plugin that uses the sandbox before the command (a created hook that
+    writes files) gets it made first, and the command then runs as an exec.
+
+    Raises what ``create`` and ``exec`` raise; nothing of the sandbox is left after.
+    """
+    unknown = sorted(set(keywords) - set(_CREATE_KEYWORDS))
+    if unknown:
+        raise ConfigError(unknown[0], "not a keyword of corral.run (see corral.create)")
+    if keywords.get("command") is not None:
+        raise ConfigError("command", "corral.run runs argv as the sandbox's command")
+    layer = {name: keywords.get(name) for name in _CREATE_KEYWORDS}
+    layer["image"] = image
+    sandbox = _open(layer, backend=backend, spec=spec, settings=settings, pending=True)
+    with sandbox:
+        return sandbox._run_once(
+            argv,
+            timeout=timeout,
+            stdin=stdin,
+            max_output=max_output,
+            on_chunk=on_chunk,
+            cancel=cancel,
+        )
+
+
+def _open(
+    keywords: dict[str, Any],
+    *,
+    backend: str | None,
+    spec: SandboxSpec | None,
+    settings: Settings | None,
+    pending: bool,
+) -> Sandbox:
+    """A checked sandbox and its hooks; made by the backend now, or (``pending``, for
+    ``run``) when first used."""
+    settings = load_settings() if settings is None else settings
     final = build_spec(settings, spec, keywords)
     host = get_host()
     host.configure(settings)
@@ -199,22 +281,29 @@ def create(
         labels_out["corral.loosened"] = ",".join(unsafe)
         log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(unsafe))
     host.pm.hook.corral_sandbox_creating(spec=final, sandbox_id=sandbox_id, backend=name)
-    try:
-        chosen.create(sandbox_id, final, labels_out)
-    except BaseException:
-        _destroy_quietly(chosen, sandbox_id)
-        raise
+    if not pending:
+        try:
+            chosen.create(sandbox_id, final, labels_out)
+        except BaseException:
+            _destroy_quietly(chosen, sandbox_id)
+            raise
     info = SandboxInfo(
         id=sandbox_id,
         backend=name,
-        status="running",
+        status="pending" if pending else "running",
         created=now,
         expires=now + final.limits.lifetime,
         image=final.image,
         labels=labels_out,
     )
     sandbox = Sandbox(
-        sandbox_id=sandbox_id, backend=chosen, spec=final, info=info, host=host, settings=settings
+        sandbox_id=sandbox_id,
+        backend=chosen,
+        spec=final,
+        info=info,
+        host=host,
+        settings=settings,
+        pending=pending,
     )
     try:
         host.pm.hook.corral_sandbox_created(sandbox=sandbox)

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from . import archive
-from .backend import Backend
+from .backend import Backend, ExecStatus
 from .errors import ConfigError, SandboxClosedError
 from .output import OutputSink
 from .plugins import PluginHost
@@ -56,6 +56,7 @@ class Sandbox:
         info: SandboxInfo,
         host: PluginHost,
         settings: Settings,
+        pending: bool = False,
     ) -> None:
         self.id = sandbox_id
         self.backend = backend
@@ -66,6 +67,12 @@ class Sandbox:
         self._closed = False
         self._closing = False  # close() has begun; the sandbox is usable until destroying ends
         self._close_lock = threading.Lock()
+        # corral.run's sandbox: the backend makes it with its one command (run_once)
+        # unless something uses it first (a plugin's created hook), which makes it then.
+        self._pending = pending
+        self._one_shot = False
+        self._made = not pending  # the backend holds it, so close() must destroy it
+        self._make_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _warn_unclosed, sandbox_id)
 
     # -- identity ----------------------------------------------------------------------
@@ -107,6 +114,49 @@ class Sandbox:
             raise SandboxClosedError(
                 "this sandbox is closed", backend=self.backend_name, sandbox_id=self.id
             )
+
+    def _ready(self) -> None:
+        """Open, and made by the backend (a pending sandbox is made on first use)."""
+        self._check_open()
+        if self._pending:
+            with self._make_lock:
+                if self._pending:
+                    self._made = True  # from here, close() destroys whatever was made
+                    self._pending = False
+                    self.backend.create(self.id, self.spec, self.info.labels)
+
+    def _backend_exec(self, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        """The backend's run of one command; the core's ``corral_exec`` calls this."""
+        with self._make_lock:
+            one_shot = self._one_shot and self._pending
+            if one_shot:
+                self._pending = False
+                self._made = True
+        if not one_shot:
+            self._ready()
+            return self.backend.exec(self.id, request, sink)
+        status = self.backend.run_once(self.id, self.spec, self.info.labels, request, sink)
+        self._made = False  # run_once removed it
+        return status
+
+    def _run_once(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float | str | None,
+        stdin: bytes | str | None,
+        max_output: int | str | None,
+        on_chunk: Callable[[OutputChunk], None] | None,
+        cancel: threading.Event | None,
+    ) -> ExecResult:
+        """``corral.run``: the one command of a pending sandbox, through ``corral_exec``."""
+        request = self._request(argv, timeout, None, None, None, stdin, max_output)
+        sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
+        self._one_shot = True
+        try:
+            return self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink)
+        finally:
+            self._one_shot = False
 
     # -- exec --------------------------------------------------------------------------
 
@@ -227,7 +277,7 @@ class Sandbox:
 
     def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` (absolute, inside the sandbox), replacing it."""
-        self._check_open()
+        self._ready()
         path = archive.check_sandbox_path(path)
         if isinstance(data, str):
             data = data.encode()
@@ -239,7 +289,7 @@ class Sandbox:
 
     def read_file(self, path: str, *, max_size: int = 256 * 1024**2) -> bytes:
         """The content of the file at ``path``; refused past ``max_size`` bytes."""
-        self._check_open()
+        self._ready()
         path = archive.check_sandbox_path(path)
         return archive.read_single_file(self.backend.get_archive(self.id, path), max_size)
 
@@ -249,7 +299,7 @@ class Sandbox:
         ``upload("./src", "/workspace")`` makes ``/workspace/src``. Symlinks and special
         files in ``source`` are refused rather than followed.
         """
-        self._check_open()
+        self._ready()
         destination = archive.check_sandbox_path(destination, "destination")
         local = archive.check_host_path(source, "source")
         with archive.build_tar_from_path(local, self._owner()) as tar:
@@ -267,7 +317,7 @@ class Sandbox:
         ``destination`` must not exist. Links, devices and anything that would land
         outside ``destination`` are refused, and nothing partial is left behind.
         """
-        self._check_open()
+        self._ready()
         source = archive.check_sandbox_path(source, "source")
         target = archive.check_host_path(destination, "destination")
         chunks = self.backend.get_archive(self.id, source)
@@ -277,14 +327,14 @@ class Sandbox:
 
     def usage(self) -> ResourceUsage:
         """What the sandbox uses now (CPU seconds, memory, pids, I/O where known)."""
-        self._check_open()
+        self._ready()
         sample = self._host.pm.hook.corral_usage(sandbox=self)
         _notify(self._host.pm.hook.corral_usage_sampled, sandbox=self, usage=sample)
         return sample
 
     def health(self) -> Health:
         """The state of the spec's healthcheck (``none`` without one)."""
-        self._check_open()
+        self._ready()
         return self.backend.health(self.id)
 
     def detach(self) -> None:
@@ -293,6 +343,7 @@ class Sandbox:
         ``close()`` still removes the sandbox. Unclosed, it removes itself when its
         lifetime ends, or at ``corral gc``.
         """
+        self._ready()  # a sandbox that outlives its handle must exist
         self._finalizer.detach()
 
     def close(self) -> None:
@@ -307,7 +358,10 @@ class Sandbox:
         self._closed = True
         error: BaseException | None = None
         try:
-            self.backend.destroy(self.id)
+            with self._make_lock:
+                self._pending = False  # never made from here on
+            if self._made:
+                self.backend.destroy(self.id)
         except BaseException as e:
             error = e
             raise
