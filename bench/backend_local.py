@@ -20,7 +20,7 @@ from pathlib import Path
 import llm_reference
 import measure
 import probes
-from common import RUN_LABEL, Config, Row, Target
+from common import RUN_LABEL, Config, Row, Target, interleave, row, timed
 from sides import CorralSide, Side
 
 import corral
@@ -174,6 +174,8 @@ def run(config: Config, plan: measure.Plan) -> list[Row]:
         rows = measure.ready_cold("local", ours, raw, RAW_NAME, plan)
         rows += measure.ready_warm("local", ours, raw, RAW_NAME, plan, Target("< 5 ms", ms=5))
         rows += measure.full_cycle("local", ours, raw, RAW_NAME, plan)
+        seconds = interleave(plan.rounds, lambda: timed(ours.one_shot), lambda: timed(raw.cycle))
+        rows.append(row("local", "full cycle in one call: corral.run(['true'])", seconds, RAW_NAME))
         rows += measure.in_one_sandbox(
             "local", ours, raw, RAW_NAME, plan, {"exec": Target("< 8 ms", ms=8)}
         )

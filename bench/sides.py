@@ -147,6 +147,14 @@ class CorralSide(Side):
         if result.exit_code != 0:
             raise RuntimeError(f"true exited {result.exit_code}: {result.stderr!r}")
 
+    def one_shot(self) -> None:
+        """``corral.run``: one command in a fresh sandbox, in one call."""
+        result = corral.run(
+            ["true"], backend=self.backend, settings=self.settings, labels=self.labels
+        )
+        if result.exit_code != 0:
+            raise RuntimeError(f"true exited {result.exit_code}: {result.stderr!r}")
+
     def usage(self, handle: corral.Sandbox) -> None:
         handle.usage()
 

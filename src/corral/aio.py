@@ -34,7 +34,7 @@ from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, Sandbo
 from .core.sandbox import Sandbox
 from .core.settings import Settings
 
-__all__ = ["AsyncSandbox", "Pool", "attach", "create", "gc", "list"]
+__all__ = ["AsyncSandbox", "Pool", "attach", "create", "gc", "list", "run"]
 
 T = TypeVar("T")
 
@@ -336,6 +336,18 @@ async def create(image: str | None = None, **keywords: Any) -> AsyncSandbox:
     """
     sandbox = await _obtain(lifecycle.create, Sandbox.close, image, **keywords)
     return AsyncSandbox(sandbox)
+
+
+async def run(argv: Sequence[str], image: str | None = None, **keywords: Any) -> ExecResult:
+    """Run ``argv`` in a fresh sandbox and remove it; see ``corral.run`` (same keywords).
+
+    Cancelling the awaiting task stops the command, and the CancelledError arrives once
+    the sandbox is gone.
+    """
+    if keywords.get("cancel") is not None:
+        raise TypeError("corral.aio.run is stopped by cancelling its task, not by an event")
+    cancel = threading.Event()
+    return await _call(lifecycle.run, argv, image, cancel=cancel, on_cancel=cancel.set, **keywords)
 
 
 class Pool:

@@ -159,8 +159,10 @@ def _stream(
     raise corral.InternalError("the command's output ended without a result", sandbox_id=sandbox.id)
 
 
-def _result_json(sandbox: corral.Sandbox, result: corral.ExecResult) -> dict[str, Any]:
-    return {
+def _result_json(
+    result: corral.ExecResult, *, backend: str, sandbox_id: str | None = None
+) -> dict[str, Any]:
+    answer = {
         "exit_code": result.exit_code,
         "stdout": result.text,
         "stderr": result.stderr_text,
@@ -169,17 +171,23 @@ def _result_json(sandbox: corral.Sandbox, result: corral.ExecResult) -> dict[str
         "truncated": result.truncated,
         "signal": result.signal,
         "duration": result.duration,
-        "sandbox_id": sandbox.id,
-        "backend": sandbox.backend_name,
+        "backend": backend,
     }
+    if sandbox_id is not None:  # `run` removed its sandbox: no id worth keeping
+        answer["sandbox_id"] = sandbox_id
+    return answer
 
 
 def _run_in(sandbox: corral.Sandbox, args: Args, options: dict[str, Any]) -> int:
     if args.json:
         result = sandbox.exec(args.command, **options)
-        _print_json(_result_json(sandbox, result))
+        _print_json(_result_json(result, backend=sandbox.backend_name, sandbox_id=sandbox.id))
     else:
         result = _stream(sandbox, args.command, options)
+    return _finish(result, args)
+
+
+def _finish(result: corral.ExecResult, args: Args) -> int:
     if result.truncated and not args.json:
         _say(
             "output past the max_output setting was dropped "
@@ -197,31 +205,65 @@ def cmd_run(args: Args) -> int:
     _check_command(args)
     settings = corral.load_settings()
     options = _exec_options(args, for_exec=False)
-    _progress("creating a sandbox")
-    sandbox = corral.create(
-        args.image,
-        backend=args.backend,
-        env=_env_pairs(args.env),
-        workdir=args.workdir,
-        user=args.user,
-        mounts=args.mount,
-        memory=args.memory,
-        cpus=args.cpus,
-        pids=args.pids,
-        lifetime=args.lifetime,
-        network=args.network,
-        settings=settings,
-    )
+    sandbox_keywords: dict[str, Any] = {
+        "backend": args.backend,
+        "env": _env_pairs(args.env),
+        "workdir": args.workdir,
+        "user": args.user,
+        "mounts": args.mount,
+        "memory": args.memory,
+        "cpus": args.cpus,
+        "pids": args.pids,
+        "lifetime": args.lifetime,
+        "network": args.network,
+        "settings": settings,
+    }
     if not args.keep:
-        with sandbox:  # removed however the command ends, Ctrl-C included
-            status = _run_in(sandbox, args, options)
-            _progress(f"removing sandbox {sandbox.id}")
-        return status
+        # One call: the sandbox is made, runs the command and is removed however the
+        # command ends, Ctrl-C included.
+        _progress("running in a fresh sandbox")
+        if args.json:
+            result = corral.run(args.command, args.image, **options, **sandbox_keywords)
+            _print_json(_result_json(result, backend=_backend_name(args, settings)))
+        else:
+            result = _run_streaming(args, options, sandbox_keywords)
+        return _finish(result, args)
+    _progress("creating a sandbox")
+    sandbox = corral.create(args.image, **sandbox_keywords)
     _detach(sandbox)
     try:
         return _run_in(sandbox, args, options)
     finally:
         _say(f"kept sandbox {sandbox.id}")
+
+
+def _backend_name(args: Args, settings: corral.Settings) -> str:
+    return select_backend_name(args.backend, settings)
+
+
+def _run_streaming(
+    args: Args, options: dict[str, Any], sandbox_keywords: dict[str, Any]
+) -> corral.ExecResult:
+    """``corral.run`` with the command's output copied to ours as it comes; a closed
+    pipe on our side stops the command and ends corral as a closed pipe would."""
+    outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    lock = threading.Lock()  # the local backend drains stdout and stderr in two threads
+    stop = threading.Event()
+
+    def show(chunk: corral.OutputChunk) -> None:
+        with lock:
+            try:
+                outputs[chunk.stream].write(chunk.data)
+                outputs[chunk.stream].flush()
+            except BrokenPipeError:
+                stop.set()
+
+    result = corral.run(
+        args.command, args.image, on_chunk=show, cancel=stop, **options, **sandbox_keywords
+    )
+    if stop.is_set():
+        raise BrokenPipeError
+    return result
 
 
 def cmd_exec(args: Args) -> int:

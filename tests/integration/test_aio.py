@@ -268,6 +268,38 @@ def test_on_every_engine(engine, engine_settings):
     asyncio.run(main())
 
 
+@pytest.mark.local
+def test_run_and_its_cancellation(settings):
+    async def main() -> None:
+        result = await aio.run(["sh", "-c", "echo hi; exit 2"], backend="local", settings=settings)
+        assert (result.text, result.exit_code) == ("hi\n", 2)
+        task = asyncio.create_task(aio.run(["sleep", "1009"], backend="local", settings=settings))
+        await _until_running("sleep 1009")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _gone("sleep 1009")
+        assert await aio.list(backend="local", settings=settings) == []
+
+    asyncio.run(main())
+
+
+def test_run_on_every_engine(engine, engine_settings):
+    async def main() -> None:
+        result = await aio.run(["sh", "-c", "echo hi"], backend=engine, settings=engine_settings)
+        assert result.text == "hi\n" and result.ok
+        task = asyncio.create_task(
+            aio.run(["sh", "-c", "sleep 1010"], backend=engine, settings=engine_settings)
+        )
+        await _until_running("sleep 1010")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _gone("sleep 1010")
+
+    asyncio.run(main())
+
+
 async def _ready(pool: aio.Pool, count: int) -> None:
     for _ in range(1200):
         if pool.stats().ready >= count:

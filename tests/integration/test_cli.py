@@ -141,7 +141,7 @@ def test_run_json(cli: Cli) -> None:
     assert result["truncated"] is False
     assert result["duration"] >= 0
     assert result["backend"] == "local"
-    assert result["sandbox_id"]
+    assert "sandbox_id" not in result  # run removed its sandbox; exec --json gives the id
 
 
 def test_keep_then_exec_stats_ls_and_rm(cli: Cli, kept: list[str]) -> None:
