@@ -21,15 +21,6 @@ _READ = 64 * 1024
 _POLL = 0.05  # how often a waiting exec looks at its cancel flag
 
 
-def _drain(pipe: IO[bytes], stream: str, sink: OutputSink) -> None:
-    # Keep reading after the cap: the sink drops the excess, the command never blocks.
-    fd = pipe.fileno()
-    with contextlib.suppress(OSError):
-        while chunk := os.read(fd, _READ):
-            sink.write(stream, chunk)
-    pipe.close()
-
-
 def _feed(pipe: IO[bytes], data: bytes) -> None:
     with contextlib.suppress(BrokenPipeError, OSError):
         pipe.write(data)
@@ -52,11 +43,9 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
 
 
 class _ExitWatch:
-    """Waits for a process to exit, waking the moment it does.
-
-    Through a pidfd where the kernel has them (Linux 5.3): ``Popen.wait(timeout)`` polls
-    with sleeps of up to 50 ms, which a short command would pay on every exec.
-    """
+    """A pidfd of the process where the kernel has them (Linux 5.3), readable the moment
+    it exits: ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which a short
+    command would pay on every exec. Without one, the exit is polled."""
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
@@ -65,21 +54,6 @@ class _ExitWatch:
             self.pidfd = os.pidfd_open(popen.pid)
         except (AttributeError, OSError):
             self.pidfd = None
-
-    def wait(self, seconds: float) -> bool:
-        """True once the process has exited and been reaped; False after ``seconds``."""
-        if self.pidfd is None:
-            try:
-                self.popen.wait(seconds)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        poller = select.poll()  # not select(): a busy program's fds pass 1024
-        poller.register(self.pidfd, select.POLLIN)
-        if not poller.poll(seconds * 1000):
-            return False
-        self.popen.wait()
-        return True
 
     def close(self) -> None:
         if self.pidfd is not None:
@@ -151,41 +125,87 @@ class Process:
                     os.kill(pid, signal.SIGKILL)
 
     def supervise(self, timeout: float | None, kill_tree: Callable[[], None]) -> ExecStatus:
-        """Drain output and wait; on timeout or cancel kill everything, then report."""
-        threads = [
-            threading.Thread(
-                target=_drain, args=(self.popen.stdout, "stdout", self.sink), daemon=True
-            ),
-            threading.Thread(
-                target=_drain, args=(self.popen.stderr, "stderr", self.sink), daemon=True
-            ),
-        ]
+        """Drain output and wait; on timeout or cancel kill everything, then report.
+
+        One poll loop in the calling thread watches both pipes and the exit (a pidfd):
+        no thread per stream to start for every exec. Only stdin gets a thread.
+        """
+        feeder = None
         if self._stdin:
-            threads.append(
-                threading.Thread(target=_feed, args=(self.popen.stdin, self._stdin), daemon=True)
+            feeder = threading.Thread(
+                target=_feed, args=(self.popen.stdin, self._stdin), daemon=True
             )
-        for t in threads:
-            t.start()
+            feeder.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
         watch = _ExitWatch(self.popen)
+        pipes: dict[int, tuple[str, IO[bytes]]] = {
+            pipe.fileno(): (name, pipe)
+            for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
+            if pipe is not None
+        }
+        poller = select.poll()  # not select(): a busy program's fds pass 1024
+        for fd in pipes:
+            poller.register(fd, select.POLLIN)
+        if watch.pidfd is not None:
+            poller.register(watch.pidfd, select.POLLIN)
+        exited = False
+        drain_until: float | None = None
         try:
-            while not watch.wait(_POLL):
-                if self.sink.cancelled or (deadline is not None and time.monotonic() >= deadline):
+            while pipes or not exited:
+                now = time.monotonic()
+                expired = deadline is not None and now >= deadline
+                if not exited and (self.sink.cancelled or expired):
                     timed_out = True
                     self.kill()
                     kill_tree()
                     self.popen.wait()
+                    exited = True
+                if exited and drain_until is None:
+                    # An exec owns its descendants: whatever it left running dies with it,
+                    # which also closes the pipes that a background child may still hold.
+                    kill_tree()
+                    drain_until = now + 5
+                if drain_until is not None and now > drain_until:
                     break
+                for fd, _ in poller.poll(_POLL * 1000):
+                    if fd == watch.pidfd:
+                        poller.unregister(fd)
+                        self.popen.wait()
+                        exited = True
+                    elif fd in pipes:
+                        self._read(fd, pipes, poller)
+                if watch.pidfd is None and not exited:
+                    exited = self.popen.poll() is not None
+        except BaseException:
+            # A failing consumer (on_chunk) or an interrupt: the command must not run on.
+            self.kill()
+            kill_tree()
+            self.popen.wait()
+            raise
         finally:
             watch.close()
-        # An exec owns its descendants: whatever it left running dies with it, which
-        # also closes the pipes that a background child may still hold.
-        kill_tree()
-        for t in threads:
-            t.join(timeout=5)
+            for _, pipe in pipes.values():
+                pipe.close()
+        if feeder is not None:
+            feeder.join(timeout=5)
         code = self.popen.returncode
         sig = -code if code < 0 else (code - 128 if code > 128 else None)
         if code < 0:
             code = 128 + sig  # type: ignore[operator]
         return ExecStatus(exit_code=code, timed_out=timed_out, signal=sig)
+
+    def _read(self, fd: int, pipes: dict[int, tuple[str, IO[bytes]]], poller: Any) -> None:
+        """One read from a ready pipe; at its end, forget it. Reading goes on past the cap
+        (the sink drops the excess), so the command never blocks on a full pipe."""
+        name, pipe = pipes[fd]
+        try:
+            chunk = os.read(fd, _READ)
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.sink.write(name, chunk)
+            return
+        poller.unregister(fd)
+        pipe.close()
+        del pipes[fd]
