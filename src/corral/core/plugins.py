@@ -208,21 +208,30 @@ class PluginHost:
 
     def backend(self, name: str, settings: Settings) -> Backend:
         """The backend called ``name``, made once per process (and per settings) and
-        checked available."""
+        checked available then; one that is not is not kept, so the next call checks
+        again."""
         # Instances hold engine clients and connection pools, so they are shared; the
         # key includes the backend's settings so that other settings get their own.
         key = (name, json.dumps(settings.backends.get(name, {}), sort_keys=True, default=str))
         with self._lock:
             instance = self._instances.get(key)
-            if instance is None:
-                instance = self.make_backend(name, settings)
-                self._instances[key] = instance
-                self._instance_plugins[key] = self.backends()[name].plugin
+            if instance is not None:
+                # Checked when made: an engine that went away since makes the call
+                # itself fail as unavailable, without a ping in front of every create.
+                return instance
+            instance = self.make_backend(name, settings)
         availability = instance.check()
         if not availability.ok:
+            instance.close()
             raise BackendUnavailableError(
                 f"the {name} backend cannot run here: {availability}", backend=name
             )
+        with self._lock:
+            if key in self._instances:  # another thread made and checked one meanwhile
+                instance.close()
+                return self._instances[key]
+            self._instances[key] = instance
+            self._instance_plugins[key] = self.backends()[name].plugin
         return instance
 
     def make_backend(self, name: str, settings: Settings) -> Backend:
