@@ -166,6 +166,7 @@ def _result_json(sandbox: corral.Sandbox, result: corral.ExecResult) -> dict[str
         "stderr": result.stderr_text,
         "timed_out": result.timed_out,
         "oom_killed": result.oom_killed,
+        "oom_events": result.oom_events,
         "truncated": result.truncated,
         "signal": result.signal,
         "duration": result.duration,

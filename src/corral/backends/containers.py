@@ -500,13 +500,16 @@ def run_exec(
         if view is not None:
             view.kill_marked(marker)
     code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
-    # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count.
-    oom = view is not None and code == 137 and not timed_out and view.oom_kills() > oom_before
+    # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count,
+    # taken as a delta around this exec (the container's own flag is sticky, T35).
+    oom_events = max(0, view.oom_kills() - oom_before) if view is not None else 0
+    oom = code == 137 and not timed_out and oom_events > 0
     return ExecStatus(
         exit_code=code,
         timed_out=timed_out,
         oom_killed=oom,
         signal=code - 128 if code > 128 else None,
+        oom_events=oom_events,
     )
 
 

@@ -107,18 +107,25 @@ def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_c
 
 def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
     sb = sandbox(memory="32MiB", pids=FEW_PIDS)
-    # A child is OOM-killed; the parent carries on and exits 0: not an OOM exec.
+    # The twin: a fresh sandbox's exec that allocates under the limit counts nothing.
+    under = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
+    assert under.ok and (under.oom_killed, under.oom_events) == (False, 0)
+    # A child is OOM-killed; the parent carries on and exits 0: an OOM event in this
+    # exec, not an OOM-killed exec.
     child = sb.exec(
-        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived"], timeout=60
+        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived; exit 0"], timeout=60
     )
     assert child.exit_code == 0 and child.text == "parent-survived\n"
-    assert not child.oom_killed
+    assert not child.oom_killed and child.oom_events == 1, child
     # The sandbox's OOM count is now above zero: later execs must not inherit it.
-    assert not sb.exec(["echo", "ok"]).oom_killed
+    normal = sb.exec(["echo", "ok"])
+    assert normal.ok and (normal.oom_killed, normal.oom_events) == (False, 0), normal
     killed = sb.exec(["sh", "-c", "kill -9 $$"])
     assert killed.exit_code == 137 and not killed.oom_killed, "SIGKILL alone is not an OOM"
+    assert killed.oom_events == 0
     again = sb.exec(["sh", "-c", "exec " + ALLOCATE.format(size="256M")], timeout=60)
-    assert again.oom_killed, "a second OOM in the same sandbox is still seen"
+    assert again.oom_killed and again.oom_events == 1, "a second OOM in the same sandbox is seen"
+    assert sb.exec(["true"]).oom_events == 0
 
 
 # -- T36 ------------------------------------------------------------------------------
