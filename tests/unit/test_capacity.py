@@ -271,3 +271,26 @@ def test_a_pool_counts_against_the_cap(
     # The pool's close destroyed its ready sandboxes and gave their slots back.
     corral.create(backend="fake", settings=settings).close()
     corral.create(backend="fake", settings=settings).close()
+
+
+def test_a_pool_at_the_cap_refills_soon_after_a_close_and_closes_without_waiting(
+    fake_backend: FakeBackend, capped: Callable[..., corral.Settings]
+) -> None:
+    settings = capped(2, capacity_wait=600.0)  # the refill thread must not wait this long
+    outside = corral.create(backend="fake", settings=settings)
+    pool = corral.Pool(2, backend="fake", settings=settings)
+    try:
+        _wait_for(lambda: pool.stats().ready == 1 and pool.stats().failures >= 2)
+        outside.close()  # a slot frees: the pool takes it within its first backoff
+        _wait_for(lambda: pool.stats().ready == 2, within=3.0)
+    finally:
+        started = time.monotonic()
+        pool.close()
+    assert time.monotonic() - started < 5.0
+
+
+def _wait_for(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.02)
