@@ -168,6 +168,7 @@ def _result_json(
         "stderr": result.stderr_text,
         "timed_out": result.timed_out,
         "oom_killed": result.oom_killed,
+        "oom_events": result.oom_events,
         "truncated": result.truncated,
         "signal": result.signal,
         "duration": result.duration,

@@ -77,10 +77,15 @@ def test_unmatched_commands_end_with_127(fake_backend: FakeBackend, make: Make) 
 def test_timeouts_and_oom_are_reported_as_scripted(fake_backend: FakeBackend, make: Make) -> None:
     fake_backend.script(["slow"], stdout=b"partial", exit_code=137, timed_out=True)
     fake_backend.script(["hungry"], exit_code=137, oom_killed=True)
+    fake_backend.script(["parent"], oom_events=1)  # a child was OOM-killed, not the command
     sb = make()
     slow = sb.exec(["slow"], timeout=1)
     assert slow.timed_out and not slow.ok and slow.stdout == b"partial"
-    assert sb.exec(["hungry"]).oom_killed
+    hungry = sb.exec(["hungry"])
+    assert hungry.oom_killed and hungry.oom_events == 1
+    parent = sb.exec(["parent"])
+    assert parent.ok and not parent.oom_killed and parent.oom_events == 1
+    assert sb.exec(["slow"]).oom_events == 0
 
 
 def test_scripted_output_goes_through_the_cap_and_streams(

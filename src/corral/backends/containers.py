@@ -500,13 +500,16 @@ def run_exec(
         if view is not None:
             view.kill_marked(marker)
     code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
-    # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count.
-    oom = view is not None and code == 137 and not timed_out and view.oom_kills() > oom_before
+    # Exit 137 alone means "SIGKILL from somewhere"; OOM needs the cgroup's own count,
+    # taken as a delta around this exec (the container's own flag is sticky, T35).
+    oom_events = max(0, view.oom_kills() - oom_before) if view is not None else 0
+    oom = code == 137 and not timed_out and oom_events > 0
     return ExecStatus(
         exit_code=code,
         timed_out=timed_out,
         oom_killed=oom,
         signal=code - 128 if code > 128 else None,
+        oom_events=oom_events,
     )
 
 
@@ -589,7 +592,7 @@ class MainProcess:
     socket: socket.socket  # the attached, multiplexed stream
     start: Callable[[], None]
     kill: Callable[[], None]  # on timeout or cancel: the whole container
-    outcome: Callable[[], tuple[int, bool]]  # (exit code, OOM-killed), once the stream ended
+    outcome: Callable[[], tuple[int, int]]  # (exit code, OOM kills), once the stream ended
     buffered: bytes = b""  # stream bytes already read along with the upgrade's headers
 
 
@@ -604,14 +607,15 @@ def run_main(process: MainProcess, request: ExecRequest, sink: OutputSink) -> Ex
     finally:
         with contextlib.suppress(OSError):
             process.socket.close()
-    code, oom = process.outcome()
+    code, oom_events = process.outcome()
     code = exit_code_for_start_failure(code, sink.value("stderr") + sink.value("stdout"))
     return ExecStatus(
         exit_code=code,
         timed_out=timed_out,
         # The container is this one command: its own OOM record is the command's.
-        oom_killed=oom and code == 137 and not timed_out,
+        oom_killed=oom_events > 0 and code == 137 and not timed_out,
         signal=code - 128 if code > 128 else None,
+        oom_events=oom_events,
     )
 
 

@@ -488,12 +488,12 @@ class DockerBackend(Backend):
                 with contextlib.suppress(SandboxError), self._engine(sandbox_id):
                     api.kill(container_id)
 
-            def outcome() -> tuple[int, bool]:
+            def outcome() -> tuple[int, int]:
                 nonlocal gone
                 assert waiter is not None
                 code = waiter.exit_code()
                 gone = True
-                return code, code == 137 and self._oom_event(container_id, since)
+                return code, self._oom_events(container_id, since)
 
             return containers.run_main(
                 containers.MainProcess(
@@ -515,9 +515,9 @@ class DockerBackend(Backend):
             if not gone:
                 self.destroy(sandbox_id)
 
-    def _oom_event(self, container_id: str, since: float) -> bool:
-        """Whether the engine recorded an OOM kill in the (removed) container: its
-        events say so, where its state is gone with it."""
+    def _oom_events(self, container_id: str, since: float) -> int:
+        """The OOM kills the engine recorded in the (removed) container: its events
+        say so, where its state and cgroup are gone with it."""
         with self._engine():
             events = self.api().events(
                 since=int(since) - 1,
@@ -526,7 +526,7 @@ class DockerBackend(Backend):
                 decode=True,
             )
             try:
-                return any(True for _ in events)
+                return sum(1 for _ in events)
             finally:
                 events.close()
 

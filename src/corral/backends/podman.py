@@ -626,12 +626,12 @@ class PodmanBackend(Backend):
                         "post", f"/containers/{name}/kill", sandbox_id, params={"signal": "KILL"}
                     ).close()
 
-            def outcome() -> tuple[int, bool]:
+            def outcome() -> tuple[int, int]:
                 assert waiter is not None
                 # Read at once: Podman's clean-up removes the cgroup soon after the exit.
-                oom = view is not None and view.oom_kills() > 0
+                kills = view.oom_kills() if view is not None else 0
                 code, engine_oom = self._ended(sandbox_id, waiter)
-                return code, oom or engine_oom
+                return code, max(kills, int(engine_oom))
 
             return containers.run_main(
                 containers.MainProcess(socket=raw, start=start, kill=kill, outcome=outcome),

@@ -126,12 +126,18 @@ class Availability:
 
 @attrs.frozen
 class ExecStatus:
-    """How a command ended, as a backend reports it; the output is in the sink."""
+    """How a command ended, as a backend reports it; the output is in the sink.
+
+    ``oom_events`` is how many OOM kills the sandbox's memory cgroup counted while the
+    command ran (a delta, never the sandbox's running total); ``oom_killed`` means the
+    command itself died of one (exit 137 and at least one such kill).
+    """
 
     exit_code: int
     timed_out: bool = False
     oom_killed: bool = False
     signal: int | None = None
+    oom_events: int = 0
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> Exe
         oom_killed=status.oom_killed,
         truncated=sink.truncated,
         signal=status.signal,
+        oom_events=status.oom_events,
     )
 
 

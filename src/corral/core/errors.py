@@ -8,6 +8,7 @@ __all__ = [
     "ArchiveError",
     "BackendUnavailableError",
     "CapabilityError",
+    "CapacityError",
     "ConfigError",
     "ConflictError",
     "InternalError",
@@ -157,6 +158,14 @@ class ResourceLimitError(SandboxError):
     """A cap was reached: archive size or member count, capacity, disk space."""
 
     category = "resource_limit"
+
+
+class CapacityError(ResourceLimitError):
+    """This process already holds ``max_sandboxes`` open sandboxes on the backend (and
+    none closed within ``capacity_wait``); nothing was created. Retryable: a close frees
+    a slot."""
+
+    default_retryable = True
 
 
 class InternalError(SandboxError):

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from . import capacity
 from .backend import Backend, Capability, required_capabilities
 from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
@@ -173,6 +174,7 @@ def create(
         PolicyError: an unsafe option not opted into, or a refused mount source.
         CapabilityError: the backend cannot enforce what the spec asks for.
         BackendUnavailableError: the backend cannot run here (with the fix).
+        CapacityError: ``max_sandboxes`` are open here already (after ``capacity_wait``).
     """
     keywords = {
         "image": image,
@@ -281,11 +283,14 @@ def _open(
         labels_out["corral.loosened"] = ",".join(unsafe)
         log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(unsafe))
     host.pm.hook.corral_sandbox_creating(spec=final, sandbox_id=sandbox_id, backend=name)
+    # T42 capacity: a slot from here until Sandbox.close (CapacityError past the cap).
+    capacity.claim(name, sandbox_id, now + final.limits.lifetime, settings)
     if not pending:
         try:
             chosen.create(sandbox_id, final, labels_out)
         except BaseException:
             _destroy_quietly(chosen, sandbox_id)
+            capacity.release(name, sandbox_id)  # T42 capacity: a failed create gives it back
             raise
     info = SandboxInfo(
         id=sandbox_id,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import attrs
 
-from .errors import ConfigError, ResourceLimitError, SandboxClosedError, TimeoutError
+from .errors import CapacityError, ConfigError, ResourceLimitError, SandboxClosedError, TimeoutError
 from .lifecycle import build_spec, create, select_backend_name
 from .plugins import get_host
 from .sandbox import Sandbox
@@ -113,7 +113,12 @@ class _Core:
             try:
                 sandbox = create(backend=self.backend, settings=self.settings, **self.keywords)
             except Exception as e:
-                log.warning("a pool could not create a %s sandbox: %s", self.backend, e)
+                # At the max_sandboxes cap (T42) nothing is wrong: a close frees a slot,
+                # so the pool asks again soon, without growing the backoff or warning.
+                full = isinstance(e, CapacityError)
+                (log.info if full else log.warning)(
+                    "a pool could not create a %s sandbox: %s", self.backend, e
+                )
                 with self.cond:
                     self.creating -= 1
                     self.failures += 1
@@ -121,7 +126,7 @@ class _Core:
                     self.cond.notify_all()  # waiters may report the error sooner
                     # Hand-outs notify too; only close() may cut the backoff short.
                     self.cond.wait_for(lambda: self.closed, backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                backoff = _BACKOFF_FIRST if full else min(backoff * 2, _BACKOFF_MAX)
                 continue
             backoff = _BACKOFF_FIRST
             # Asked once here, off the hand-out path, so that the backend has what it
@@ -321,7 +326,10 @@ class Pool:
         self.backend = name
         self.on_empty = on_empty
         self.acquire_timeout = acquire_timeout
-        self._core = _Core(size, name, settings, dict(create_keywords))
+        # The refill thread never waits for a capacity slot (capacity_wait): it would
+        # hold up close(); it retries instead.
+        refill_settings = attrs.evolve(settings, capacity_wait=0.0)
+        self._core = _Core(size, name, refill_settings, dict(create_keywords))
         self._finalizer = weakref.finalize(self, self._core.close)
         self._core.thread.start()
 

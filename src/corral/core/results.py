@@ -20,6 +20,14 @@ class ExecResult:
 
     ``stdout`` and ``stderr`` are the exact bytes (up to the output cap); ``text`` and
     ``stderr_text`` decode them as UTF-8, replacing bad bytes with U+FFFD.
+
+    ``oom_killed`` means the command itself was killed for memory (exit 137 and an OOM
+    kill counted in the sandbox's memory cgroup during the exec). ``oom_events`` counts
+    the OOM kills during the exec, of the command or of any process it started: a child
+    killed while the command went on and exited 0 gives ``exit_code=0``,
+    ``oom_events=1`` and ``oom_killed=False``. Both are per exec: an earlier exec's OOM
+    never shows in a later one's result. Both stay 0/False where the backend cannot
+    read the cgroup (a remote engine).
     """
 
     exit_code: int
@@ -30,6 +38,7 @@ class ExecResult:
     oom_killed: bool = False
     truncated: bool = False
     signal: int | None = None
+    oom_events: int = 0
 
     @property
     def text(self) -> str:

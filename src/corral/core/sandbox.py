@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from . import archive
+from . import archive, capacity
 from .backend import Backend, ExecStatus
 from .errors import ConfigError, SandboxClosedError
 from .output import OutputSink
@@ -366,6 +366,7 @@ class Sandbox:
             error = e
             raise
         finally:
+            capacity.release(self.info.backend, self.id)  # T42 capacity: the slot of create
             _notify(
                 self._host.pm.hook.corral_sandbox_destroyed,
                 sandbox_id=self.id,

@@ -12,7 +12,8 @@ import attrs
 
 from .convert import structure, unstructure
 from .errors import ConfigError
-from .spec import SandboxSpec, size_field
+from .spec import SandboxSpec, count_field, size_field
+from .units import parse_duration
 
 __all__ = ["Settings", "load_settings"]
 
@@ -57,6 +58,22 @@ def _backend_name(value: Any, name: str) -> str | None:
     return value
 
 
+def _wait(value: Any, name: str) -> float:
+    """A duration of zero or more (zero: never wait)."""
+    try:
+        seconds = parse_duration(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(name, str(e)) from None
+    if not 0 <= seconds <= _MAX_WAIT:
+        raise ConfigError(name, f"{value!r} is outside 0..{_MAX_WAIT:g} s")
+    return seconds
+
+
+# Generous bounds that still catch a unit mistake (a size where a count was meant).
+_MAX_WAIT = 86400.0
+_MAX_SANDBOXES = 100_000
+
+
 def _field(fn: Any, **kwargs: Any) -> Any:
     return attrs.field(
         converter=attrs.Converter(lambda v, f: fn(v, f.name), takes_field=True), **kwargs
@@ -71,11 +88,17 @@ class Settings:
     table per backend, structured into that backend's own Settings class when the
     backend is first used; ``plugins`` holds one raw table per plugin, which each
     plugin structures into its own class when it is given the settings
-    (``corral_configure``).
+    (``corral_configure``). ``max_sandboxes`` caps the sandboxes this process holds
+    open at once on each backend (warm pools' included); a create past it raises
+    CapacityError, after waiting up to ``capacity_wait`` for a close.
     """
 
     backend: str | None = _field(_backend_name, default=None)
     max_output: int = size_field("4MiB", minimum=0)
+    # THREATS T42: how many sandboxes this process may hold open at once per backend
+    # (none: no cap), and how long a create past it waits for a close before it fails.
+    max_sandboxes: int | None = count_field(None, maximum=_MAX_SANDBOXES)
+    capacity_wait: float = _field(_wait, default=0.0)
     mount_roots: tuple[str, ...] | None = _field(_roots, default=None)
     sandbox: dict[str, Any] = _field(_sandbox, factory=dict)
     backends: dict[str, dict[str, Any]] = _field(_tables, factory=dict)

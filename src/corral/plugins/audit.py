@@ -184,6 +184,7 @@ class AuditPlugin:
             duration=result.duration,
             timed_out=result.timed_out,
             oom_killed=result.oom_killed,
+            oom_events=result.oom_events,
             truncated=result.truncated,
             stdout_bytes=len(result.stdout),
             stderr_bytes=len(result.stderr),

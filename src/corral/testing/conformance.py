@@ -12,8 +12,8 @@ In a test module of the backend's distribution::
 Each check runs only where it applies: those about a capability (bind mounts, the
 nofile and pids limits) are skipped, with the reason, when the backend does not declare
 that capability. The commands used exist both in a busybox image and on a Debian host:
-sh, echo, cat, printf, test, true, sleep, head, sha256sum, ln, mkdir, touch, rm, stat, date
-and setsid.
+sh, echo, cat, printf, test, true, sleep, head, sha256sum, ln, mkdir, touch, rm, stat, date,
+dd and setsid.
 """
 
 from __future__ import annotations
@@ -459,6 +459,24 @@ class BackendConformance:
         result = _within(70, lambda: sb.exec(["sh", "-c", bomb], timeout=10))
         assert b"fork" in result.stderr.lower() or result.timed_out, result
         assert sb.exec(["echo", "still here"], timeout=30).stdout == b"still here\n"
+
+    def test_an_oom_kill_counts_in_its_own_exec_only(
+        self, conformance_backend: Backend, conformance_sandbox: Make
+    ) -> None:
+        _need(conformance_backend, Capability.MEMORY_LIMIT)
+        sb = conformance_sandbox(memory="32MiB")
+        plain = sb.exec(["true"])
+        assert (plain.oom_killed, plain.oom_events) == (False, 0), plain
+        # A child allocates far past the limit (killed, or refused the memory where the
+        # limit is an address-space cap); the command goes on and exits 0 on its own.
+        hog = "dd if=/dev/zero of=/dev/null bs=256M count=1 2>/dev/null; echo survived"
+        child = sb.exec(["sh", "-c", hog], timeout=60)
+        assert child.exit_code == 0 and child.text == "survived\n", child
+        assert not child.oom_killed, "a child's OOM kill is not the command's"
+        assert child.oom_events in (0, 1), child  # 0 where the backend cannot see kills
+        # OOM kills are counted per exec: a later one never inherits an earlier one's.
+        after = sb.exec(["true"])
+        assert (after.oom_killed, after.oom_events) == (False, 0), after
 
     def test_usage_reports_the_memory_limit(self, conformance_sandbox: Make) -> None:
         sb = conformance_sandbox(memory="256MiB")

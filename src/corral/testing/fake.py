@@ -123,6 +123,7 @@ class FakeBackend(Backend):
         timed_out: bool = False,
         oom_killed: bool = False,
         signal: int | None = None,
+        oom_events: int | None = None,
         exact: bool = False,
     ) -> Rule:
         """Answer commands starting with ``argv`` (exactly ``argv`` when ``exact``).
@@ -130,8 +131,11 @@ class FakeBackend(Backend):
         Either give the result's fields, or ``respond``: a callable taking the
         ExecRequest and returning an ExecResult (output and status) or an ExecStatus.
         Output goes through the core's sink, so output caps and streaming behave as
-        with a real backend.
+        with a real backend. ``oom_events`` defaults to 1 with ``oom_killed`` (the
+        command's own kill is one), else 0.
         """
+        if oom_events is None:
+            oom_events = 1 if oom_killed else 0
         if respond is None:
             canned = ExecResult(
                 exit_code=exit_code,
@@ -140,6 +144,7 @@ class FakeBackend(Backend):
                 timed_out=timed_out,
                 oom_killed=oom_killed,
                 signal=signal,
+                oom_events=oom_events,
             )
 
             def answer(request: ExecRequest) -> Response:
@@ -224,6 +229,7 @@ class FakeBackend(Backend):
             timed_out=response.timed_out,
             oom_killed=response.oom_killed,
             signal=response.signal,
+            oom_events=response.oom_events,
         )
 
     def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:

@@ -92,7 +92,15 @@ def test_an_oom_kill_is_reported_as_such(run):
     fits = run(["sh", "-c", ALLOCATE.format(size="8M")], memory="32MiB", timeout=60)
     assert fits.ok and fits.text == "allocated\n" and not fits.oom_killed
     killed = run(["sh", "-c", "kill -9 $$"], memory="32MiB", timeout=60)
-    assert killed.exit_code == 137 and not killed.oom_killed
+    assert killed.exit_code == 137 and not killed.oom_killed and killed.oom_events == 0
+    # A child killed for memory while the command itself goes on (T35): counted, no more.
+    child = run(
+        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived"],
+        memory="32MiB",
+        timeout=60,
+    )
+    assert child.exit_code == 0 and child.text == "parent-survived\n"
+    assert child.oom_events >= 1 and not child.oom_killed
 
 
 def test_a_missing_program_exits_127(run):

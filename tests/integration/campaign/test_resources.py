@@ -10,15 +10,19 @@ stopped by a file-size limit, or are refused before anything is created.
 from __future__ import annotations
 
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import attrs
 import pytest
-from cases import gone, host_processes, token
+from cases import gone, host_processes, tagged, token
 
 import corral
+from corral.core import capacity
 
 MiB = 1024**2
 # The fewest processes a sandbox here is given: on the engines, runc's exec helper joins
@@ -107,18 +111,25 @@ def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_c
 
 def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
     sb = sandbox(memory="32MiB", pids=FEW_PIDS)
-    # A child is OOM-killed; the parent carries on and exits 0: not an OOM exec.
+    # The twin: a fresh sandbox's exec that allocates under the limit counts nothing.
+    under = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
+    assert under.ok and (under.oom_killed, under.oom_events) == (False, 0)
+    # A child is OOM-killed; the parent carries on and exits 0: an OOM event in this
+    # exec, not an OOM-killed exec.
     child = sb.exec(
-        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived"], timeout=60
+        ["sh", "-c", ALLOCATE.format(size="256M") + "; echo parent-survived; exit 0"], timeout=60
     )
     assert child.exit_code == 0 and child.text == "parent-survived\n"
-    assert not child.oom_killed
+    assert not child.oom_killed and child.oom_events == 1, child
     # The sandbox's OOM count is now above zero: later execs must not inherit it.
-    assert not sb.exec(["echo", "ok"]).oom_killed
+    normal = sb.exec(["echo", "ok"])
+    assert normal.ok and (normal.oom_killed, normal.oom_events) == (False, 0), normal
     killed = sb.exec(["sh", "-c", "kill -9 $$"])
     assert killed.exit_code == 137 and not killed.oom_killed, "SIGKILL alone is not an OOM"
+    assert killed.oom_events == 0
     again = sb.exec(["sh", "-c", "exec " + ALLOCATE.format(size="256M")], timeout=60)
-    assert again.oom_killed, "a second OOM in the same sandbox is still seen"
+    assert again.oom_killed and again.oom_events == 1, "a second OOM in the same sandbox is seen"
+    assert sb.exec(["true"]).oom_events == 0
 
 
 # -- T36 ------------------------------------------------------------------------------
@@ -290,3 +301,96 @@ def test_t42_many_sandboxes_at_once_are_distinct_and_all_go_away(sandbox):
     for sb in made:
         sb.close()
     # The campaign harness then proves no container, volume, folder or process is left.
+
+
+# 64 creates at once against a cap of 32, as the catalogue has it; each sandbox small.
+RUSH, CAP = 64, 32
+
+
+def _rush(sandbox: Callable, settings: corral.Settings, tag: str) -> list:
+    """``RUSH`` creates released at once from as many threads: each a Sandbox or the
+    CapacityError it raised."""
+    start = threading.Barrier(RUSH)
+
+    def one(_: int) -> corral.Sandbox | corral.CapacityError:
+        start.wait()
+        try:
+            return sandbox(
+                settings=settings, memory="16MiB", pids=FEW_PIDS, labels={"campaign.case": tag}
+            )
+        except corral.CapacityError as e:
+            return e
+
+    with ThreadPoolExecutor(RUSH) as pool:
+        return list(pool.map(one, range(RUSH)))
+
+
+def _close_all(sandboxes: list[corral.Sandbox]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda sb: sb.close(), sandboxes))
+
+
+def test_t42_past_max_sandboxes_a_create_fails_at_once_and_nothing_leaks(
+    sandbox, backend, backend_settings
+):
+    assert capacity.held(backend) == 0, "an earlier case left a sandbox of this process open"
+    settings = attrs.evolve(backend_settings, max_sandboxes=CAP)
+    tag = uuid.uuid4().hex
+    outcomes = _rush(sandbox, settings, tag)
+    made = [o for o in outcomes if isinstance(o, corral.Sandbox)]
+    refused = [o for o in outcomes if isinstance(o, corral.CapacityError)]
+    assert (len(made), len(refused)) == (CAP, RUSH - CAP), outcomes
+    assert all(e.retryable and e.backend == backend for e in refused)
+    # No collisions: distinct ids, each a live sandbox of its own, exactly these listed.
+    assert len({sb.id for sb in made}) == CAP
+    assert sorted(tagged(backend, settings, tag)) == sorted(sb.id for sb in made)
+    with ThreadPoolExecutor(8) as pool:
+        said = list(pool.map(lambda sb: sb.exec(["cat", "/proc/sys/kernel/hostname"]), made))
+    assert [r for r in said if not r.ok] == []
+    # Still full: the twin of the refusal is a create that succeeds once one is closed.
+    with pytest.raises(corral.CapacityError):
+        sandbox(settings=settings, labels={"campaign.case": tag})
+    made[0].close()
+    made.append(sandbox(settings=settings, memory="16MiB", pids=FEW_PIDS))
+    _close_all(made)
+    assert tagged(backend, settings, tag) == [], "the label filter must come back empty"
+    assert capacity.held(backend) == 0
+    # The campaign harness then proves no container, volume, folder or process is left.
+
+
+def test_t42_with_capacity_wait_the_extra_creates_queue_for_a_slot(
+    sandbox, backend, backend_settings
+):
+    assert capacity.held(backend) == 0, "an earlier case left a sandbox of this process open"
+    settings = attrs.evolve(backend_settings, max_sandboxes=CAP, capacity_wait=600.0)
+    tag = uuid.uuid4().hex
+    start = threading.Barrier(RUSH)
+
+    def one(_: int) -> corral.Sandbox:
+        start.wait()
+        return sandbox(
+            settings=settings, memory="16MiB", pids=FEW_PIDS, labels={"campaign.case": tag}
+        )
+
+    with ThreadPoolExecutor(RUSH) as pool:
+        pending = {pool.submit(one, n) for n in range(RUSH)}
+        first: list[corral.Sandbox] = []
+        while len(first) < CAP:
+            done, pending = wait(pending, timeout=300, return_when=FIRST_COMPLETED)
+            assert done, "creates under the cap did not finish"
+            first += [f.result() for f in done]
+        assert len(first) == CAP
+        # The others wait: none gets a sandbox while every slot is held.
+        time.sleep(1.0)
+        assert not any(f.done() for f in pending), "a create passed the cap"
+        assert capacity.held(backend) == CAP
+        assert len(tagged(backend, settings, tag)) == CAP
+        # Each close lets one waiter in.
+        _close_all(first)
+        rest = [f.result(timeout=600) for f in pending]
+    assert len(rest) == RUSH - CAP
+    assert len({sb.id for sb in first + rest}) == RUSH, "names collided"
+    assert sorted(tagged(backend, settings, tag)) == sorted(sb.id for sb in rest)
+    _close_all(rest)
+    assert tagged(backend, settings, tag) == [], "the label filter must come back empty"
+    assert capacity.held(backend) == 0

@@ -405,12 +405,15 @@ class LocalBackend(Backend):
             status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
         else:
             status = self._exec_unisolated(state, request, sink, env, workdir, user_kwargs)
-        if (
-            state.cgroup is not None
-            and state.cgroup.oom_kills() > oom_before
-            and status.exit_code == 137
-        ):
-            status = attrs.evolve(status, oom_killed=True)
+        # OOM kills counted during this exec only (T35): a child's kill is an event, and
+        # the command itself was killed for memory only when it also died of SIGKILL.
+        oom_events = max(0, state.cgroup.oom_kills() - oom_before) if state.cgroup else 0
+        if oom_events:
+            status = attrs.evolve(
+                status,
+                oom_events=oom_events,
+                oom_killed=status.exit_code == 137 and not status.timed_out,
+            )
         return status
 
     def _exec_isolated(
