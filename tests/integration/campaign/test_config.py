@@ -510,3 +510,15 @@ def test_t12_a_string_command_is_refused_with_no_implicit_shell(backend, backend
 def test_t12_twin_an_explicit_shell_inside_the_sandbox_works(sandbox):
     sb = sandbox()
     assert sb.exec(("sh", "-c", "echo hi; echo there")).text == "hi\nthere\n"
+
+
+@ENGINES_ONLY
+def test_a_pids_limit_too_small_for_the_engine_is_refused(backend, backend_settings, sandbox):
+    # The engine's exec helpers count against the limit: under 16, commands fail to
+    # start at random, so the limit is refused up front, naming the field.
+    refused(
+        backend, backend_settings, corral.ConfigError, r"sandbox\.limits\.pids.*below 16", pids=8
+    )
+    # The twin: the least allowed works, exec after exec.
+    sb = sandbox(pids=16, memory="64MiB")
+    assert all(sb.exec(["sh", "-c", "echo ok"]).text == "ok\n" for _ in range(10))
