@@ -210,6 +210,7 @@ def cmd_run(args: Args) -> int:
         pids=args.pids,
         lifetime=args.lifetime,
         network=args.network,
+        security=_allowing(settings, args.allow_unsafe),
         settings=settings,
     )
     if not args.keep:
@@ -222,6 +223,14 @@ def cmd_run(args: Args) -> int:
         return _run_in(sandbox, args, options)
     finally:
         _say(f"kept sandbox {sandbox.id}")
+
+
+def _allowing(settings: corral.Settings, names: list[str] | None) -> dict[str, Any] | None:
+    """The security keyword for ``--allow-unsafe``: the settings' opt-ins plus these."""
+    if not names:
+        return None
+    security = settings.sandbox.get("security") or {}
+    return {"allow_unsafe": [*security.get("allow_unsafe", ()), *names]}
 
 
 def cmd_exec(args: Args) -> int:
@@ -577,7 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mount",
         action="append",
         metavar="SRC:DST[:ro|rw]",
-        help="bind a host folder; read-only unless :rw (repeatable)",
+        help="bind a host folder; read-only unless :rw, which needs "
+        "--allow-unsafe unbounded_rw_mounts (repeatable)",
+    )
+    run.add_argument(
+        "--allow-unsafe",
+        action="append",
+        metavar="NAME",
+        help="allow one loosening by name, as sandbox.security.allow_unsafe does (repeatable)",
     )
     run.add_argument("--lifetime", metavar="T", help="remove the sandbox after T at the latest")
     run.add_argument(

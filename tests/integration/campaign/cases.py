@@ -22,6 +22,8 @@ ENGINES_ONLY = pytest.mark.parametrize(
 ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
 # How long a killed process may take to be gone (reaping, an engine's clean-up).
 SETTLE = 15.0
+# The opt-in a read-write bind mount needs (its writes reach the host's disk uncapped).
+RW_OPT_IN = {"allow_unsafe": ["unbounded_rw_mounts"]}
 
 
 def token() -> str:
