@@ -157,7 +157,7 @@ class DockerBackend(Backend):
                     **where,
                 ) from e
             if "no space left" in text.lower():
-                raise ResourceLimitError(f"the engine is out of space: {text}", **where) from e
+                raise ResourceLimitError(containers.out_of_space(text), **where) from e
             if "read-only" in text:
                 raise PathSecurityError(
                     f"{text}; write under the workspace or a volume", **where
