@@ -276,6 +276,8 @@ class PodmanBackend(Backend):
                 )
         try:
             pulled = self._call("post", "/images/pull", params={"reference": image, "quiet": True})
+        except ResourceLimitError:
+            raise  # the engine's storage is full: not a missing image
         except SandboxError as e:
             raise NotFoundError(
                 f"image {image!r} could not be pulled (pull policy {policy!r}): {e.message}",
@@ -285,6 +287,10 @@ class PodmanBackend(Backend):
         for line in pulled.text.splitlines():
             with contextlib.suppress(ValueError, AttributeError):
                 if error := json.loads(line).get("error"):
+                    if "no space left" in str(error).lower():
+                        raise ResourceLimitError(
+                            containers.out_of_space(str(error)), backend=self.name
+                        )
                     raise NotFoundError(
                         f"image {image!r} could not be pulled (pull policy {policy!r}): {error}",
                         backend=self.name,
