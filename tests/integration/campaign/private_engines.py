@@ -116,9 +116,9 @@ def busybox_rootfs_tar(path: Path) -> Path:
     return path
 
 
-def _wait_for(ready, what: str, log: Path, timeout: float = 60) -> None:
+def _wait_for(ready, what: str, log: Path, timeout: float = 60, alive=lambda: True) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():  # an engine that exited never answers
         if ready():
             return
         time.sleep(0.2)
@@ -173,7 +173,12 @@ class PrivateEngine:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.pid = _launch_detached(self.command(), self.log, self.environment())
-        _wait_for(lambda: _answers(self.socket, self.ping), f"private {self.kind}", self.log)
+        _wait_for(
+            lambda: _answers(self.socket, self.ping),
+            f"private {self.kind}",
+            self.log,
+            alive=self.running,
+        )
 
     def stop(self) -> None:
         """Stop the engine (SIGTERM, then SIGKILL after a grace), by its pid only."""

@@ -69,9 +69,31 @@ def _settings(backend: str, engine: private_engines.PrivateEngine, cwd: Path) ->
     return load_settings({"backends": {backend: table}}, cwd=cwd, environ={})
 
 
-def _corral_objects(engine: private_engines.PrivateEngine, keep: str = "") -> list[str]:
-    """Every container, volume and network with corral's labels on ``engine``, except
-    those of the sandbox ``keep``."""
+class _Creating:
+    """The ids of the sandboxes corral begins to make, a failed create's included."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    @corral.hookimpl
+    def corral_sandbox_creating(self, spec: object, sandbox_id: str, backend: str) -> None:
+        self.ids.append(sandbox_id)
+
+
+@pytest.fixture
+def creating() -> Iterator[_Creating]:
+    seen = _Creating()
+    get_host().pm.register(seen)
+    try:
+        yield seen
+    finally:
+        get_host().pm.unregister(seen)
+
+
+def _corral_objects(engine: private_engines.PrivateEngine, ids: set[str]) -> list[str]:
+    """Every container, volume and network on ``engine`` with corral's labels for one of
+    the sandboxes ``ids``. (Only those: Podman keeps its networks host-wide, so those of
+    other engines on the machine are listed too.)"""
     import docker
 
     client: Any = docker.APIClient(base_url=engine.url, version="1.41")
@@ -90,13 +112,13 @@ def _corral_objects(engine: private_engines.PrivateEngine, keep: str = "") -> li
         ]
     finally:
         client.close()
-    return [what for what, labels in found if (labels or {}).get("corral.sandbox") != keep]
+    return [what for what, labels in found if (labels or {}).get("corral.sandbox") in ids]
 
 
 @pytest.mark.destructive
 @ENGINES_ONLY
 def test_t83_a_full_engine_disk_fails_create_clearly_and_recovers(
-    backend, on_small_disk, state_dir
+    backend, on_small_disk, state_dir, creating
 ):
     engine, disk = on_small_disk
     settings = _settings(backend, engine, state_dir)
@@ -116,7 +138,9 @@ def test_t83_a_full_engine_disk_fails_create_clearly_and_recovers(
         assert error.category == "resource_limit" and error.backend == backend
         assert "no space left on the engine's storage" in str(error)
         assert "free space there" in str(error) and "Traceback" not in str(error)
-        assert _corral_objects(engine, keep=sb.id) == [], "a failed create left something"
+        failed = creating.ids[-1]
+        assert failed != sb.id
+        assert _corral_objects(engine, {failed}) == [], "the failed create left something"
 
         # A write into the sandbox whose root is on the full disk: corral's error too.
         error = fails_with(
@@ -146,7 +170,8 @@ def test_t83_a_full_engine_disk_fails_create_clearly_and_recovers(
             assert fresh.exec(["cat", "/workspace/a"]).text == "works"
     finally:
         sb.close()
-    assert _corral_objects(engine) == []
+    assert len(creating.ids) == 3
+    assert _corral_objects(engine, set(creating.ids)) == []
 
 
 @pytest.mark.local
