@@ -154,3 +154,17 @@ def test_an_allowed_rw_bind_is_recorded_on_the_sandbox(
     sandbox = make(mounts=[f"{folder}:/out:rw"], security=OPT_IN)
     assert sandbox.info.labels["corral.loosened"] == "unbounded_rw_mounts"
     assert [c.method for c in fake_backend.calls][:1] == ["create"]
+
+
+def test_the_clis_allow_unsafe_adds_to_the_settings_opt_ins(tmp_path: Path) -> None:
+    from corral.cli import _allowing, parse_args
+
+    args = parse_args(["run", "--allow-unsafe", "unbounded_rw_mounts", "--", "true"])
+    assert args.allow_unsafe == ["unbounded_rw_mounts"]
+    configured = load_settings(
+        {"sandbox": {"security": {"allow_unsafe": ["cap_add"]}}}, cwd=tmp_path, environ={}
+    )
+    assert _allowing(configured, args.allow_unsafe) == {
+        "allow_unsafe": ["cap_add", "unbounded_rw_mounts"]
+    }
+    assert _allowing(configured, None) is None  # without the flag, the settings alone
