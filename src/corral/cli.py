@@ -217,6 +217,7 @@ def cmd_run(args: Args) -> int:
         "pids": args.pids,
         "lifetime": args.lifetime,
         "network": args.network,
+        "security": _allowing(settings, args.allow_unsafe),
         "settings": settings,
     }
     if not args.keep:
@@ -238,6 +239,14 @@ def cmd_run(args: Args) -> int:
         _say(f"kept sandbox {sandbox.id}")
 
 
+def _allowing(settings: corral.Settings, names: list[str] | None) -> dict[str, Any] | None:
+    """The security keyword for ``--allow-unsafe``: the settings' opt-ins plus these."""
+    if not names:
+        return None
+    security = settings.sandbox.get("security") or {}
+    return {"allow_unsafe": [*security.get("allow_unsafe", ()), *names]}
+
+
 def _backend_name(args: Args, settings: corral.Settings) -> str:
     return select_backend_name(args.backend, settings)
 
@@ -248,7 +257,7 @@ def _run_streaming(
     """``corral.run`` with the command's output copied to ours as it comes; a closed
     pipe on our side stops the command and ends corral as a closed pipe would."""
     outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-    lock = threading.Lock()  # the local backend drains stdout and stderr in two threads
+    lock = threading.Lock()  # on_chunk may be called from a backend's threads
     stop = threading.Event()
 
     def show(chunk: corral.OutputChunk) -> None:
@@ -620,7 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mount",
         action="append",
         metavar="SRC:DST[:ro|rw]",
-        help="bind a host folder; read-only unless :rw (repeatable)",
+        help="bind a host folder; read-only unless :rw, which needs "
+        "--allow-unsafe unbounded_rw_mounts (repeatable)",
+    )
+    run.add_argument(
+        "--allow-unsafe",
+        action="append",
+        metavar="NAME",
+        help="allow one loosening by name, as sandbox.security.allow_unsafe does (repeatable)",
     )
     run.add_argument("--lifetime", metavar="T", help="remove the sandbox after T at the latest")
     run.add_argument(

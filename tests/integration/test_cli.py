@@ -226,3 +226,21 @@ def test_a_read_only_mount_can_be_read_not_written(
     write = cli("run", "--mount", mount, "--", "sh", "-c", "echo x > /data/out.txt")
     assert write.returncode != 0
     assert not (data / "out.txt").exists()
+
+
+def test_a_read_write_mount_needs_its_opt_in(cli: Cli, project: Path, host_folder: Path) -> None:
+    data = host_folder
+    data.chmod(0o777)  # the sandbox's unprivileged user writes here
+    (project / "corral.toml").write_text(f"mount_roots = [{json.dumps(str(data))}]\n")
+    write = ["--", "sh", "-c", "echo x > /data/out.txt"]
+
+    refused = cli("run", "--mount", f"{data}:/data:rw", *write)
+    assert refused.returncode == 125
+    assert "add 'unbounded_rw_mounts' to sandbox.security.allow_unsafe" in refused.stderr
+    assert not (data / "out.txt").exists()
+
+    allowed = cli(
+        "run", "--mount", f"{data}:/data:rw", "--allow-unsafe", "unbounded_rw_mounts", *write
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert (data / "out.txt").read_text() == "x\n"

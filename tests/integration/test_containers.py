@@ -293,7 +293,7 @@ def test_read_write_mount(box, mount_root):
     out = mount_root / "out"
     out.mkdir()
     os.chmod(out, 0o777)
-    sb = box(mounts=[f"{out}:/out:rw"])
+    sb = box(mounts=[f"{out}:/out:rw"], security={"allow_unsafe": ["unbounded_rw_mounts"]})
     assert sb.exec(["sh", "-c", "echo made > /out/r"]).exit_code == 0
     assert (out / "r").read_text() == "made\n"
 

@@ -250,7 +250,7 @@ def test_read_write_mount_is_writable(make, mount_root):
     out = mount_root / "out"
     out.mkdir()
     os.chmod(out, 0o777)
-    sb = make(mounts=[f"{out}:/out:rw"])
+    sb = make(mounts=[f"{out}:/out:rw"], security={"allow_unsafe": ["unbounded_rw_mounts"]})
     assert sb.exec(["sh", "-c", "echo made > /out/result"]).exit_code == 0
     assert (out / "result").read_text() == "made\n"
 

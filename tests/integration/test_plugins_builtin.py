@@ -109,7 +109,13 @@ def test_a_read_write_repository_takes_the_sandboxs_commits(make, settings, moun
         "git_user_name": "Sandbox Bot",
         "git_user_email": "bot@example",
     }
-    sb = make(settings=with_plugins(settings, repository=table))
+    # Without the opt-in a read-write repository is refused like any read-write mount.
+    with pytest.raises(corral.PolicyError, match="unbounded_rw_mounts"):
+        make(settings=with_plugins(settings, repository=table))
+    sb = make(
+        settings=with_plugins(settings, repository=table),
+        security={"allow_unsafe": ["unbounded_rw_mounts"]},
+    )
     done = run(sb, "git", "-C", "/src", "commit", "--allow-empty", "-qm", "from the sandbox")
     assert done.exit_code == 0, done.stderr_text
     assert host_git(repo, "log", "-1", "--format=%s|%an <%ae>|%cn <%ce>") == (

@@ -641,6 +641,14 @@ def release_frames(error: BaseException) -> None:
         current = current.__cause__ or current.__context__
 
 
+def out_of_space(engine_message: str) -> str:
+    """What a ResourceLimitError says when the engine's own storage is full (T83)."""
+    return (
+        f"no space left on the engine's storage ({engine_message}); free space there "
+        "(its data root, or where its images and containers are kept) and try again"
+    )
+
+
 def not_running(engine_message: str) -> bool:
     """Whether a 409 says the container is not running: it never runs again (its lifetime
     ended, or it was killed from outside, and the engine is removing it), so retrying is

@@ -157,7 +157,7 @@ class DockerBackend(Backend):
                     **where,
                 ) from e
             if "no space left" in text.lower():
-                raise ResourceLimitError(f"the engine is out of space: {text}", **where) from e
+                raise ResourceLimitError(containers.out_of_space(text), **where) from e
             if "read-only" in text:
                 raise PathSecurityError(
                     f"{text}; write under the workspace or a volume", **where
@@ -245,6 +245,10 @@ class DockerBackend(Backend):
         try:
             api.pull(image)
         except docker.errors.APIError as e:
+            if "no space left" in str(e.explanation).lower():
+                raise ResourceLimitError(
+                    containers.out_of_space(str(e.explanation)), backend=self.name
+                ) from e
             raise NotFoundError(
                 f"image {image!r} could not be pulled (pull policy {policy!r}): {e.explanation}",
                 backend=self.name,

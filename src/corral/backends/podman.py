@@ -155,12 +155,15 @@ class PodmanBackend(Backend):
             response.close()
 
     def _status_error(self, response: Any, sandbox_id: str | None) -> SandboxError:
+        return self._error_for(response.status_code, response.text, sandbox_id)
+
+    def _error_for(self, status: int, body: str, sandbox_id: str | None) -> SandboxError:
+        """corral's error for a failed status, from the service's answer (JSON or text)."""
         try:
-            text = response.json().get("message") or response.text
-        except ValueError:
-            text = response.text
+            text = json.loads(body).get("message") or body
+        except (ValueError, AttributeError):
+            text = body
         where = {"backend": self.name, "sandbox_id": sandbox_id}
-        status = response.status_code
         if status == 404:
             return NotFoundError(f"not found: {text}", **where)
         if status == 409:
@@ -168,7 +171,7 @@ class PodmanBackend(Backend):
                 f"the service refused: {text}", retryable=not containers.not_running(text), **where
             )
         if "no space left" in text.lower():
-            return ResourceLimitError(f"the engine is out of space: {text}", **where)
+            return ResourceLimitError(containers.out_of_space(text), **where)
         if "value too large for defined data type" in text:
             return CapabilityError(
                 f"Podman cannot copy files into a tmpfs of a sandbox with its own user "
@@ -273,6 +276,8 @@ class PodmanBackend(Backend):
                 )
         try:
             pulled = self._call("post", "/images/pull", params={"reference": image, "quiet": True})
+        except ResourceLimitError:
+            raise  # the engine's storage is full: not a missing image
         except SandboxError as e:
             raise NotFoundError(
                 f"image {image!r} could not be pulled (pull policy {policy!r}): {e.message}",
@@ -282,6 +287,10 @@ class PodmanBackend(Backend):
         for line in pulled.text.splitlines():
             with contextlib.suppress(ValueError, AttributeError):
                 if error := json.loads(line).get("error"):
+                    if "no space left" in str(error).lower():
+                        raise ResourceLimitError(
+                            containers.out_of_space(str(error)), backend=self.name
+                        )
                     raise NotFoundError(
                         f"image {image!r} could not be pulled (pull policy {policy!r}): {error}",
                         backend=self.name,
@@ -564,7 +573,7 @@ class PodmanBackend(Backend):
                 reply += chunk
             status = reply.split(b"\r\n", 1)[0]
             if b" 101 " not in status and b" 200 " not in status:
-                raise InternalError(f"Podman refused the stream: {status.decode(errors='replace')}")
+                raise self._stream_refused(sock, reply, sandbox_id)
             sock.settimeout(None)
             return sock
         except OSError as e:
@@ -655,6 +664,24 @@ class PodmanBackend(Backend):
                 return int(state.get("ExitCode") or 0), bool(state.get("OOMKilled"))
             time.sleep(0.005)
         return waiter.exit_code(), False
+
+    def _stream_refused(self, sock: socket.socket, head: bytes, sandbox_id: str) -> SandboxError:
+        """The error for a stream (an exec start, an attach) the service refused, from the
+        body of its answer (a full disk is a 500 whose message says so)."""
+        status_line, _, headers = head.decode("latin-1").partition("\r\n")
+        parts = status_line.split()
+        code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 500
+        length = 0
+        for line in headers.split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = min(int(value), 64 * 1024)
+        body = b""
+        with contextlib.suppress(OSError):
+            while len(body) < length and (chunk := sock.recv(length - len(body))):
+                body += chunk
+        text = body.decode(errors="replace").strip() or status_line
+        return self._error_for(code, text, sandbox_id)
 
     def _exec_state(self, exec_id: str, sandbox_id: str) -> dict[str, Any]:
         try:

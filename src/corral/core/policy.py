@@ -2,7 +2,9 @@
 
 Unsafe options need their name in ``security.allow_unsafe``; bind-mount sources are
 resolved on the host and must lie under an allowed root, and never be a sensitive
-host folder or an engine socket unless ``sensitive_mounts`` is allowed.
+host folder or an engine socket unless ``sensitive_mounts`` is allowed. A read-write
+bind writes to the host's disk with no cap: it needs ``unbounded_rw_mounts``, and its
+filesystem must keep ``rw_mount_reserve`` free.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from .errors import ConfigError, PolicyError
+from .errors import ConfigError, PolicyError, ResourceLimitError
 from .settings import Settings
 from .spec import UNSAFE_OPTIONS, Mount, SandboxSpec
 
@@ -92,7 +94,43 @@ def _resolve_mount(mount: Mount, index: int, spec: SandboxSpec, settings: Settin
             f"{field}: {str(resolved)!r} is not under an allowed mount root ({allowed}); "
             "add its folder to the mount_roots setting"
         )
+    if not mount.read_only:
+        _check_rw(mount, index, resolved, spec, settings)
     return attrs.evolve(mount, source=str(resolved))
+
+
+def _check_rw(
+    mount: Mount, index: int, resolved: Path, spec: SandboxSpec, settings: Settings
+) -> None:
+    """A read-write bind: opted into, and on a filesystem with its reserve free."""
+    field = f"sandbox.mounts[{index}]"
+    if "unbounded_rw_mounts" not in spec.security.allow_unsafe:
+        raise PolicyError(
+            f"{field}: {str(resolved)!r} on {mount.target!r} is read-write, and what the "
+            "sandbox writes there goes to the host's disk with no cap; mount it read-only, "
+            "or add 'unbounded_rw_mounts' to sandbox.security.allow_unsafe"
+        )
+    reserve = settings.rw_mount_reserve
+    if reserve:
+        try:
+            found = os.statvfs(resolved)
+        except OSError as e:
+            raise ConfigError(f"{field}.source", f"cannot read its free space: {e}") from None
+        free = found.f_bavail * found.f_frsize
+        if free < reserve:
+            raise ResourceLimitError(
+                f"{field}: the filesystem of {str(resolved)!r} has {_approximate(free)} free, "
+                f"less than the {_approximate(reserve)} a read-write mount must leave "
+                "(the rw_mount_reserve setting); free space there or lower the setting"
+            )
+
+
+def _approximate(size: int) -> str:
+    """A size for a message: 1.5 GiB, 300.0 MiB, 512 bytes."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
 
 
 def apply_policy(spec: SandboxSpec, settings: Settings) -> SandboxSpec:
@@ -113,6 +151,9 @@ def apply_policy(spec: SandboxSpec, settings: Settings) -> SandboxSpec:
 def loosened(spec: SandboxSpec) -> list[str]:
     """Every unsafe option a policy-checked spec uses, sensitive mounts included."""
     found = spec.security.loosened()
-    if any(isinstance(m, Mount) and sensitive_reason(Path(m.source)) for m in spec.mounts):
+    binds = [m for m in spec.mounts if isinstance(m, Mount)]
+    if any(sensitive_reason(Path(m.source)) for m in binds):
         found.append("sensitive_mounts")
+    if any(not m.read_only for m in binds):
+        found.append("unbounded_rw_mounts")
     return found

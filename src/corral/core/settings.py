@@ -100,6 +100,9 @@ class Settings:
     max_sandboxes: int | None = count_field(None, maximum=_MAX_SANDBOXES)
     capacity_wait: float = _field(_wait, default=0.0)
     mount_roots: tuple[str, ...] | None = _field(_roots, default=None)
+    # Free space a read-write bind mount's host filesystem must have for a sandbox to be
+    # made with it (the mount has no cap of its own); 0 turns the check off.
+    rw_mount_reserve: int = size_field("1GiB", minimum=0)
     sandbox: dict[str, Any] = _field(_sandbox, factory=dict)
     backends: dict[str, dict[str, Any]] = _field(_tables, factory=dict)
     plugins: dict[str, dict[str, Any]] = _field(_tables, factory=dict)

@@ -41,6 +41,8 @@ UNSAFE_OPTIONS = {
     "selinux": "turns SELinux labelling off or runs as a super-privileged type (spc_t)",
     "isolate": "runs the command without any isolation",
     "sensitive_mounts": "mounts a sensitive host path or an engine socket",
+    "unbounded_rw_mounts": "binds a host folder read-write, whose writes go to the host's "
+    "disk with no cap",
 }
 # Destinations that belong to the kernel or the runtime, never to a mount.
 _PSEUDO_ROOTS = ("/proc", "/sys", "/dev")

@@ -1,13 +1,16 @@
-"""What the campaign's cases share: backend selections, host process probes, refusals.
+"""What the campaign's cases share: backend selections, host process probes, refusals,
+calls that must fail in bounded time.
 
 The test modules import it by name (pytest puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -22,6 +25,11 @@ ENGINES_ONLY = pytest.mark.parametrize(
 ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
 # How long a killed process may take to be gone (reaping, an engine's clean-up).
 SETTLE = 15.0
+# A call that is still running this long after its own timeout has hung (generous:
+# this detects hangs on a loaded machine, it does not measure speed).
+HANG = 60
+# The opt-in a read-write bind mount needs (its writes reach the host's disk uncapped).
+RW_OPT_IN = {"allow_unsafe": ["unbounded_rw_mounts"]}
 
 
 def token() -> str:
@@ -72,3 +80,26 @@ def refused(
         corral.create(backend=backend, settings=settings, **keywords).close()
     assert tagged(backend, settings, tag) == [], "a refused sandbox was created"
     return caught.value
+
+
+def fails_with(kind: type[corral.SandboxError], call: Callable[[], Any], limit: float = HANG):
+    """The error of class ``kind`` that ``call()`` raises, failing the case if it returns,
+    raises anything else, or is still running after ``limit`` seconds (a hang that no
+    timeout of corral's ended). Its traceback is dropped: held by the case, its frames
+    would keep the engine connections they name open until a garbage collection."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as e:
+            outcome["error"] = e.with_traceback(None)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert not worker.is_alive(), f"the call hung for more than {limit}s"
+    error = outcome.get("error")
+    assert error is not None, f"expected {kind.__name__}, got the result {outcome.get('value')!r}"
+    assert isinstance(error, kind), f"expected {kind.__name__}, got {error!r}"
+    return error

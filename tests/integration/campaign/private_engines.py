@@ -10,6 +10,7 @@ test process dies without its finalizer. ``stop()`` ends only that engine, by it
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -115,9 +116,9 @@ def busybox_rootfs_tar(path: Path) -> Path:
     return path
 
 
-def _wait_for(ready, what: str, log: Path, timeout: float = 60) -> None:
+def _wait_for(ready, what: str, log: Path, timeout: float = 60, alive=lambda: True) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and alive():  # an engine that exited never answers
         if ready():
             return
         time.sleep(0.2)
@@ -134,6 +135,11 @@ def _answers(socket_path: Path, ping: str) -> bool:
             return s.recv(64).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
+
+def _data_folder(prefix: str, storage: Path | None) -> Path:
+    """An engine's data root: a new folder under /var/lib, or in ``storage``."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=storage or "/var/lib"))
 
 
 class PrivateEngine:
@@ -167,7 +173,12 @@ class PrivateEngine:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.pid = _launch_detached(self.command(), self.log, self.environment())
-        _wait_for(lambda: _answers(self.socket, self.ping), f"private {self.kind}", self.log)
+        _wait_for(
+            lambda: _answers(self.socket, self.ping),
+            f"private {self.kind}",
+            self.log,
+            alive=self.running,
+        )
 
     def stop(self) -> None:
         """Stop the engine (SIGTERM, then SIGKILL after a grace), by its pid only."""
@@ -204,9 +215,9 @@ class PrivateDocker(PrivateEngine):
 
     kind = "docker"
 
-    def __init__(self) -> None:
+    def __init__(self, storage: Path | None = None) -> None:
         super().__init__()
-        self.data = Path(tempfile.mkdtemp(prefix="crl-docker-", dir="/var/lib"))
+        self.data = _data_folder("crl-docker-", storage)
 
     def command(self) -> list[str]:
         return [
@@ -253,9 +264,11 @@ class PrivatePodman(PrivateEngine):
 
     kind = "podman"
 
-    def __init__(self) -> None:
+    def __init__(self, storage: Path | None = None) -> None:
         super().__init__()
-        self.data = Path(tempfile.mkdtemp(prefix="crl-podman-", dir="/var/lib"))
+        self.data = _data_folder("crl-podman-", storage)
+        # With a storage folder of the test's own, the run root lives there too.
+        self.run = _data_folder("run-", storage) if storage is not None else self.folder / "run"
         self.conf = self.folder / "containers.conf"
         self.conf.write_text(
             "[containers]\n"
@@ -272,7 +285,7 @@ class PrivatePodman(PrivateEngine):
             "--root",
             str(self.data),
             "--runroot",
-            str(self.folder / "run"),
+            str(self.run),
             "--tmpdir",
             str(self.folder / "tmp"),
             "--cgroup-manager",
@@ -305,12 +318,13 @@ class PrivatePodman(PrivateEngine):
         self.cli("rm", "-fa", "-t", "0")
         self.stop()
         self.cli("rm", "-fa", "-t", "0")  # what the service could not remove
-        self._wipe(self.data)
+        self._wipe(self.data, self.run)
 
 
-def start_private(kind: str) -> PrivateEngine:
-    """A private engine of ``kind`` (docker or podman), started, with the test image."""
-    engine: PrivateEngine = PrivateDocker() if kind == "docker" else PrivatePodman()
+def start_private(kind: str, storage: Path | None = None) -> PrivateEngine:
+    """A private engine of ``kind`` (docker or podman), started, with the test image;
+    its stored data (images, layers, volumes) in ``storage`` when given."""
+    engine: PrivateEngine = (PrivateDocker if kind == "docker" else PrivatePodman)(storage)
     try:
         engine.start()
         with tempfile.TemporaryDirectory(prefix="crl-image-") as folder:
@@ -319,6 +333,74 @@ def start_private(kind: str) -> PrivateEngine:
         engine.remove_everything()
         raise
     return engine
+
+
+# -- a small filesystem to fill ----------------------------------------------------------
+
+
+class SmallDisk:
+    """A small ext4 filesystem of a test's own (a loop-mounted image file), to put an
+    engine's storage on and fill to 100 % without touching the host's disk.
+
+    No blocks are reserved for root (the engines run as root and would use them), and
+    4 KiB blocks, so that a fill leaves not even a fragment free. Mounted on a short
+    path: Podman refuses a run root longer than 50 characters.
+    """
+
+    def __init__(self, size: int = 300 * 1024**2) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="crl-disk-", dir="/var/lib"))
+        self.image = self.folder / "disk.img"
+        self.path = Path(tempfile.mkdtemp(prefix="crl-disk-", dir=RUN_ROOT))
+        self._fillers: list[Path] = []
+        try:
+            with open(self.image, "wb") as f:
+                f.truncate(size)
+            for argv in (
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-b", "4096", str(self.image)],
+                ["mount", "-o", "loop", str(self.image), str(self.path)],
+            ):
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{argv[0]} failed: {done.stderr.strip()}")
+        except BaseException:
+            self.remove()
+            raise
+
+    def free_bytes(self) -> int:
+        found = os.statvfs(self.path)
+        return found.f_bavail * found.f_frsize
+
+    def fill(self) -> None:
+        """Write until the filesystem refuses with ENOSPC: in 1 MiB, then 4 KiB pieces."""
+        for chunk in (1024**2, 4096):
+            filler = self.path / f"filler-{len(self._fillers)}"
+            self._fillers.append(filler)
+            block = b"\0" * chunk
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+            finally:
+                os.close(fd)
+        if self.free_bytes() != 0:
+            raise RuntimeError(f"{self.path} still has {self.free_bytes()} bytes free")
+
+    def free(self) -> None:
+        """Remove what ``fill`` wrote."""
+        for filler in self._fillers:
+            with contextlib.suppress(FileNotFoundError):
+                filler.unlink()
+        self._fillers.clear()
+
+    def remove(self) -> None:
+        """Unmount the filesystem (lazily, whatever still uses it) and delete its image."""
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=60)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only once unmounted: never what was on the disk
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # -- a proxy in front of an engine socket ------------------------------------------------
@@ -475,6 +557,20 @@ class SilentSocket:
 
 # -- one private engine of each kind per test process ---------------------------------------
 
+
+def require_binaries(kind: str, *more: str) -> None:
+    """Skip (fail under CI) unless a private engine of ``kind`` and ``more`` can run here."""
+    binary = "dockerd" if kind == "docker" else "podman"
+    missing = [b for b in (binary, "busybox", *more) if shutil.which(b) is None]
+    if missing:
+        import pytest
+
+        reason = f"{', '.join(missing)} not installed; run ./scripts/engines up"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI needs a private {kind} engine: {reason}")
+        pytest.skip(reason)
+
+
 _started: dict[str, PrivateEngine] = {}
 
 
@@ -484,14 +580,7 @@ def private_engine(kind: str, config: object) -> PrivateEngine:
 
     Without the engine's binaries a developer's run skips; CI fails instead.
     """
-    binary = "dockerd" if kind == "docker" else "podman"
-    if shutil.which(binary) is None or shutil.which("busybox") is None:
-        import pytest
-
-        reason = f"{binary} or busybox is not installed; run ./scripts/engines up"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI needs a private {kind} engine: {reason}")
-        pytest.skip(reason)
+    require_binaries(kind)
     engine = _started.get(kind)
     if engine is None:
         engine = start_private(kind)

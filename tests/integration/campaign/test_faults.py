@@ -20,43 +20,18 @@ from typing import Any
 
 import private_engines
 import pytest
+from cases import HANG, fails_with
 
 import corral
 from corral.core.plugins import get_host
 from corral.core.settings import load_settings
 
 ENGINES = {"docker": "CORRALTEST_DOCKER_URL", "podman": "CORRALTEST_PODMAN_URL"}
-# A call that is still running this long after its own timeout has hung (generous:
-# this detects hangs on a loaded machine, it does not measure speed).
-HANG = 60
 
 
 @pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in ENGINES])
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def fails_with(kind: type[corral.SandboxError], call: Callable[[], Any], limit: float = HANG):
-    """The error of class ``kind`` that ``call()`` raises, failing the case if it returns,
-    raises anything else, or is still running after ``limit`` seconds (a hang that no
-    timeout of corral's ended). Its traceback is dropped: held by the case, its frames
-    would keep the engine connections they name open until a garbage collection."""
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as e:
-            outcome["error"] = e.with_traceback(None)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not worker.is_alive(), f"the call hung for more than {limit}s"
-    error = outcome.get("error")
-    assert error is not None, f"expected {kind.__name__}, got the result {outcome.get('value')!r}"
-    assert isinstance(error, kind), f"expected {kind.__name__}, got {error!r}"
-    return error
 
 
 @pytest.fixture

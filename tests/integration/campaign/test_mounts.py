@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cases import ENGINES_ONLY
+from cases import ENGINES_ONLY, RW_OPT_IN
 
 import corral
 
@@ -97,7 +97,10 @@ def test_t57_read_only_repo_is_read_only_through_its_submounts(sandbox, repo_wit
 
 def test_t57_a_read_write_mount_stays_writable_below_too(sandbox, repo_with_submount):
     """The read-only binds over submounts are only for read-only mounts."""
-    sb = sandbox(mounts=[corral.Mount(str(repo_with_submount), "/repo", read_only=False)])
+    sb = sandbox(
+        mounts=[corral.Mount(str(repo_with_submount), "/repo", read_only=False)],
+        security=RW_OPT_IN,
+    )
     assert sh(sb, "echo made > /repo/cache/new && echo made > /repo/src/new").exit_code == 0
     assert (repo_with_submount / "cache" / "new").read_text() == "made\n"
 
@@ -125,7 +128,10 @@ def test_t58_auto_exec_files_left_in_the_repo_run_nothing_on_the_host(
     the sandbox plants stay inert through every host-side call it makes."""
     marker = shared_tmp / "hook-ran"
     payload = f"#!/bin/sh\ntouch {marker}\n"
-    sb = sandbox(mounts=[corral.Mount(str(writable_repo), "/repo", read_only=False)])
+    sb = sandbox(
+        mounts=[corral.Mount(str(writable_repo), "/repo", read_only=False)],
+        security=RW_OPT_IN,
+    )
     planted = sh(
         sb,
         "cd /repo && for h in post-checkout pre-commit post-merge fsmonitor-watchman; do "
@@ -150,7 +156,10 @@ def test_t59_links_planted_in_a_mount_are_never_followed_by_the_host(
     sandbox, writable_repo, canary, shared_tmp
 ):
     neighbours = sorted(p.name for p in canary.parent.iterdir())
-    sb = sandbox(mounts=[corral.Mount(str(writable_repo), "/repo", read_only=False)])
+    sb = sandbox(
+        mounts=[corral.Mount(str(writable_repo), "/repo", read_only=False)],
+        security=RW_OPT_IN,
+    )
     planted = sh(
         sb,
         f"mkdir /repo/out && echo result > /repo/out/result.txt && ln -s / /repo/out/rootlink && "

@@ -18,13 +18,16 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import attrs
+import private_engines
 import pytest
-from cases import gone, host_processes, tagged, token
+from cases import RW_OPT_IN, gone, host_processes, refused, tagged, token
 
 import corral
 from corral.core import capacity
+from corral.core.plugins import get_host
 
 MiB = 1024**2
+ENGINE_URLS = {"docker": "CORRALTEST_DOCKER_URL", "podman": "CORRALTEST_PODMAN_URL"}
 # The fewest processes a sandbox here is given: on the engines, runc's exec helper joins
 # the sandbox's pids cgroup with its threads, and with pids=8 an exec failed at random
 # ("OCI runtime exec failed: read init-p: connection reset by peer", exit 126).
@@ -230,13 +233,71 @@ def test_t38_a_rw_mount_fill_stops_at_the_file_size_limit_and_stays_inside(sandb
     repo = mount_root / "repo"
     repo.mkdir()
     os.chmod(repo, 0o777)  # the sandbox user (an unprivileged uid) writes here
-    sb = sandbox(mounts=[corral.Mount(str(repo), "/repo", read_only=False)], file_size="2MiB")
+    sb = sandbox(
+        mounts=[corral.Mount(str(repo), "/repo", read_only=False)],
+        security=RW_OPT_IN,
+        file_size="2MiB",
+    )
     twin = sb.exec(["sh", "-c", FILL.format(path="/repo/small", mib=1)], timeout=60)
     assert twin.ok and (repo / "small").stat().st_size == MiB
     fill = sb.exec(["sh", "-c", FILL.format(path="/repo/big", mib=64)], timeout=60)
     assert "size=2097152" in fill.text, fill
     assert (repo / "big").stat().st_size == 2 * MiB
     assert sorted(p.name for p in mount_root.rglob("*")) == ["big", "repo", "small"]
+
+
+def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
+    backend, backend_settings, mount_root, settings_of, shared_tmp
+):
+    repo = mount_root / "repo"
+    repo.mkdir()
+    os.chmod(repo, 0o777)
+    rw = [corral.Mount(str(repo), "/repo", read_only=False)]
+    # Without the opt-in: refused, naming the mount and the fix, and nothing made.
+    error = refused(backend, backend_settings, corral.PolicyError, "unbounded_rw_mounts", mounts=rw)
+    assert "sandbox.mounts[0]" in str(error) and str(repo) in str(error)
+    if backend != "local":
+        # Refused before anything is asked of the engine: through a proxy that records
+        # every request, only reads (its ping and version) went by.
+        proxy = private_engines.EngineProxy(os.environ[ENGINE_URLS[backend]], shared_tmp)
+        try:
+            watched = settings_of(backend, url=proxy.url)
+            refused(backend, watched, corral.PolicyError, "unbounded_rw_mounts", mounts=rw)
+        finally:
+            get_host().close()
+            proxy.stop()
+        assert [r for r in proxy.requests if not r.startswith("GET ")] == [], proxy.requests
+    # Opted in, but the mount's filesystem has less free than the reserve: refused.
+    greedy = attrs.evolve(backend_settings, rw_mount_reserve="1000TiB")
+    error = refused(
+        backend,
+        greedy,
+        corral.ResourceLimitError,
+        "rw_mount_reserve",
+        mounts=rw,
+        security=RW_OPT_IN,
+    )
+    assert "sandbox.mounts[0]" in str(error)
+    # Read-only binds, tmpfs and volumes need neither.
+    with corral.create(
+        backend=backend,
+        settings=greedy,
+        mounts=[corral.Mount(str(repo), "/ro"), corral.Tmpfs("/scratch", size="1MiB")],
+        lifetime="5m",
+    ) as plain:
+        assert plain.exec(["sh", "-c", "ls /ro && echo x > /scratch/x"]).ok
+        assert "unbounded_rw_mounts" not in plain.info.labels.get("corral.loosened", "")
+    # The twin: opted in, the write reaches the host, and the loosening is on record.
+    with corral.create(
+        backend=backend, settings=backend_settings, mounts=rw, security=RW_OPT_IN, lifetime="5m"
+    ) as sb:
+        assert sb.exec(["sh", "-c", "echo made > /repo/out"]).ok
+        assert (repo / "out").read_text() == "made\n"
+        assert sb.info.labels["corral.loosened"] == "unbounded_rw_mounts"
+        found = [
+            i for i in corral.list(backend=backend, settings=backend_settings) if i.id == sb.id
+        ]
+        assert found and found[0].labels["corral.loosened"] == "unbounded_rw_mounts"
 
 
 # -- T40 ------------------------------------------------------------------------------

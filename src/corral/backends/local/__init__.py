@@ -72,7 +72,11 @@ def _host_errors(sandbox_id: str) -> Iterator[None]:
     except OSError as e:
         where = {"backend": "local", "sandbox_id": sandbox_id}
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceLimitError(f"the host is out of space: {e}", **where) from e
+            raise ResourceLimitError(
+                f"no space left in the sandbox's folder (as root, a tmpfs of "
+                f"backends.local.disk_size) or on the host's disk: {e}",
+                **where,
+            ) from e
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
             raise ResourceLimitError(
                 f"the host is out of resources: {e}", retryable=True, **where
