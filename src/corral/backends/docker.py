@@ -523,9 +523,10 @@ class DockerBackend(Backend):
         """The OOM kills the engine recorded in the (removed) container: its events
         say so, where its state and cgroup are gone with it."""
         with self._engine():
+            # "until" must not lie ahead: the engine would stream events until then.
             events = self.api().events(
-                since=int(since) - 1,
-                until=int(time.time()) + 1,
+                since=f"{since - 1:.9f}",
+                until=f"{time.time():.9f}",
                 filters={"container": container_id, "event": "oom"},
                 decode=True,
             )
