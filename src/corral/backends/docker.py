@@ -358,6 +358,7 @@ class DockerBackend(Backend):
                     f"({again.explanation}); remove unused networks, or give dockerd smaller "
                     'ones: "default-address-pools": [{"base": "10.123.0.0/16", "size": 28}] '
                     "in daemon.json",
+                    retryable=True,  # once other bridged sandboxes are gone
                     backend=self.name,
                     sandbox_id=labels.get("corral.sandbox"),
                 ) from again

@@ -444,6 +444,7 @@ class PodmanBackend(Backend):
             raise ResourceLimitError(
                 f"Podman has no subnet left for a bridged sandbox's network ({e.message}); "
                 "remove unused networks, or widen default_subnet_pools in containers.conf",
+                retryable=True,  # once other bridged sandboxes are gone
                 backend=self.name,
                 sandbox_id=sandbox_id,
             ) from e
