@@ -109,6 +109,21 @@ def network_labels(labels: dict[str, str]) -> dict[str, str]:
     }
 
 
+def remove_network(remove: Callable[[], None], busy: Callable[[Exception], bool]) -> None:
+    """Call ``remove`` (a network's), again for a few seconds while the engine says
+    ``busy``: the container's endpoint can outlive the container by a moment when the
+    engine removed it by itself (its lifetime ended while it was being destroyed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            remove()
+            return
+        except Exception as e:
+            if not busy(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def expired(labels: dict[str, str] | None, now: float) -> bool:
     """Whether the lifetime in these labels (a network's) has ended."""
     try:

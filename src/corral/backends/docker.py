@@ -381,9 +381,14 @@ class DockerBackend(Backend):
     def _remove_network(self, sandbox_id: str) -> None:
         import docker.errors
 
+        def busy(e: Exception) -> bool:
+            return isinstance(e, docker.errors.APIError) and "active endpoints" in str(e)
+
         # NotFound: a sandbox of no network of its own, or removed already
         with contextlib.suppress(docker.errors.NotFound):
-            self.api().remove_network(containers.network_name(sandbox_id))
+            containers.remove_network(
+                lambda: self.api().remove_network(containers.network_name(sandbox_id)), busy
+            )
 
     def _view(self, sandbox_id: str) -> HostView | None:
         if sandbox_id not in self._views:

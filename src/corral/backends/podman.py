@@ -485,8 +485,14 @@ class PodmanBackend(Backend):
 
     def _remove_network(self, sandbox_id: str) -> None:
         name = containers.network_name(sandbox_id)
+
+        def busy(e: Exception) -> bool:
+            return isinstance(e, InternalError) and "network is being used" in e.message
+
         with contextlib.suppress(NotFoundError):  # no network of its own, or removed already
-            self._call("delete", f"/networks/{name}", sandbox_id).close()
+            containers.remove_network(
+                lambda: self._call("delete", f"/networks/{name}", sandbox_id).close(), busy
+            )
 
     def _inspect(self, sandbox_id: str) -> dict[str, Any]:
         name = containers.container_name(sandbox_id)

@@ -271,21 +271,29 @@ def test_t74_the_network_goes_with_the_sandbox(sandbox, backend, raw_client_of, 
 
 
 @ENGINES_ONLY
-def test_t74_gc_removes_the_network_a_sandbox_left(backend, backend_settings, raw_client_of):
+def test_t74_a_network_outlives_its_container_until_close_or_gc(
+    backend, backend_settings, raw_client_of
+):
     """The container removes itself at the end of its lifetime; its network stays (the
     engines remove no network by themselves) until its sandbox is closed or ``gc`` runs."""
-    sb = corral.create(backend=backend, settings=backend_settings, network="bridge", lifetime=3)
-    sb.detach()  # as if its program had died
+    kept, left = (
+        corral.create(backend=backend, settings=backend_settings, network="bridge", lifetime=3)
+        for _ in range(2)
+    )
+    left.detach()  # as if its program had died
     with _client(backend, raw_client_of) as client:
         deadline = time.monotonic() + 30
-        while client.containers(all=True, filters={"label": f"corral.sandbox={sb.id}"}):
-            assert time.monotonic() < deadline, "the container outlived its lifetime"
-            time.sleep(0.2)
-        assert len(_networks_of(backend, client, sb.id)) == 1
+        for sb in (kept, left):
+            while client.containers(all=True, filters={"label": f"corral.sandbox={sb.id}"}):
+                assert time.monotonic() < deadline, "the container outlived its lifetime"
+                time.sleep(0.2)
+            assert len(_networks_of(backend, client, sb.id)) == 1
+        kept.close()
+        assert _networks_of(backend, client, kept.id) == []
         listed = {i.id: i for i in corral.list(backend=backend, settings=backend_settings)}
-        assert listed[sb.id].status == "leftover"
-        assert sb.id in corral.gc(backend=backend, settings=backend_settings)
-        assert _networks_of(backend, client, sb.id) == []
+        assert listed[left.id].status == "leftover"
+        assert left.id in corral.gc(backend=backend, settings=backend_settings)
+        assert _networks_of(backend, client, left.id) == []
 
 
 @ENGINES_ONLY
