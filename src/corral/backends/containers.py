@@ -30,7 +30,7 @@ from ..core.backend import Capability, ExecStatus
 from ..core.convert import structure, unstructure
 from ..core.errors import ConfigError, ConflictError, InternalError, PolicyError, SandboxError
 from ..core.output import OutputSink
-from ..core.results import Health, ResourceUsage, SandboxInfo
+from ..core.results import LEFTOVER, Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
 from ..core.units import parse_size
 from .cgroupfs import read_int, read_keyed
@@ -41,6 +41,9 @@ __all__ = [
     "HostView",
     "container_name",
     "info_from_labels",
+    "leftover_networks",
+    "network_labels",
+    "network_name",
     "plan",
     "read_frames",
     "verify",
@@ -89,6 +92,71 @@ def container_name(sandbox_id: str) -> str:
     return NAME_PREFIX + sandbox_id
 
 
+def network_name(sandbox_id: str) -> str:
+    """The network of a bridged sandbox's own: named as its container (the engines keep
+    container and network names apart)."""
+    return NAME_PREFIX + sandbox_id
+
+
+# The labels a sandbox's network carries: corral's own, found by gc and the leak checks.
+_NETWORK_LABELS = ("corral.managed", "corral.sandbox", "corral.backend", "corral.expires")
+
+
+def network_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A sandbox's network's labels: corral's, and ``corral.created`` set to when the
+    network is made (gc leaves a network without a container alone for a while, so
+    that it never removes one whose sandbox is still being created, image pull aside)."""
+    return {
+        **{k: labels[k] for k in _NETWORK_LABELS if k in labels},
+        "corral.created": str(int(time.time())),
+    }
+
+
+def remove_network(remove: Callable[[], None], busy: Callable[[Exception], bool]) -> None:
+    """Call ``remove`` (a network's), again for a few seconds while the engine says
+    ``busy``: the container's endpoint can outlive the container by a moment when the
+    engine removed it by itself (its lifetime ended while it was being destroyed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            remove()
+            return
+        except Exception as e:
+            if not busy(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def expired(labels: dict[str, str] | None, now: float) -> bool:
+    """Whether the lifetime in these labels (a network's) has ended."""
+    try:
+        return float((labels or {})["corral.expires"]) < now
+    except (KeyError, ValueError):
+        return False
+
+
+def leftover_networks(
+    backend: str, networks: Iterable[tuple[str, dict[str, str]]], listed: Iterable[SandboxInfo]
+) -> list[SandboxInfo]:
+    """Sandboxes of which only their network is left (``(name, labels)`` pairs, as the
+    engine lists its corral networks), as ``leftover`` entries for ``list``.
+
+    A bridged sandbox's container removes itself when its lifetime ends (or its program
+    was killed while creating it); its network stays until ``destroy`` or ``gc``.
+    """
+    have = {info.id for info in listed}
+    found = []
+    for name, labels in networks:
+        sandbox_id = (labels or {}).get("corral.sandbox")
+        if not sandbox_id or sandbox_id in have or name != network_name(sandbox_id):
+            continue
+        if labels.get("corral.backend") != backend:
+            continue
+        have.add(sandbox_id)
+        found.append(info_from_labels(backend, sandbox_id, labels, LEFTOVER, None))
+    return found
+
+
 @attrs.frozen
 class TmpfsVolume:
     """A size-capped, memory-backed volume: reachable by the archive API, unlike --tmpfs."""
@@ -129,6 +197,7 @@ class ContainerPlan:
     cap_add: list[str]
     security_opt: list[str]
     network: str  # "none" or "bridge"
+    network_name: str | None  # a bridged sandbox's own network (None: no network)
     dns: list[str]
     memory: int
     pids: int
@@ -222,6 +291,9 @@ def plan(
         cap_add=list(sec.cap_add),
         security_opt=security_opt,
         network=spec.network.mode,
+        network_name=(
+            network_name(labels["corral.sandbox"]) if spec.network.mode == "bridge" else None
+        ),
         dns=list(spec.network.dns),
         memory=lim.memory,
         pids=lim.pids,
@@ -319,6 +391,12 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
             mode in ("none", "", None) or inspect.get("Config", {}).get("NetworkDisabled"),
             "none",
         )
+    if plan_.network_name is not None:
+        # On its own network and no other (the engine's default bridge joins every
+        # bridged container to every other).
+        joined = sorted((inspect.get("NetworkSettings") or {}).get("Networks") or {})
+        if joined != [plan_.network_name]:
+            problems.append(f"networks are {joined!r}, wanted [{plan_.network_name!r}]")
     for ns in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
         expect(ns, hc.get(ns) != "host", "not host")
     expect("Devices", not hc.get("Devices"), [])

@@ -77,6 +77,7 @@ class DockerBackend(Backend):
         self._verdict: engine_versions.Verdict | None = None
         self._specs: dict[str, SandboxSpec] = {}
         self._security_options: list[str] | None = None
+        self._swept = False  # the networks of ended sandboxes, swept at the first bridged create
 
     # -- the client ---------------------------------------------------------------
 
@@ -291,7 +292,7 @@ class DockerBackend(Backend):
             init=True,
             auto_remove=True,  # PID 1 ends with the lifetime; the engine then removes it
             log_config={"type": "none"},
-            network_mode="bridge" if plan.network == "bridge" else None,
+            network_mode=plan.network_name,  # a bridged sandbox's own network
         )
         host_config["MaskedPaths"] = plan.masked_paths
         return {
@@ -320,10 +321,78 @@ class DockerBackend(Backend):
         with self._engine(sandbox_id):
             api = self.api()
             self._ensure_image(plan.image)
+            self._specs[sandbox_id] = spec  # so destroy, after a failure too, finds all
+            if plan.network_name:
+                self._create_network(plan.network_name, labels)
             created = api.create_container(**self._create_kwargs(plan))
             containers.verify(plan, api.inspect_container(created["Id"]))
             api.start(created["Id"])
-        self._specs[sandbox_id] = spec
+
+    def _create_network(self, name: str, labels: dict[str, str]) -> None:
+        """A bridged sandbox's own network: no other container on it, and no route to
+        any other Docker network (dockerd's isolation rules), unlike docker0."""
+        import docker.errors
+
+        def create() -> None:
+            self.api().create_network(
+                name,
+                driver="bridge",
+                # Inter-container traffic off: not even a container joined later talks to it.
+                options={"com.docker.network.bridge.enable_icc": "false"},
+                labels=containers.network_labels(labels),
+                check_duplicate=True,
+            )
+
+        self._sweep_networks()
+        try:
+            create()
+        except docker.errors.APIError as e:
+            if "address pool" not in str(e.explanation or e):
+                raise
+            # Every subnet is taken (30 networks, with dockerd's default pools): those
+            # of sandboxes that ended may be what holds them.
+            self._sweep_networks(force=True)
+            try:
+                create()
+            except docker.errors.APIError as again:
+                if "address pool" not in str(again.explanation or again):
+                    raise
+                raise ResourceLimitError(
+                    f"the Docker engine has no subnet left for a bridged sandbox's network "
+                    f"({again.explanation}); remove unused networks, or give dockerd smaller "
+                    'ones: "default-address-pools": [{"base": "10.123.0.0/16", "size": 28}] '
+                    "in daemon.json",
+                    retryable=True,  # once other bridged sandboxes are gone
+                    backend=self.name,
+                    sandbox_id=labels.get("corral.sandbox"),
+                ) from again
+
+    def _sweep_networks(self, *, force: bool = False) -> None:
+        """Remove the networks of sandboxes whose lifetime ended (their containers removed
+        themselves, leaving them): once per backend object, or again when ``force``d."""
+        import docker.errors
+
+        if self._swept and not force:
+            return
+        self._swept = True
+        now = time.time()
+        for network in self.api().networks(filters={"label": _MANAGED}):
+            if containers.expired(network.get("Labels"), now):
+                # Refused while a container is still on it: it is then not left over.
+                with contextlib.suppress(docker.errors.APIError):
+                    self.api().remove_network(network["Id"])
+
+    def _remove_network(self, sandbox_id: str) -> None:
+        import docker.errors
+
+        def busy(e: Exception) -> bool:
+            return isinstance(e, docker.errors.APIError) and "active endpoints" in str(e)
+
+        # NotFound: a sandbox of no network of its own, or removed already
+        with contextlib.suppress(docker.errors.NotFound):
+            containers.remove_network(
+                lambda: self.api().remove_network(containers.network_name(sandbox_id)), busy
+            )
 
     def _view(self, sandbox_id: str) -> HostView | None:
         if sandbox_id not in self._views:
@@ -334,23 +403,28 @@ class DockerBackend(Backend):
         return self._views[sandbox_id]
 
     def destroy(self, sandbox_id: str) -> None:
+        self._views.pop(sandbox_id, None)
+        spec = self._specs.pop(sandbox_id, None)
+        with self._engine(sandbox_id):
+            self._remove_container(sandbox_id)
+            # Its own network, after the container; asked of the engine when this process
+            # does not know the sandbox (gc, a leftover), never for a sandbox of none.
+            if spec is None or spec.network.mode == "bridge":
+                self._remove_network(sandbox_id)
+
+    def _remove_container(self, sandbox_id: str) -> None:
         import docker.errors
 
-        self._views.pop(sandbox_id, None)
-        self._specs.pop(sandbox_id, None)
-        with self._engine(sandbox_id):
-            try:
-                # No stop grace: a sandbox being thrown away is killed at once.
-                self.api().remove_container(
-                    containers.container_name(sandbox_id), force=True, v=True
-                )
-            except docker.errors.NotFound:
-                pass  # gone already (its lifetime ended, or removed from outside)
-            except docker.errors.APIError as e:
-                if e.status_code != 409:
-                    raise
-                # 409: the engine is already removing it (its lifetime just ended)
-                containers.wait_until_gone(lambda: self._exists(sandbox_id), self.name, sandbox_id)
+        try:
+            # No stop grace: a sandbox being thrown away is killed at once.
+            self.api().remove_container(containers.container_name(sandbox_id), force=True, v=True)
+        except docker.errors.NotFound:
+            pass  # gone already (its lifetime ended, or removed from outside)
+        except docker.errors.APIError as e:
+            if e.status_code != 409:
+                raise
+            # 409: the engine is already removing it (its lifetime just ended)
+            containers.wait_until_gone(lambda: self._exists(sandbox_id), self.name, sandbox_id)
 
     def _exists(self, sandbox_id: str) -> bool:
         import docker.errors
@@ -364,13 +438,17 @@ class DockerBackend(Backend):
     def list(self) -> list[SandboxInfo]:
         with self._engine():
             found = self.api().containers(all=True, filters={"label": _MANAGED})
-        return [
+            networks = self.api().networks(filters={"label": _MANAGED})
+        listed = [
             containers.info_from_labels(
                 self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"]
             )
             for c in found
             if "corral.sandbox" in (c.get("Labels") or {})
         ]
+        return listed + containers.leftover_networks(
+            self.name, ((n["Name"], n.get("Labels") or {}) for n in networks), listed
+        )
 
     def alive(self, sandbox_id: str) -> bool:
         # From the host's view of the container when the engine is local: microseconds,
@@ -390,7 +468,8 @@ class DockerBackend(Backend):
         info = containers.info_from_labels(
             self.name, sandbox_id, labels, state["State"]["Status"], state["Config"]["Image"]
         )
-        return info, containers.spec_from_labels(labels)
+        spec = self._specs[sandbox_id] = containers.spec_from_labels(labels)
+        return info, spec
 
     def pause(self, sandbox_id: str) -> None:
         with self._engine(sandbox_id):
@@ -452,8 +531,13 @@ class DockerBackend(Backend):
         """The command as the container's own process: no exec, and the engine removes
         the container as it ends (auto-remove), which the wait asked before the start
         reports."""
-        if request.stdin is not None or not self.url.startswith("unix://"):
-            # stdin goes through an exec; so do a remote engine's streams
+        if (
+            request.stdin is not None
+            or not self.url.startswith("unix://")
+            or spec.network.mode != "none"
+        ):
+            # stdin goes through an exec; so do a remote engine's streams, and a bridged
+            # sandbox, whose network of its own is made and removed around it
             return super().run_once(sandbox_id, spec, labels, request, sink)
         plan = containers.plan(
             containers.one_shot_spec(spec, request),

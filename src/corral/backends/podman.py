@@ -31,6 +31,7 @@ from ..core.errors import (
     InternalError,
     NotFoundError,
     PathSecurityError,
+    PolicyError,
     ResourceLimitError,
     SandboxError,
 )
@@ -93,6 +94,7 @@ class PodmanBackend(Backend):
         self._profile: str | None = None
         self._specs: dict[str, SandboxSpec] = {}
         self._security: dict[str, Any] | None = None
+        self._swept = False  # the networks of ended sandboxes, swept at the first bridged create
 
     # -- the client ---------------------------------------------------------------
 
@@ -164,7 +166,8 @@ class PodmanBackend(Backend):
         except (ValueError, AttributeError):
             text = body
         where = {"backend": self.name, "sandbox_id": sandbox_id}
-        if status == 404:
+        # A container removed while the call ran can also come back as a 500 saying so.
+        if status == 404 or "no such container" in text:
             return NotFoundError(f"not found: {text}", **where)
         if status == 409:
             return ConflictError(
@@ -354,6 +357,8 @@ class PodmanBackend(Backend):
             "cap_add": plan.cap_add,
             "no_new_privileges": "no-new-privileges" in plan.security_opt,
             "netns": {"nsmode": "none" if plan.network == "none" else "bridge"},
+            # A bridged sandbox joins its own network only (not Podman's default one).
+            **({"Networks": {plan.network_name: {}}} if plan.network_name else {}),
             "dns_server": plan.dns,
             "resource_limits": limits,
             "r_limits": [{"type": n, "soft": s, "hard": h} for n, (s, h) in plan.ulimits.items()],
@@ -403,12 +408,20 @@ class PodmanBackend(Backend):
             image=self.settings.default_image,
             workspace_size=self.settings.workspace_size,
         )
-        container_id = self._make(sandbox_id, spec, plan)
+        container_id = self._make(sandbox_id, spec, labels, plan)
         self._call("post", f"/containers/{container_id}/start", sandbox_id).close()
-        self._specs[sandbox_id] = spec
+        if plan.network_name:
+            self._check_isolated(plan.network_name, sandbox_id)
 
-    def _make(self, sandbox_id: str, spec: SandboxSpec, plan: containers.ContainerPlan) -> str:
-        """Create the container of ``plan``, not started, and verify it; its id."""
+    def _make(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        plan: containers.ContainerPlan,
+    ) -> str:
+        """Create the container of ``plan`` (and its network), not started, and verify
+        it; its id."""
         libpod = self._libpod_spec(plan)
         if any(o.startswith("seccomp={") for o in plan.security_opt):
             # The service reads a profile from its own disk, by path: ours when local.
@@ -424,10 +437,84 @@ class PodmanBackend(Backend):
             if profile is not None:
                 libpod["seccomp_profile_path"] = profile
         self._ensure_image(plan.image)
+        self._specs[sandbox_id] = spec  # so destroy, after a failure too, finds all
+        if plan.network_name:
+            self._create_network(plan.network_name, labels)
         spec_json = json.dumps(libpod)
         container_id = self._json("post", "/containers/create", sandbox_id, data=spec_json)["Id"]
         containers.verify(plan, self._json("get", f"/containers/{container_id}/json", sandbox_id))
         return str(container_id)
+
+    def _create_network(self, name: str, labels: dict[str, str]) -> None:
+        """A bridged sandbox's own network, isolated from every other isolated network
+        (so from every other sandbox's): ``isolate`` in netavark and CNI alike. No DNS
+        server of its own (aardvark-dns): there is no other container to find by name."""
+        self._sweep_networks()
+        body = {
+            "name": name,
+            "driver": "bridge",
+            "labels": containers.network_labels(labels),
+            "options": {"isolate": "true"},
+            "dns_enabled": False,
+        }
+        sandbox_id = labels.get("corral.sandbox")
+        try:
+            made = self._json("post", "/networks/create", sandbox_id, data=json.dumps(body))
+        except InternalError as e:
+            if "subnet" not in e.message:
+                raise
+            raise ResourceLimitError(
+                f"Podman has no subnet left for a bridged sandbox's network ({e.message}); "
+                "remove unused networks, or widen default_subnet_pools in containers.conf",
+                retryable=True,  # once other bridged sandboxes are gone
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            ) from e
+        self._check_isolated(name, sandbox_id, made)
+
+    def _check_isolated(
+        self, name: str, sandbox_id: str | None, network: dict[str, Any] | None = None
+    ) -> None:
+        """Refuse a network Podman does not (or no longer) isolate. Asked again once the
+        container started: Podman 4.3 drops ``isolate`` from its copy of a network that
+        a Docker-API client inspects or lists, and the container started meanwhile gets
+        no isolation rules (its copy is read again only when a network is added)."""
+        if network is None:
+            network = self._json("get", f"/networks/{name}/json", sandbox_id)
+        if (network.get("options") or {}).get("isolate") != "true":
+            raise PolicyError(
+                f"Podman did not isolate network {name} (its options are "
+                f"{network.get('options')!r}): a Docker-API client that inspects or lists "
+                "networks on this service while a sandbox starts makes Podman 4.3 drop the "
+                "option; Podman before 4.1 does not have it",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            )
+
+    def _sweep_networks(self) -> None:
+        """Remove the networks of sandboxes whose lifetime ended (their containers removed
+        themselves, leaving them), once per backend object."""
+        if self._swept:
+            return
+        self._swept = True
+        now = time.time()
+        filters = json.dumps({"label": ["corral.managed=true", f"corral.backend={self.name}"]})
+        for network in self._json("get", "/networks/json", params={"filters": filters}) or []:
+            if containers.expired(network.get("labels"), now):
+                # Refused while a container is still on it: it is then not left over.
+                with contextlib.suppress(SandboxError):
+                    self._call("delete", f"/networks/{quote(network['name'], safe='')}").close()
+
+    def _remove_network(self, sandbox_id: str) -> None:
+        name = containers.network_name(sandbox_id)
+
+        def busy(e: Exception) -> bool:
+            return isinstance(e, InternalError) and "network is being used" in e.message
+
+        with contextlib.suppress(NotFoundError):  # no network of its own, or removed already
+            containers.remove_network(
+                lambda: self._call("delete", f"/networks/{name}", sandbox_id).close(), busy
+            )
 
     def _inspect(self, sandbox_id: str) -> dict[str, Any]:
         name = containers.container_name(sandbox_id)
@@ -443,7 +530,14 @@ class PodmanBackend(Backend):
 
     def destroy(self, sandbox_id: str) -> None:
         self._views.pop(sandbox_id, None)
-        self._specs.pop(sandbox_id, None)
+        spec = self._specs.pop(sandbox_id, None)
+        self._remove_container(sandbox_id)
+        # Its own network, after the container; asked of the service when this process
+        # does not know the sandbox (gc, a leftover), never for a sandbox of none.
+        if spec is None or spec.network.mode == "bridge":
+            self._remove_network(sandbox_id)
+
+    def _remove_container(self, sandbox_id: str) -> None:
         name = containers.container_name(sandbox_id)
         try:
             # timeout=0: no stop grace (podman-py's own remove waits 10 s by default)
@@ -468,16 +562,18 @@ class PodmanBackend(Backend):
 
     def list(self) -> list[SandboxInfo]:
         filters = json.dumps({"label": ["corral.managed=true", f"corral.backend={self.name}"]})
-        found = self._call(
-            "get", "/containers/json", params={"all": True, "filters": filters}
-        ).json()
-        return [
+        found = self._json("get", "/containers/json", params={"all": True, "filters": filters})
+        networks = self._json("get", "/networks/json", params={"filters": filters})
+        listed = [
             containers.info_from_labels(
                 self.name, c["Labels"]["corral.sandbox"], c["Labels"], c["State"], c["Image"]
             )
             for c in found or []
             if "corral.sandbox" in (c.get("Labels") or {})
         ]
+        return listed + containers.leftover_networks(
+            self.name, ((n["name"], n.get("labels") or {}) for n in networks or []), listed
+        )
 
     def alive(self, sandbox_id: str) -> bool:
         # From the host's view of the container when the engine is local: microseconds,
@@ -496,7 +592,8 @@ class PodmanBackend(Backend):
         info = containers.info_from_labels(
             self.name, sandbox_id, labels, state["State"]["Status"], state.get("ImageName")
         )
-        return info, containers.spec_from_labels(labels)
+        spec = self._specs[sandbox_id] = containers.spec_from_labels(labels)
+        return info, spec
 
     def pause(self, sandbox_id: str) -> None:
         self._call("post", f"/containers/{containers.container_name(sandbox_id)}/pause", sandbox_id)
@@ -594,8 +691,13 @@ class PodmanBackend(Backend):
         """The command as the container's own process: no exec (and no conmon for one).
         Its end is read by inspect, before Podman's own clean-up removes the container;
         a wait asked before the start reports it should that clean-up be first."""
-        if request.stdin is not None or not self.url.startswith("unix://"):
-            # stdin goes through an exec; a remote service's streams cannot be reached
+        if (
+            request.stdin is not None
+            or not self.url.startswith("unix://")
+            or spec.network.mode != "none"
+        ):
+            # stdin goes through an exec; a remote service's streams cannot be reached;
+            # a bridged network's isolation is checked again before any command runs
             return super().run_once(sandbox_id, spec, labels, request, sink)
         plan = containers.plan(
             containers.one_shot_spec(spec, request),
@@ -606,7 +708,7 @@ class PodmanBackend(Backend):
         name = plan.name
         waiter: containers.EngineWait | None = None
         try:
-            self._make(sandbox_id, spec, plan)
+            self._make(sandbox_id, spec, labels, plan)
             try:
                 waiter = containers.EngineWait(
                     self.url.removeprefix("unix://"),

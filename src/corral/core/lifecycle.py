@@ -18,7 +18,7 @@ from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
 from .plugins import PluginHost, get_host
 from .policy import apply_policy, loosened
-from .results import ExecResult, OutputChunk, SandboxInfo
+from .results import LEFTOVER, ExecResult, OutputChunk, SandboxInfo
 from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
 from .spec import MountLike, SandboxSpec
@@ -48,6 +48,11 @@ _CREATE_KEYWORDS = (
     "labels",
     "healthcheck",
 )
+
+# How long gc leaves a sandbox's leftovers alone (a network without its container): a
+# create in another process makes the network first and the container just after.
+LEFTOVER_GRACE = 60.0
+
 # Keywords of corral.create() that belong to spec.limits rather than the spec itself.
 _LIMIT_KEYWORDS = (
     "memory",
@@ -356,13 +361,18 @@ def list_sandboxes(
 def gc(
     *, backend: str | None = None, settings: Settings | None = None, everything: bool = False
 ) -> list[str]:
-    """Remove expired sandboxes (all of corral's with ``everything``); their ids."""
+    """Remove expired sandboxes (all of corral's with ``everything``); their ids.
+
+    Leftovers (what remains of a sandbox that is gone, such as a bridged sandbox's
+    network after its container ended) go too once expired, or a minute old.
+    """
     settings = load_settings() if settings is None else settings
     chosen = get_host().backend(select_backend_name(backend, settings), settings)
     now = time.time()
     removed = []
     for info in chosen.list():
-        if everything or info.expires <= now:
+        stale = info.status == LEFTOVER and info.created <= now - LEFTOVER_GRACE
+        if everything or info.expires <= now or stale:
             try:
                 chosen.destroy(info.id)
                 removed.append(info.id)

@@ -6,7 +6,12 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["ExecResult", "Health", "OutputChunk", "ResourceUsage", "SandboxInfo"]
+__all__ = ["LEFTOVER", "ExecResult", "Health", "OutputChunk", "ResourceUsage", "SandboxInfo"]
+
+#: The status of a sandbox of which only a part is left: a bridged sandbox's network,
+#: say, after its container removed itself at the end of its lifetime. ``gc`` removes
+#: it once expired, or once a minute old (younger, it may be a sandbox being created).
+LEFTOVER = "leftover"
 
 
 def _decode(data: bytes) -> str:
@@ -94,7 +99,11 @@ class Health:
 
 @attrs.frozen
 class SandboxInfo:
-    """One sandbox as a backend lists it (by corral's labels)."""
+    """One sandbox as a backend lists it (by corral's labels).
+
+    ``status`` is the backend's word for its state (``running``, ``exited``...), or
+    ``leftover`` when only a part of it remains for ``gc`` to remove.
+    """
 
     id: str
     backend: str

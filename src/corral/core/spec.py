@@ -362,7 +362,8 @@ class Limits:
 
 @attrs.frozen
 class Network:
-    """``none`` (the default: loopback only) or ``bridge`` (outbound through the engine)."""
+    """``none`` (the default: loopback only) or ``bridge`` (outbound through the engine,
+    on a network of the sandbox's own that no other sandbox reaches)."""
 
     mode: Literal["none", "bridge"] = attrs.field(
         default="none", converter=_converted(_one_of(("none", "bridge")))

@@ -6,6 +6,7 @@ The test modules import it by name (pytest puts this folder on ``sys.path``).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -103,3 +104,24 @@ def fails_with(kind: type[corral.SandboxError], call: Callable[[], Any], limit: 
     assert error is not None, f"expected {kind.__name__}, got the result {outcome.get('value')!r}"
     assert isinstance(error, kind), f"expected {kind.__name__}, got {error!r}"
     return error
+
+
+def engine_networks(backend: str, client: Any, **labels: str) -> list[dict[str, Any]]:
+    """The engine's networks with these labels, as libpod reports them on Podman (its
+    Docker API would strip ``isolate`` from the service's copy of each, Podman 4.3):
+    ``name``, ``labels`` and ``options``."""
+    wanted = [f"{k}={v}" for k, v in labels.items()]
+    if backend == "docker":
+        return [
+            {"name": n["Name"], "labels": n.get("Labels") or {}, "options": n.get("Options") or {}}
+            for n in client.networks(filters={"label": wanted})
+        ]
+    response = client.get(
+        client.base_url + "/v4.0.0/libpod/networks/json",
+        params={"filters": json.dumps({"label": wanted})},
+    )
+    try:
+        response.raise_for_status()
+        return [{**n, "options": n.get("options") or {}} for n in response.json()]
+    finally:
+        response.close()

@@ -4,8 +4,8 @@ with proof that nothing leaked and the host is untouched.
 ``backend`` runs a test once per backend (local, docker, podman; each with its marker);
 ``sandbox(**keywords)`` creates one on it. The autouse ``nothing_leaked`` fixture
 snapshots, before the test, what a sandbox could leave behind and compares after it:
-the containers and volumes of the sandboxes the case made (other suites share the
-engines, so only those are the case's), child processes of the test
+the containers, volumes and networks of the sandboxes the case made (other suites share
+the engines, so only those are the case's), child processes of the test
 process, the client's open file descriptors, corral's temporary folders, and canary
 files on the host. Destructive cases (marker ``destructive``) run only with
 ``CORRALTEST_DESTRUCTIVE=1``, which ``scripts/test`` sets under CI.
@@ -14,6 +14,7 @@ files on the host. Destructive cases (marker ``destructive``) run only with
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -88,7 +89,8 @@ def _hash(path: Path) -> str | None:
 
 class _MadeHere:
     """The ids of the sandboxes this process makes during a case: other suites share the
-    engines, so only containers and volumes labelled with one of these are the case's."""
+    engines, so only containers, volumes and networks labelled with one of these are the
+    case's."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
@@ -103,7 +105,7 @@ def _ours(labels: dict[str, str] | None, ids: set[str]) -> bool:
 
 
 def _engine_leftovers(ids: set[str]) -> dict[str, set[str]]:
-    """Every container (by id) and volume of the sandboxes in ``ids``, per engine."""
+    """Every container (by id), volume and network of the sandboxes in ``ids``, per engine."""
     import docker
 
     found: dict[str, set[str]] = {}
@@ -116,14 +118,34 @@ def _engine_leftovers(ids: set[str]) -> dict[str, set[str]]:
         try:
             containers = client.containers(all=True, filters={"label": "corral.managed=true"})
             volumes = client.volumes()["Volumes"] or []
+            networks = _networks(engine, client)
         except Exception:  # an engine a fault case stopped: the case itself reports it
             continue
         finally:
             client.close()
-        found[engine] = {c["Id"] for c in containers if _ours(c.get("Labels"), ids)} | {
-            f"volume:{v['Name']}" for v in volumes if _ours(v.get("Labels"), ids)
-        }
+        found[engine] = (
+            {c["Id"] for c in containers if _ours(c.get("Labels"), ids)}
+            | {f"volume:{v['Name']}" for v in volumes if _ours(v.get("Labels"), ids)}
+            | {f"network:{n['Name']}" for n in networks if _ours(n.get("Labels"), ids)}
+        )
     return found
+
+
+def _networks(engine: str, client: Any) -> list[dict[str, Any]]:
+    """corral's networks on the engine, as ``{"Name", "Labels"}``. Podman's are asked of
+    its own API: its Docker API strips ``isolate`` from the service's copy of a network
+    it lists (Podman 4.3), so a check running beside a create would weaken that sandbox."""
+    if engine == "docker":
+        return client.networks(filters={"label": "corral.managed=true"})
+    response = client.get(
+        client.base_url + "/v4.0.0/libpod/networks/json",
+        params={"filters": json.dumps({"label": ["corral.managed=true"]})},
+    )
+    try:
+        response.raise_for_status()
+        return [{"Name": n["name"], "Labels": n.get("labels") or {}} for n in response.json()]
+    finally:
+        response.close()
 
 
 def _corral_temp_folders() -> set[str]:
@@ -175,7 +197,7 @@ def canary(shared_tmp: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def nothing_leaked(canary: Path) -> Iterator[None]:
-    """After each case: no container or volume of its sandboxes, host process, client fd,
+    """After each case: no container, volume or network of its sandboxes, host process, client fd,
     temporary folder or changed host file more than before it (waiting out engine removal)."""
     canaries = {canary: None, **{Path(p): None for p in HOST_FILES}}
     made = _MadeHere()

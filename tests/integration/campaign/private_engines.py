@@ -292,6 +292,12 @@ class PrivatePodman(PrivateEngine):
             "cgroupfs",
             "--runtime",
             "runc",
+            # Networks of its own: in the default folder (/etc/containers/networks), the
+            # suite's service's sandbox networks would be this one's leftovers, for its
+            # gc to remove. (No case makes a bridged sandbox here: netavark would name
+            # its bridges podman1... as the suite's service does.)
+            "--network-config-dir",
+            str(self.folder / "networks"),
         ]
 
     def environment(self) -> dict[str, str]:

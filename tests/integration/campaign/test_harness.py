@@ -1,6 +1,7 @@
 """The campaign harness's leak check can fail: inner pytest runs (pytester, in this
 process) of cases that leave a host process, a file descriptor, a temporary folder, a
-changed canary or a container behind must each be reported, and a clean case must not.
+changed canary, a container or a network behind must each be reported, and a clean case
+must not.
 
 The inner runs use copies of the real conftest files (the campaign's with a shorter
 settling time, so a reported leak does not wait out ten seconds); what the inner cases
@@ -64,11 +65,33 @@ def test_leaves_a_sandbox(settings_of):
     sandbox = corral.create(backend=engine, settings=settings_of(engine), lifetime="2m")
     _left("sandbox", sandbox.id)
     sandbox.detach()
+
+
+def test_leaves_a_network(settings_of, raw_client_of):
+    # A bridged sandbox whose container went (as at the end of its lifetime): its
+    # network alone is left.
+    engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
+    sandbox = corral.create(
+        backend=engine, settings=settings_of(engine), network="bridge", lifetime="2m"
+    )
+    _left("network", "corral-" + sandbox.id)
+    sandbox.detach()
+    client = raw_client_of(engine)
+    try:
+        client.remove_container("corral-" + sandbox.id, force=True, v=True)
+    finally:
+        client.close()
 """
 
 
 @pytest.fixture
-def inner(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings_of):
+def inner(
+    pytester: pytest.Pytester,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings_of,
+    raw_client_of,
+):
     """A pytester folder laid out like tests/integration, with the real fixtures."""
     pytester.makeconftest((CAMPAIGN.parent / "conftest.py").read_text())
     harness = (CAMPAIGN / "conftest.py").read_text()
@@ -81,10 +104,10 @@ def inner(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyP
     record.touch()
     monkeypatch.setenv("CORRALTEST_HARNESS_RECORD", str(record))
     yield pytester
-    _clean_up(record, settings_of)
+    _clean_up(record, settings_of, raw_client_of)
 
 
-def _clean_up(record: Path, settings_of) -> None:
+def _clean_up(record: Path, settings_of, raw_client_of) -> None:
     """Remove what the inner cases left, by what they recorded (never by name)."""
     for line in record.read_text().splitlines():
         kind, value = json.loads(line)
@@ -100,6 +123,12 @@ def _clean_up(record: Path, settings_of) -> None:
         elif kind == "sandbox":
             engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
             corral.attach(value, backend=engine, settings=settings_of(engine)).close()
+        elif kind == "network":
+            client = raw_client_of(os.environ["CORRALTEST_HARNESS_ENGINE"])
+            try:
+                client.remove_network(value)
+            finally:
+                client.close()
 
 
 def _run(inner: pytest.Pytester, *names: str) -> pytest.RunResult:
@@ -147,3 +176,16 @@ def test_a_sandbox_left_on_an_engine_is_reported(inner, engine, settings_of, mon
     result.assert_outcomes(passed=1, errors=1)
     report = _teardown_reports(result.stdout.str())["test_leaves_a_sandbox"]
     assert f"the case leaked or touched the host: {engine} kept [" in report
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
+)
+def test_a_network_left_on_an_engine_is_reported(inner, engine, settings_of, monkeypatch):
+    settings_of(engine)
+    monkeypatch.setenv("CORRALTEST_HARNESS_ENGINE", engine)
+    result = _run(inner, "test_leaves_a_network")
+    result.assert_outcomes(passed=1, errors=1)
+    report = _teardown_reports(result.stdout.str())["test_leaves_a_network"]
+    assert f"{engine} kept ['network:corral-" in report
