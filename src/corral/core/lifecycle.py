@@ -231,7 +231,9 @@ def run(
     calls; a plugin that uses the sandbox before the command (a created hook that
     writes files) gets it made first, and the command then runs as an exec.
 
-    Raises what ``create`` and ``exec`` raise; nothing of the sandbox is left after.
+    The result's ``duration`` is the whole call's, the sandbox's making and removal
+    included. Raises what ``create`` and ``exec`` raise; nothing of the sandbox is left
+    after.
     """
     unknown = sorted(set(keywords) - set(_CREATE_KEYWORDS))
     if unknown:
