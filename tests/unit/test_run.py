@@ -108,11 +108,15 @@ def test_a_failing_run_is_cleaned_up(fake_backend: FakeBackend, clean_settings):
     assert corral.list(backend="fake", settings=clean_settings) == []
 
 
-def test_keywords_are_checked(fake_backend: FakeBackend, clean_settings):
+def test_keywords_are_checked(fake_backend: FakeBackend, clean_settings, observe):
+    observer = observe()
     with pytest.raises(corral.ConfigError, match="command"):
         _run(clean_settings, ["true"], command=["sleep", "1"])
     with pytest.raises(corral.ConfigError, match="nonsense"):
         _run(clean_settings, ["true"], nonsense=1)
     with pytest.raises(corral.ConfigError, match="argv"):
         _run(clean_settings, [])
+    with pytest.raises(corral.ConfigError, match="timeout"):
+        _run(clean_settings, ["true"], timeout=-1)
     assert fake_backend.calls == []
+    assert observer.events == [], "no hook saw a sandbox for a command that could not run"

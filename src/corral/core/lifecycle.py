@@ -21,7 +21,7 @@ from .policy import apply_policy, loosened
 from .results import LEFTOVER, ExecResult, OutputChunk, SandboxInfo
 from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
-from .spec import MountLike, SandboxSpec
+from .spec import ExecRequest, MountLike, SandboxSpec
 
 __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
 
@@ -240,6 +240,8 @@ def run(
         raise ConfigError(unknown[0], "not a keyword of corral.run (see corral.create)")
     if keywords.get("command") is not None:
         raise ConfigError("command", "corral.run runs argv as the sandbox's command")
+    # The command is checked before any hook sees a sandbox made for it.
+    ExecRequest(argv=argv, timeout=timeout, stdin=stdin)  # type: ignore[arg-type]
     layer = {name: keywords.get(name) for name in _CREATE_KEYWORDS}
     layer["image"] = image
     sandbox = _open(layer, backend=backend, spec=spec, settings=settings, pending=True)
