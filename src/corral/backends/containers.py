@@ -237,7 +237,7 @@ def plan(
             "sandbox.limits.pids",
             f"{spec.limits.pids} is below {MIN_PIDS}, the least a container takes: the "
             "runtime's own exec helpers count against the limit, and under it commands "
-            "fail to start at random",
+            f"fail to start at random; set it to {MIN_PIDS} or more",
         )
     ids = spec.uid_gid() or (0, 0)
     sec, lim = spec.security, spec.limits
@@ -604,15 +604,30 @@ def run_exec(
 # -- one command as the container's own process (corral.run) -----------------------------
 
 
-def one_shot_spec(spec: SandboxSpec, request: ExecRequest) -> SandboxSpec:
-    """The spec of a sandbox whose own process is ``request``'s command."""
-    return attrs.evolve(
+def main_process_plan(
+    spec: SandboxSpec,
+    request: ExecRequest,
+    labels: dict[str, str],
+    *,
+    url: str,
+    image: str | None,
+    workspace_size: int,
+) -> ContainerPlan | None:
+    """The container whose own process is ``request``'s command (``corral.run``), or
+    None where the command must run as an exec in a sandbox made for it: with stdin
+    (fed through an exec's stream), on a remote engine (whose streams corral reaches
+    through the client only), or bridged (its network is made, checked and removed
+    around the container by create and destroy)."""
+    if request.stdin is not None or not url.startswith("unix://") or spec.network.mode != "none":
+        return None
+    own = attrs.evolve(
         spec,
         command=tuple(request.argv),
         env=dict(request.env),
         workdir=request.workdir or spec.workdir,
         user=request.user or spec.user,
     )
+    return plan(own, labels, image=image, workspace_size=workspace_size)
 
 
 class EngineWait:

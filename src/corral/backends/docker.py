@@ -531,20 +531,16 @@ class DockerBackend(Backend):
         """The command as the container's own process: no exec, and the engine removes
         the container as it ends (auto-remove), which the wait asked before the start
         reports."""
-        if (
-            request.stdin is not None
-            or not self.url.startswith("unix://")
-            or spec.network.mode != "none"
-        ):
-            # stdin goes through an exec; so do a remote engine's streams, and a bridged
-            # sandbox, whose network of its own is made and removed around it
-            return super().run_once(sandbox_id, spec, labels, request, sink)
-        plan = containers.plan(
-            containers.one_shot_spec(spec, request),
+        plan = containers.main_process_plan(
+            spec,
+            request,
             labels,
+            url=self.url,
             image=self.settings.default_image,
             workspace_size=self.settings.workspace_size,
         )
+        if plan is None:
+            return super().run_once(sandbox_id, spec, labels, request, sink)
         gone = False
         attached: Any = None
         waiter: containers.EngineWait | None = None

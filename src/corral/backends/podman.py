@@ -691,20 +691,16 @@ class PodmanBackend(Backend):
         """The command as the container's own process: no exec (and no conmon for one).
         Its end is read by inspect, before Podman's own clean-up removes the container;
         a wait asked before the start reports it should that clean-up be first."""
-        if (
-            request.stdin is not None
-            or not self.url.startswith("unix://")
-            or spec.network.mode != "none"
-        ):
-            # stdin goes through an exec; a remote service's streams cannot be reached;
-            # a bridged network's isolation is checked again before any command runs
-            return super().run_once(sandbox_id, spec, labels, request, sink)
-        plan = containers.plan(
-            containers.one_shot_spec(spec, request),
+        plan = containers.main_process_plan(
+            spec,
+            request,
             labels,
+            url=self.url,
             image=self.settings.default_image,
             workspace_size=self.settings.workspace_size,
         )
+        if plan is None:
+            return super().run_once(sandbox_id, spec, labels, request, sink)
         name = plan.name
         waiter: containers.EngineWait | None = None
         try:

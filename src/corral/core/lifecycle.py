@@ -27,28 +27,6 @@ __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "sel
 
 log = logging.getLogger("corral")
 
-# corral.create()'s keywords that describe the sandbox (corral.run takes them too).
-_CREATE_KEYWORDS = (
-    "command",
-    "env",
-    "workdir",
-    "user",
-    "mounts",
-    "memory",
-    "cpus",
-    "pids",
-    "nofile",
-    "nproc",
-    "cputime",
-    "file_size",
-    "disk",
-    "lifetime",
-    "network",
-    "security",
-    "labels",
-    "healthcheck",
-)
-
 # How long gc leaves a sandbox's leftovers alone (a network without its container): a
 # create in another process makes the network first and the container just after.
 LEFTOVER_GRACE = 60.0
@@ -64,6 +42,19 @@ _LIMIT_KEYWORDS = (
     "file_size",
     "disk",
     "lifetime",
+)
+# corral.create()'s keywords that describe the sandbox (corral.run takes them too).
+_CREATE_KEYWORDS = (
+    "command",
+    "env",
+    "workdir",
+    "user",
+    "mounts",
+    *_LIMIT_KEYWORDS,
+    "network",
+    "security",
+    "labels",
+    "healthcheck",
 )
 
 
@@ -181,27 +172,8 @@ def create(
         BackendUnavailableError: the backend cannot run here (with the fix).
         CapacityError: ``max_sandboxes`` are open here already (after ``capacity_wait``).
     """
-    keywords = {
-        "image": image,
-        "command": command,
-        "env": env,
-        "workdir": workdir,
-        "user": user,
-        "mounts": mounts,
-        "memory": memory,
-        "cpus": cpus,
-        "pids": pids,
-        "nofile": nofile,
-        "nproc": nproc,
-        "cputime": cputime,
-        "file_size": file_size,
-        "disk": disk,
-        "lifetime": lifetime,
-        "network": network,
-        "security": security,
-        "labels": labels,
-        "healthcheck": healthcheck,
-    }
+    given = locals()  # the parameters, and nothing else yet
+    keywords = {name: given[name] for name in ("image", *_CREATE_KEYWORDS)}
     return _open(keywords, backend=backend, spec=spec, settings=settings, pending=False)
 
 
@@ -239,7 +211,9 @@ def run(
     if unknown:
         raise ConfigError(unknown[0], "not a keyword of corral.run (see corral.create)")
     if keywords.get("command") is not None:
-        raise ConfigError("command", "corral.run runs argv as the sandbox's command")
+        raise ConfigError(
+            "command", "corral.run runs argv as the sandbox's command; pass the command as argv"
+        )
     # The command is checked before any hook sees a sandbox made for it.
     ExecRequest(argv=argv, timeout=timeout, stdin=stdin)  # type: ignore[arg-type]
     layer = {name: keywords.get(name) for name in _CREATE_KEYWORDS}

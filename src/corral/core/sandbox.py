@@ -70,7 +70,7 @@ class Sandbox:
         # corral.run's sandbox: the backend makes it with its one command (run_once)
         # unless something uses it first (a plugin's created hook), which makes it then.
         self._pending = pending
-        self._one_shot = False
+        self._one_shot: ExecRequest | None = None  # run()'s request, while it runs
         self._made = not pending  # the backend holds it, so close() must destroy it
         self._make_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _warn_unclosed, sandbox_id)
@@ -128,7 +128,9 @@ class Sandbox:
     def _backend_exec(self, request: ExecRequest, sink: OutputSink) -> ExecStatus:
         """The backend's run of one command; the core's ``corral_exec`` calls this."""
         with self._make_lock:
-            one_shot = self._one_shot and self._pending
+            # run()'s own command only: another one (a plugin's, in its wrapper) gets
+            # the sandbox made and runs as an exec.
+            one_shot = self._pending and request is self._one_shot
             if one_shot:
                 self._pending = False
                 self._made = True
@@ -152,11 +154,11 @@ class Sandbox:
         """``corral.run``: the one command of a pending sandbox, through ``corral_exec``."""
         request = self._request(argv, timeout, None, None, None, stdin, max_output)
         sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
-        self._one_shot = True
+        self._one_shot = request
         try:
             return self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink)
         finally:
-            self._one_shot = False
+            self._one_shot = None
 
     # -- exec --------------------------------------------------------------------------
 

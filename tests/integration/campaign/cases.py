@@ -6,11 +6,13 @@ The test modules import it by name (pytest puts this folder on ``sys.path``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -125,3 +127,34 @@ def engine_networks(backend: str, client: Any, **labels: str) -> list[dict[str, 
         return [{**n, "options": n.get("options") or {}} for n in response.json()]
     finally:
         response.close()
+
+
+def unavailable(reason: str) -> None:
+    """A case this machine cannot run: skipped on a developer's machine, a failure under
+    CI, whose test command installs and starts all a case needs."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI needs this: {reason}")
+    pytest.skip(reason)
+
+
+class _CreatesSeen:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    @corral.hookimpl
+    def corral_sandbox_creating(self, spec: object, sandbox_id: str, backend: str) -> None:
+        self.ids.append(sandbox_id)
+
+
+@contextlib.contextmanager
+def creates_seen() -> Iterator[list[str]]:
+    """The ids of the sandboxes corral begins to make inside the block, a failed create's
+    included (in order)."""
+    from corral.core.plugins import get_host
+
+    seen = _CreatesSeen()
+    get_host().pm.register(seen)
+    try:
+        yield seen.ids
+    finally:
+        get_host().pm.unregister(seen)

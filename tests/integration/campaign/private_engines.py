@@ -569,12 +569,11 @@ def require_binaries(kind: str, *more: str) -> None:
     binary = "dockerd" if kind == "docker" else "podman"
     missing = [b for b in (binary, "busybox", *more) if shutil.which(b) is None]
     if missing:
-        import pytest
+        from cases import unavailable
 
-        reason = f"{', '.join(missing)} not installed; run ./scripts/engines up"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI needs a private {kind} engine: {reason}")
-        pytest.skip(reason)
+        unavailable(
+            f"a private {kind} engine: {', '.join(missing)} not installed; run ./scripts/engines up"
+        )
 
 
 _started: dict[str, PrivateEngine] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import private_engines
 import pytest
-from cases import ENGINES_ONLY, fails_with
+from cases import ENGINES_ONLY, creates_seen, fails_with, unavailable
 
 import corral
 from corral.core.plugins import get_host
@@ -43,7 +43,7 @@ def on_small_disk(
     """A private engine of ``backend``'s kind with its storage on a small disk of its own;
     at the end, the engine, all it stored and the disk are gone."""
     if os.geteuid() != 0:
-        pytest.skip("a loop-mounted filesystem needs root")
+        unavailable("a loop-mounted filesystem needs root")
     private_engines.require_binaries(backend, "mkfs.ext4")
     disk = private_engines.SmallDisk()
     try:
@@ -69,25 +69,10 @@ def _settings(backend: str, engine: private_engines.PrivateEngine, cwd: Path) ->
     return load_settings({"backends": {backend: table}}, cwd=cwd, environ={})
 
 
-class _Creating:
-    """The ids of the sandboxes corral begins to make, a failed create's included."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    @corral.hookimpl
-    def corral_sandbox_creating(self, spec: object, sandbox_id: str, backend: str) -> None:
-        self.ids.append(sandbox_id)
-
-
 @pytest.fixture
-def creating() -> Iterator[_Creating]:
-    seen = _Creating()
-    get_host().pm.register(seen)
-    try:
-        yield seen
-    finally:
-        get_host().pm.unregister(seen)
+def creating() -> Iterator[list[str]]:
+    with creates_seen() as ids:
+        yield ids
 
 
 def _corral_objects(engine: private_engines.PrivateEngine, ids: set[str]) -> list[str]:
@@ -138,7 +123,7 @@ def test_t83_a_full_engine_disk_fails_create_clearly_and_recovers(
         assert error.category == "resource_limit" and error.backend == backend
         assert "no space left on the engine's storage" in str(error)
         assert "free space there" in str(error) and "Traceback" not in str(error)
-        failed = creating.ids[-1]
+        failed = creating[-1]
         assert failed != sb.id
         assert _corral_objects(engine, {failed}) == [], "the failed create left something"
 
@@ -170,8 +155,8 @@ def test_t83_a_full_engine_disk_fails_create_clearly_and_recovers(
             assert fresh.exec(["cat", "/workspace/a"]).text == "works"
     finally:
         sb.close()
-    assert len(creating.ids) == 3
-    assert _corral_objects(engine, set(creating.ids)) == []
+    assert len(creating) == 3
+    assert _corral_objects(engine, set(creating)) == []
 
 
 @pytest.mark.local

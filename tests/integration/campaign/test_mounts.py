@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cases import ENGINES_ONLY, RW_OPT_IN
+from cases import ENGINES_ONLY, RW_OPT_IN, unavailable
 
 import corral
 
@@ -42,7 +42,7 @@ def repo_with_submount(mount_root: Path) -> Iterator[Path]:
     """A world-writable repository with a tmpfs mounted at ``repo/cache`` on the host:
     only the mount's read-only state can stop a write, never the file modes."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs inside the repository needs root")
+        unavailable("mounting a tmpfs inside the repository needs root")
     repo = mount_root / "repo"
     (repo / "src").mkdir(parents=True)
     (repo / "src" / "code.py").write_text("print(1)\n")

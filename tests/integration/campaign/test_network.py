@@ -18,16 +18,36 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-from cases import ENGINES_ONLY, engine_networks
+from cases import ENGINES_ONLY, creates_seen, engine_networks
 
 import corral
 from corral.core.convert import structure
-from corral.core.plugins import get_host
 from corral.core.spec import Network
 
 
 def sh(sb: corral.Sandbox, script: str, **options: object) -> corral.ExecResult:
     return sb.exec(["sh", "-c", script], **options)  # type: ignore[arg-type]
+
+
+def _assert_cut_off(source: corral.Sandbox, target: corral.Sandbox, address: str) -> None:
+    """``source`` cannot connect to ``address``, where ``target`` listens, while the
+    twin, ``target``'s own connection to it, works: the refusal means isolation, not a
+    listener that was never there."""
+    got: list[str] = []
+    listener = threading.Thread(
+        target=lambda: got.append(
+            sh(target, "busybox nc -l -p 7777 -w 15 > /tmp/got; cat /tmp/got", timeout=30).text
+        )
+    )
+    listener.start()
+    try:
+        time.sleep(1)
+        attempt = sh(source, f"echo from-source | busybox nc -w 3 {address} 7777")
+        assert attempt.exit_code != 0, f"sandbox {source.id} reached {target.id} at {address}"
+        assert sh(target, f"echo own | busybox nc -w 3 {address} 7777").exit_code == 0
+    finally:
+        listener.join()
+    assert got == ["own\n"]
 
 
 @pytest.fixture
@@ -212,39 +232,13 @@ def test_t74_a_bridged_sandbox_cannot_reach_anothers_address(sandbox, backend, r
     a, b = sandbox(network="bridge"), sandbox(network="bridge")
     with _client(backend, raw_client_of) as client:
         a_ip, b_ip = _address(client, a), _address(client, b)
-    got: list[str] = []
-    listener = threading.Thread(
-        target=lambda: got.append(
-            sh(b, "busybox nc -l -p 7777 -w 15 > /tmp/got; cat /tmp/got", timeout=30).text
-        )
-    )
-    listener.start()
-    try:
-        time.sleep(1)
-        attempt = sh(a, f"echo from-a | busybox nc -w 3 {b_ip} 7777")
-        assert attempt.exit_code != 0, "sandbox A reached sandbox B's address"
-        # The twin: B's listener, on that very address, takes B's own connection...
-        assert sh(b, f"echo from-b | busybox nc -w 3 {b_ip} 7777").exit_code == 0
-    finally:
-        listener.join()
-    assert got == ["from-b\n"]
-    # ...and A reaches a listener of its own on its own address.
+    _assert_cut_off(a, b, b_ip)
+    # The twin of A's own: A reaches a listener of its own on its own address.
     own = (
         f"busybox nc -l -p 7778 -w 5 > /tmp/got & sleep 0.5; "
         f"echo from-a | busybox nc -w 3 {a_ip} 7778; sleep 0.3; cat /tmp/got"
     )
     assert sh(a, own).text == "from-a\n"
-
-
-class _Creating:
-    """The ids of the sandboxes created while it is registered (a failed create's too)."""
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-
-    @corral.hookimpl
-    def corral_sandbox_creating(self, spec: object, sandbox_id: str, backend: str) -> None:
-        self.ids.append(sandbox_id)
 
 
 @ENGINES_ONLY
@@ -256,14 +250,9 @@ def test_t74_the_network_goes_with_the_sandbox(sandbox, backend, raw_client_of, 
         assert _networks_of(backend, client, sb.id) == []
         # A create that fails half-way (runc cannot bind a folder onto a file, once the
         # network and the container exist) leaves neither behind.
-        creating = _Creating()
-        get_host().pm.register(creating)
-        try:
-            with pytest.raises(corral.SandboxError, match="/bin/busybox"):
-                sandbox(network="bridge", mounts=[corral.Mount(str(mount_root), "/bin/busybox")])
-        finally:
-            get_host().pm.unregister(creating)
-        (failed,) = creating.ids
+        with creates_seen() as ids, pytest.raises(corral.SandboxError, match="/bin/busybox"):
+            sandbox(network="bridge", mounts=[corral.Mount(str(mount_root), "/bin/busybox")])
+        (failed,) = ids
         assert client.containers(all=True, filters={"label": f"corral.sandbox={failed}"}) == []
         assert _networks_of(backend, client, failed) == []
     # The twin: the same bridged create without the bad mount works.
@@ -345,7 +334,6 @@ def test_t74_a_network_podman_stopped_isolating_is_refused(
     from corral.backends.podman import PodmanBackend
 
     make_network = PodmanBackend._create_network
-    creating = _Creating()
 
     def and_inspect_it(self, name, labels):
         make_network(self, name, labels)
@@ -353,13 +341,9 @@ def test_t74_a_network_podman_stopped_isolating_is_refused(
             client.inspect_network(name)  # another program, through the Docker API
 
     monkeypatch.setattr(PodmanBackend, "_create_network", and_inspect_it)
-    get_host().pm.register(creating)
-    try:
-        with pytest.raises(corral.PolicyError, match="did not isolate"):
-            corral.create(backend=backend, settings=backend_settings, network="bridge")
-    finally:
-        get_host().pm.unregister(creating)
-    (refused,) = creating.ids
+    with creates_seen() as ids, pytest.raises(corral.PolicyError, match="did not isolate"):
+        corral.create(backend=backend, settings=backend_settings, network="bridge")
+    (refused,) = ids
     with _client(backend, raw_client_of) as client:
         assert client.containers(all=True, filters={"label": f"corral.sandbox={refused}"}) == []
         assert _networks_of(backend, client, refused) == []
@@ -388,22 +372,7 @@ def test_t74_sandboxes_of_two_engines_on_one_host_cannot_reach_each_other(
         docker_box, podman_box = made
         with _client("podman", raw_client_of) as client:
             target = _address(client, podman_box)
-        got: list[str] = []
-        listener = threading.Thread(
-            target=lambda: got.append(
-                sh(podman_box, "busybox nc -l -p 7777 -w 10 > /tmp/got; cat /tmp/got").text
-            )
-        )
-        listener.start()
-        try:
-            time.sleep(1)
-            attempt = sh(docker_box, f"echo from-docker | busybox nc -w 3 {target} 7777")
-            assert attempt.exit_code != 0, "a Docker sandbox reached a Podman sandbox"
-            # The twin, so that the failure above means isolation: the listener works.
-            assert sh(podman_box, f"echo own | busybox nc -w 3 {target} 7777").exit_code == 0
-        finally:
-            listener.join()
-        assert got == ["own\n"]
+        _assert_cut_off(docker_box, podman_box, target)
     finally:
         for sb in made:
             sb.close()

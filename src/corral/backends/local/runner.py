@@ -42,23 +42,14 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
     return None
 
 
-class _ExitWatch:
+def _pidfd(pid: int) -> int | None:
     """A pidfd of the process where the kernel has them (Linux 5.3), readable the moment
     it exits: ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which a short
     command would pay on every exec. Without one, the exit is polled."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self.popen = popen
-        self.pidfd: int | None
-        try:
-            self.pidfd = os.pidfd_open(popen.pid)
-        except (AttributeError, OSError):
-            self.pidfd = None
-
-    def close(self) -> None:
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class Process:
@@ -138,7 +129,7 @@ class Process:
             feeder.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
-        watch = _ExitWatch(self.popen)
+        pidfd = _pidfd(self.popen.pid)
         pipes: dict[int, tuple[str, IO[bytes]]] = {
             pipe.fileno(): (name, pipe)
             for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
@@ -147,8 +138,8 @@ class Process:
         poller = select.poll()  # not select(): a busy program's fds pass 1024
         for fd in pipes:
             poller.register(fd, select.POLLIN)
-        if watch.pidfd is not None:
-            poller.register(watch.pidfd, select.POLLIN)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
         exited = False
         drain_until: float | None = None
         try:
@@ -169,13 +160,13 @@ class Process:
                 if drain_until is not None and now > drain_until:
                     break
                 for fd, _ in poller.poll(_POLL * 1000):
-                    if fd == watch.pidfd:
+                    if fd == pidfd:
                         poller.unregister(fd)
                         self.popen.wait()
                         exited = True
                     elif fd in pipes:
                         self._read(fd, pipes, poller)
-                if watch.pidfd is None and not exited:
+                if pidfd is None and not exited:
                     exited = self.popen.poll() is not None
         except BaseException:
             # A failing consumer (on_chunk) or an interrupt: the command must not run on.
@@ -184,7 +175,8 @@ class Process:
             self.popen.wait()
             raise
         finally:
-            watch.close()
+            if pidfd is not None:
+                os.close(pidfd)
             for _, pipe in pipes.values():
                 pipe.close()
         if feeder is not None:
