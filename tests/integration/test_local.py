@@ -177,8 +177,10 @@ def test_memory_bomb_is_killed_and_reported(make):
 
 def test_fork_bomb_is_contained(make):
     sb = make(pids=64)
-    bomb = "bomb() { bomb | bomb & }; bomb"
-    result = sb.exec(["sh", "-c", bomb + "; wait"], timeout=5)
+    # The shell stays for the bomb to hit the limit: `wait` alone returns at once (each
+    # generation backgrounds the next), and the exec ends everything when its shell does.
+    bomb = "bomb() { bomb | bomb & }; bomb; sleep 2"
+    result = sb.exec(["sh", "-c", bomb], timeout=5)
     assert b"Cannot fork" in result.stderr  # the pids limit stopped it, not the host
     deadline = time.monotonic() + 5  # the kernel uncharges killed tasks asynchronously
     while sb.usage().pids and time.monotonic() < deadline:
