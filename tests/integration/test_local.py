@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
 import corral
+from corral.backends.local.agent import AGENT_PROCESSES
 
 pytestmark = pytest.mark.local
 
@@ -183,9 +187,9 @@ def test_fork_bomb_is_contained(make):
     result = sb.exec(["sh", "-c", bomb], timeout=5)
     assert b"Cannot fork" in result.stderr  # the pids limit stopped it, not the host
     deadline = time.monotonic() + 5  # the kernel uncharges killed tasks asynchronously
-    while sb.usage().pids and time.monotonic() < deadline:
+    while sb.usage().pids > AGENT_PROCESSES and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sb.usage().pids == 0  # nothing of it outlived the command
+    assert sb.usage().pids == AGENT_PROCESSES  # nothing of it outlived the command
     assert sb.exec(["echo", "ok"]).text == "ok\n"
 
 
@@ -196,6 +200,68 @@ def test_usage_is_plausible(make):
     assert usage.memory_limit_bytes == 256 * 1024**2
     assert usage.cpu_seconds is not None and usage.cpu_seconds > 0.05
     assert usage.timestamp > 0
+
+
+# -- the agent (one per sandbox, forking each exec) ----------------------------------------
+
+AGENT_START = ["sh", "-c", "cut -d' ' -f22 /proc/2/stat"]  # the agent is pid 2 inside
+
+
+def test_execs_share_one_agent_even_from_threads_that_ended(make):
+    sb = make()
+    # bwrap dies with the thread that forked it: the first exec, from a thread that ends
+    # at once, must not take the agent with it.
+    first: list[str] = []
+    worker = threading.Thread(target=lambda: first.append(sb.exec(AGENT_START).text))
+    worker.start()
+    worker.join()
+    time.sleep(0.2)
+    assert sb.exec(AGENT_START).text == first[0]
+    assert sb.usage().pids <= AGENT_PROCESSES + 1  # the last script may be exiting
+
+
+def test_an_agent_killed_from_outside_ends_its_exec_and_is_replaced(make):
+    sb = make()
+    token = uuid.uuid4().hex
+    running = concurrent.futures.ThreadPoolExecutor(1).submit(
+        sb.exec, ["sh", "-c", f"sleep 600; : {token}"]
+    )
+    deadline = time.monotonic() + 30
+    while not _host_processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [shell] = _host_processes_with(token)
+    agent = shell.parent().parent()  # the exec's script, then the agent's init
+    assert "--info-fd" in agent.cmdline()
+    agent.kill()
+    result = running.result(timeout=30)
+    assert (result.exit_code, result.signal) == (137, 9)
+    assert _host_processes_with(token) == []
+    assert sb.exec(["echo", "again"]).text == "again\n"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param("kill -KILL -1", id="killed"),
+        pytest.param("kill -STOP $(cat /proc/1/task/1/children)", id="stopped"),
+    ],
+)
+def test_an_agent_the_sandbox_attacks_is_replaced(make, attack):
+    sb = make()
+    sb.exec(["true"])
+    sb.exec(["sh", "-c", attack], timeout=5)  # its own exec may die with it
+    # A stopped agent takes no command: the exec times out, and the next one gets a new.
+    sb.exec(["true"], timeout=3)
+    assert sb.exec(["echo", "ok"], timeout=30).text == "ok\n"
+
+
+def test_agent_execs_run_concurrently_in_one_sandbox(make):
+    sb = make()
+    argv = ["sh", "-c", "sleep 1; echo $$"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: sb.exec(argv, timeout=60), range(8)))
+    assert all(r.ok for r in results)
+    assert len({r.text for r in results}) == 8  # eight processes, each its own output
 
 
 # -- isolation ----------------------------------------------------------------------------
@@ -227,7 +293,8 @@ def test_sandboxes_do_not_see_each_other(make):
     a.write_file("/workspace/secret", b"a's")
     assert b.exec(["test", "-e", "/workspace/secret"]).exit_code == 1
     ps = b.exec(["sh", "-c", "ls /proc | grep -c '^[0-9]'"]).text.strip()
-    assert int(ps) <= 4  # its own init, sh, ls and grep
+    # Its own init and agent, the exec's script, sh, ls and grep.
+    assert int(ps) <= AGENT_PROCESSES + 4
 
 
 def test_read_only_mount_is_read_only(make, mount_root):

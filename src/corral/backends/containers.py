@@ -9,11 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import posixpath
 import re
 import select
-import signal
 import socket
 import struct
 import threading
@@ -33,6 +31,7 @@ from ..core.output import OutputSink
 from ..core.results import LEFTOVER, Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
 from ..core.units import parse_size
+from . import sweep
 from .cgroupfs import read_int, read_keyed
 
 __all__ = [
@@ -51,7 +50,6 @@ __all__ = [
 
 NAME_PREFIX = "corral-"
 SPEC_LABEL = "corral.spec"
-MARKER = "CORRAL_EXEC"
 # moby oci/defaults.go; corral keeps them and adds the spec's own.
 DEFAULT_MASKED_PATHS = (
     "/proc/asound",
@@ -564,7 +562,7 @@ def run_exec(
     """
     marker = uuid.uuid4().hex
     oom_before = view.oom_kills() if view else 0
-    session = start({**request.env, MARKER: marker})
+    session = start({**request.env, sweep.MARKER: marker})
     deadline = None if request.timeout is None else time.monotonic() + request.timeout
 
     def stop() -> None:
@@ -820,32 +818,9 @@ class HostView:
         return True
 
     def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
-        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``.
-
-        Each is stopped (SIGSTOP) as soon as it is found and all are killed together
-        after: killed one by one, a parent could run its next command between its
-        child's death and its own (``trap '' TERM; sleep 1000; rm -rf ...``). Rounds
-        repeat until one finds nothing new, so forks made meanwhile (a fork bomb) die too.
-        """
-        wanted = f"{MARKER}={marker}".encode()
-        victims = set(also)
-        for pid in victims:
-            _signal(pid, signal.SIGSTOP)
-        for _ in range(50):
-            found = set()
-            for pid in self.pids():
-                if pid == self.init_pid or pid in victims:
-                    continue
-                with contextlib.suppress(OSError):
-                    if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                        _signal(pid, signal.SIGSTOP)
-                        found.add(pid)
-            if not found:
-                break
-            victims |= found
-        for pid in victims:
-            _signal(pid, signal.SIGKILL)
-        return len(victims)
+        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``;
+        its init is spared."""
+        return sweep.kill_marked(self.pids, marker, spare={self.init_pid}, also=also)
 
     def oom_kills(self) -> int:
         path = self._file("memory", "memory.oom_control") or self._file("unified", "memory.events")
@@ -892,11 +867,6 @@ class HostView:
                 elif len(parts) == 3 and parts[1] == "Write":
                     write += int(parts[2])
         return read, write
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
 
 
 def _locate(controller: str, path: str, container_id: str) -> Path | None:

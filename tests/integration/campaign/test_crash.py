@@ -262,7 +262,10 @@ def test_a_sandbox_ended_from_outside_reports_it_and_closes_cleanly(
     backend, sandbox, raw_client_of, how
 ):
     if backend == "local" and how == "kill":
-        pytest.skip("a local sandbox has no process of its own between execs (next case)")
+        pytest.skip(
+            "a local sandbox's agent killed from outside is replaced at the next exec "
+            "(test_local), and its exec killed from outside is the next case"
+        )
     sb = sandbox()
     twin = sandbox()  # the same treatment spares the one not touched
     sb.write_file("/workspace/a", b"before")
@@ -306,7 +309,8 @@ def test_a_local_exec_killed_from_outside_ends_and_the_sandbox_lives_on(backend,
     token = uuid.uuid4().hex[:8]
     holder: list[corral.ExecResult] = []
     worker = threading.Thread(
-        target=lambda: holder.append(sb.exec(["sh", "-c", f"exec sleep 3217 # {token}"]))
+        # The token stays in the shell's arguments: the shell waits for its sleep.
+        target=lambda: holder.append(sb.exec(["sh", "-c", f"sleep 3217; : {token}"]))
     )
     worker.start()
     assert wait_until(lambda: sandbox_processes(token) != [], 30, 0.05)

@@ -43,6 +43,7 @@ from ...core.output import OutputSink
 from ...core.results import ResourceUsage, SandboxInfo
 from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
 from . import bwrap, disk, files
+from .agent import AGENT, Agent, AgentGone
 from .cgroups import Cgroup, CgroupLayout
 from .runner import Process
 
@@ -112,11 +113,13 @@ class _State:
     expires: float
     cgroup: Cgroup | None
     running: set[Process] = attrs.field(factory=set)
+    agent: Agent | None = None  # this program's, started at the first exec
+    agent_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     @property
     def layout(self) -> bwrap.Layout:
         f = self.folder
-        return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc")
+        return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc", f"{f}/run")
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -247,6 +250,7 @@ class LocalBackend(Backend):
                 if self._owner() is not None:
                     os.chown(sub, *self._owner())  # type: ignore[misc]
             os.mkdir(layout.etc, 0o755)
+            os.mkdir(layout.run, 0o711)  # the sandbox's user opens its files by name
             passwd, group = bwrap.passwd_files(ids[0], ids[1], spec.workdir)
             for name, text in (("passwd", passwd), ("group", group)):
                 with open(os.path.join(layout.etc, name), "w") as f:
@@ -290,6 +294,8 @@ class LocalBackend(Backend):
             state = self._states.get(sandbox_id)
         if state is not None:
             if not os.path.exists(os.path.join(state.folder, "meta.json")):
+                if state.agent is not None:
+                    state.agent.stop()
                 raise NotFoundError(
                     f"the sandbox's folder {state.folder} is gone (removed from outside)",
                     backend=self.name,
@@ -346,6 +352,8 @@ class LocalBackend(Backend):
                 state = self._state(sandbox_id)
             except NotFoundError:
                 return
+        if state.agent is not None:
+            state.agent.stop()
         for process in list(state.running):
             process.kill()
         if state.cgroup is not None:
@@ -377,7 +385,9 @@ class LocalBackend(Backend):
             **request.env,
         }
 
-    def _rlimits(self, spec: SandboxSpec) -> list[tuple[int, tuple[int, int]]]:
+    def _rlimits(
+        self, spec: SandboxSpec, cputime: bool = True
+    ) -> list[tuple[int, tuple[int, int]]]:
         lim = spec.limits
         limits = [
             (resource.RLIMIT_NOFILE, (lim.nofile, lim.nofile)),
@@ -387,15 +397,35 @@ class LocalBackend(Backend):
             limits.append((resource.RLIMIT_NPROC, (lim.nproc, lim.nproc)))
         if self._cgroups is None or not self._cgroups.has("memory"):
             limits.append((resource.RLIMIT_AS, (lim.memory, lim.memory)))
-        if lim.cputime is not None:
+        if lim.cputime is not None and cputime:
             seconds = math.ceil(lim.cputime)
             limits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))
         if lim.file_size is not None:
             limits.append((resource.RLIMIT_FSIZE, (lim.file_size, lim.file_size)))
         return limits
 
-    @_translated
     def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        return self._exec(sandbox_id, request, sink, False)
+
+    def run_once(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        request: ExecRequest,
+        sink: OutputSink,
+    ) -> ExecStatus:
+        # One command: bwrap for it alone costs less than an agent started for it.
+        try:
+            self.create(sandbox_id, spec, labels)
+            return self._exec(sandbox_id, request, sink, True)  # one shot
+        finally:
+            self.destroy(sandbox_id)
+
+    @_translated
+    def _exec(
+        self, sandbox_id: str, request: ExecRequest, sink: OutputSink, one_shot: bool
+    ) -> ExecStatus:
         state = self._state(sandbox_id)
         spec = state.spec
         workdir = request.workdir or spec.workdir
@@ -405,7 +435,9 @@ class LocalBackend(Backend):
         if self._run_as is not None:
             user_kwargs = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
         oom_before = state.cgroup.oom_kills() if state.cgroup else 0
-        if spec.security.isolate:
+        if spec.security.isolate and ids == spec.uid_gid() and not one_shot:
+            status = self._exec_by_agent(state, request, sink, env, workdir, user_kwargs)
+        elif spec.security.isolate:
             status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
         else:
             status = self._exec_unisolated(state, request, sink, env, workdir, user_kwargs)
@@ -419,6 +451,69 @@ class LocalBackend(Backend):
                 oom_killed=status.exit_code == 137 and not status.timed_out,
             )
         return status
+
+    def _exec_by_agent(
+        self,
+        state: _State,
+        request: ExecRequest,
+        sink: OutputSink,
+        env: dict[str, str],
+        workdir: str,
+        user_kwargs: dict[str, Any],
+    ) -> ExecStatus:
+        """The usual exec: forked by the sandbox's agent, which is started when this
+        program has none running for it. A command the agent failed to take (killed or
+        stopped by the sandbox's own code) goes to a new agent once."""
+        cputime = state.spec.limits.cputime
+        for attempt in range(2):
+            agent = self._agent(state, user_kwargs)
+            try:
+                return agent.exec(
+                    list(request.argv),
+                    env,
+                    workdir,
+                    request.stdin,
+                    None if cputime is None else math.ceil(cputime),
+                    sink,
+                    request.timeout,
+                )
+            except AgentGone:
+                agent.stop()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _agent(self, state: _State, user_kwargs: dict[str, Any]) -> Agent:
+        with state.agent_lock:
+            if state.agent is not None and state.agent.alive():
+                return state.agent
+            if state.agent is not None:
+                state.agent.stop()
+            spec, cgroup = state.spec, state.cgroup
+            uid, gid = spec.uid_gid()  # type: ignore[misc]
+            state.agent = Agent(
+                lambda info_fd, block_fd: bwrap.command_line(
+                    self._bwrap,  # type: ignore[arg-type]
+                    spec,
+                    state.layout,
+                    uid,
+                    gid,
+                    spec.workdir,
+                    info_fd,
+                    block_fd,
+                    program=("/bin/sh", "-c", AGENT),
+                ),
+                env={"PATH": _PATH},
+                popen_kwargs={
+                    "preexec_fn": _rlimit_setter(self._rlimits(spec, cputime=False)),
+                    **user_kwargs,
+                },
+                run_folder=state.layout.run,
+                owner=self._owner(),
+                cgroup_add=cgroup.add if cgroup else lambda pid: None,
+                cgroup_pids=cgroup.pids if cgroup else None,
+            )
+            return state.agent
 
     def _exec_isolated(
         self,
@@ -575,8 +670,11 @@ class LocalBackend(Backend):
             )
         # Without a cgroup only live processes can be seen: finished ones are gone.
         cpu, rss, count = 0.0, 0, 0
-        for process in list(state.running):
-            for p in _tree(process.popen.pid):
+        roots = [process.popen.pid for process in list(state.running)]
+        if state.agent is not None and state.agent.alive():
+            roots.append(state.agent.popen.pid)
+        for root in roots:
+            for p in _tree(root):
                 with contextlib.suppress(psutil.Error):
                     times = p.cpu_times()
                     cpu += times.user + times.system

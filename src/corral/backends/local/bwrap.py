@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import attrs
 
@@ -27,6 +28,7 @@ _ETC_FILES = (
     "/etc/services",
 )
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+AGENT_DIR = "/run/corral"  # where a sandbox sees its run folder
 
 
 def find_bwrap(configured: str | None) -> str | None:
@@ -83,6 +85,7 @@ class Layout:
     workspace: str  # mounted at spec.workdir
     tmp: str  # mounted at /tmp
     etc: str  # synthesized passwd and group
+    run: str  # the agent's exchange with the host, read-only at AGENT_DIR inside
 
 
 def _system_binds() -> list[str]:
@@ -106,8 +109,10 @@ def command_line(
     workdir: str,
     info_fd: int,
     block_fd: int,
+    program: Sequence[str] = ("/usr/bin/env", "--"),
 ) -> list[str]:
-    """bwrap's argv for one exec. Every path must be reachable by the user bwrap runs as."""
+    """bwrap's argv up to the command, which follows ``program`` (an exec's by default).
+    Every path must be reachable by the user bwrap runs as."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     if spec.network.mode == "bridge":
         args.append("--share-net")
@@ -146,11 +151,12 @@ def command_line(
                 "--tmpfs",
                 mount.target,
             ]
+    args += ["--ro-bind", layout.run, AGENT_DIR]  # last: no mount of the spec's hides it
     if spec.security.read_only_root:
         args += ["--remount-ro", "/"]
     args += ["--chdir", workdir, "--info-fd", str(info_fd), "--block-fd", str(block_fd)]
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
-    return [*args, "--", "/usr/bin/env", "--"]
+    return [*args, "--", *program]
 
 
 def unreachable_part(path: str, uid: int) -> str | None:

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from ...core.backend import ExecStatus
 from ...core.errors import InternalError
@@ -19,6 +19,7 @@ from ...core.output import OutputSink
 
 _READ = 64 * 1024
 _POLL = 0.05  # how often a waiting exec looks at its cancel flag
+_DRAIN = 5.0  # seconds to read output still held open after the end (or a stop)
 
 
 def _feed(pipe: IO[bytes], data: bytes) -> None:
@@ -42,14 +43,43 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
     return None
 
 
-def _pidfd(pid: int) -> int | None:
-    """A pidfd of the process where the kernel has them (Linux 5.3), readable the moment
-    it exits: ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which a short
-    command would pay on every exec. Without one, the exit is polled."""
+def release_bwrap(
+    popen: subprocess.Popen[bytes], info_fd: int, block_fd: int, prepare: Callable[[int], None]
+) -> int:
+    """Read the pid of a sandbox that bwrap holds on --block-fd, let ``prepare`` apply
+    limits to it (so nothing it forks starts outside them), then release it."""
+    child_pid = None
     try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
+        info = _read_info(info_fd, time.monotonic() + 30)
+        if info is None:
+            raise _failed(popen, child_pid)
+        child_pid = int(info["child-pid"])
+        try:
+            prepare(child_pid)
+        except ProcessLookupError:
+            raise _failed(popen, child_pid) from None
+        os.write(block_fd, b"go")
+        return child_pid
+    except BaseException:
+        kill(popen, child_pid)
+        raise
+    finally:
+        os.close(block_fd)
+
+
+def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
+    """SIGKILL a sandbox's init (ending its pid namespace) and bwrap, and reap bwrap."""
+    for pid in (child_pid, popen.pid):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    popen.wait()
+
+
+def _failed(popen: subprocess.Popen[bytes], child_pid: int | None) -> InternalError:
+    kill(popen, child_pid)
+    message = popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
+    return InternalError(f"bubblewrap failed to start the sandbox: {message}")
 
 
 class Process:
@@ -85,100 +115,32 @@ class Process:
 
     def wait_for_bwrap(self, info_fd: int, block_fd: int, prepare: Callable[[int], None]) -> None:
         """Read the sandbox's pid, let ``prepare`` apply limits to it, then release it."""
-        try:
-            info = _read_info(info_fd, time.monotonic() + 30)
-            if info is None:
-                raise self._failed()
-            self.child_pid = int(info["child-pid"])
-            try:
-                prepare(self.child_pid)
-            except ProcessLookupError:
-                raise self._failed() from None
-            os.write(block_fd, b"go")
-        except BaseException:
-            self.kill()
-            self.popen.wait()
-            raise
-        finally:
-            os.close(block_fd)
-
-    def _failed(self) -> InternalError:
-        self.kill()
-        self.popen.wait()
-        message = self.popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
-        return InternalError(f"bubblewrap failed to start the sandbox: {message}")
+        self.child_pid = release_bwrap(self.popen, info_fd, block_fd, prepare)
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (ending its pid namespace) and the host process."""
-        for pid in (self.child_pid, self.popen.pid):
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        kill(self.popen, self.child_pid)
 
     def supervise(self, timeout: float | None, kill_tree: Callable[[], None]) -> ExecStatus:
-        """Drain output and wait; on timeout or cancel kill everything, then report.
-
-        One poll loop in the calling thread watches both pipes and the exit (a pidfd):
-        no thread per stream to start for every exec. Only stdin gets a thread.
-        """
+        """Drain output and wait; on timeout or cancel kill everything, then report."""
         feeder = None
         if self._stdin:
             feeder = threading.Thread(
                 target=_feed, args=(self.popen.stdin, self._stdin), daemon=True
             )
             feeder.start()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        timed_out = False
-        pidfd = _pidfd(self.popen.pid)
-        pipes: dict[int, tuple[str, IO[bytes]]] = {
-            pipe.fileno(): (name, pipe)
+        pipes = {
+            pipe.fileno(): name
             for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
             if pipe is not None
         }
-        poller = select.poll()  # not select(): a busy program's fds pass 1024
-        for fd in pipes:
-            poller.register(fd, select.POLLIN)
-        if pidfd is not None:
-            poller.register(pidfd, select.POLLIN)
-        exited = False
-        drain_until: float | None = None
         try:
-            while pipes or not exited:
-                now = time.monotonic()
-                expired = deadline is not None and now >= deadline
-                if not exited and (self.sink.cancelled or expired):
-                    timed_out = True
-                    self.kill()
-                    kill_tree()
-                    self.popen.wait()
-                    exited = True
-                if exited and drain_until is None:
-                    # An exec owns its descendants: whatever it left running dies with it,
-                    # which also closes the pipes that a background child may still hold.
-                    kill_tree()
-                    drain_until = now + 5
-                if drain_until is not None and now > drain_until:
-                    break
-                for fd, _ in poller.poll(_POLL * 1000):
-                    if fd == pidfd:
-                        poller.unregister(fd)
-                        self.popen.wait()
-                        exited = True
-                    elif fd in pipes:
-                        self._read(fd, pipes, poller)
-                if pidfd is None and not exited:
-                    exited = self.popen.poll() is not None
-        except BaseException:
-            # A failing consumer (on_chunk) or an interrupt: the command must not run on.
-            self.kill()
-            kill_tree()
-            self.popen.wait()
-            raise
+            with _ExitOf(self, kill_tree) as end:
+                timed_out = pump(self.sink, pipes, end, timeout)
         finally:
-            if pidfd is not None:
-                os.close(pidfd)
-            for _, pipe in pipes.values():
-                pipe.close()
+            for pipe in (self.popen.stdout, self.popen.stderr):
+                if pipe is not None:
+                    pipe.close()
         if feeder is not None:
             feeder.join(timeout=5)
         code = self.popen.returncode
@@ -187,17 +149,116 @@ class Process:
             code = 128 + sig  # type: ignore[operator]
         return ExecStatus(exit_code=code, timed_out=timed_out, signal=sig)
 
-    def _read(self, fd: int, pipes: dict[int, tuple[str, IO[bytes]]], poller: Any) -> None:
-        """One read from a ready pipe; at its end, forget it. Reading goes on past the cap
-        (the sink drops the excess), so the command never blocks on a full pipe."""
-        name, pipe = pipes[fd]
+
+class End(Protocol):
+    """How ``pump`` learns that a command ended, and how it stops one."""
+
+    fd: int | None  # readable when there is news of the end
+
+    def readable(self) -> bool:
+        """``fd`` is readable: take what it says; True once the command has ended."""
+
+    def ended(self) -> bool:
+        """Asked on every round: whether the command has ended (where ``fd`` cannot
+        tell, or has not yet)."""
+
+    def stop(self) -> None:
+        """Timeout, cancel or a failure: kill the command (its end follows)."""
+
+    def leftovers(self) -> None:
+        """The command ended: kill what it left running, which also closes the pipes
+        that a background child may still hold."""
+
+
+def pump(sink: OutputSink, pipes: dict[int, str], end: End, timeout: float | None) -> bool:
+    """Drain ``pipes`` (fd: stream name) into ``sink`` until the command ends and its
+    output is read; on timeout or cancel stop it. True when it was stopped so.
+
+    One poll loop in the calling thread watches the pipes and the end: no thread per
+    stream to start for every exec. Output still held open by a stray process is read
+    for at most ``_DRAIN`` seconds after the end.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poller = select.poll()  # not select(): a busy program's fds pass 1024
+    for fd in pipes:
+        poller.register(fd, select.POLLIN)
+    if end.fd is not None:
+        poller.register(end.fd, select.POLLIN)
+    pipes = dict(pipes)
+    stopped = False
+    ended = False
+    give_up: float | None = None  # after a stop, or after the end: when to stop reading
+    try:
+        while pipes or not ended:
+            now = time.monotonic()
+            if not ended and not stopped and (sink.cancelled or (deadline and now >= deadline)):
+                stopped = True
+                end.stop()
+                give_up = now + _DRAIN
+            if not ended:
+                ended = end.ended()
+            if ended and give_up is None:  # it ended by itself
+                end.leftovers()
+                give_up = now + _DRAIN
+            if give_up is not None and now > give_up:
+                break
+            for fd, _ in poller.poll(_POLL * 1000):
+                if fd == end.fd:
+                    if end.readable():
+                        poller.unregister(fd)
+                        ended = True
+                elif fd in pipes:
+                    chunk = _read(fd)
+                    if chunk:
+                        sink.write(pipes[fd], chunk)  # past the cap too: never block it
+                    else:
+                        poller.unregister(fd)
+                        del pipes[fd]
+    except BaseException:
+        # A failing consumer (on_chunk) or an interrupt: the command must not run on.
+        end.stop()
+        raise
+    return stopped
+
+
+def _read(fd: int) -> bytes:
+    try:
+        return os.read(fd, _READ)
+    except OSError:
+        return b""
+
+
+class _ExitOf:
+    """The end of a host process, seen through its pidfd (Linux 5.3), which is readable
+    the moment it exits: ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which
+    a short command would pay on every exec. Without one, the exit is polled."""
+
+    def __init__(self, process: Process, kill_tree: Callable[[], None]) -> None:
+        self._process = process
+        self._kill_tree = kill_tree
         try:
-            chunk = os.read(fd, _READ)
-        except OSError:
-            chunk = b""
-        if chunk:
-            self.sink.write(name, chunk)
-            return
-        poller.unregister(fd)
-        pipe.close()
-        del pipes[fd]
+            self.fd: int | None = os.pidfd_open(process.popen.pid)
+        except (AttributeError, OSError):
+            self.fd = None
+
+    def __enter__(self) -> _ExitOf:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def readable(self) -> bool:
+        self._process.popen.wait()
+        return True
+
+    def ended(self) -> bool:
+        return self._process.popen.poll() is not None
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._kill_tree()
+
+    def leftovers(self) -> None:
+        # An exec owns its descendants: whatever it left running dies with it.
+        self._kill_tree()

@@ -1,0 +1,56 @@
+"""Killing one exec's processes by the marker in their environment.
+
+An exec that shares its sandbox's pid namespace with others (every container exec, and
+a local exec through the sandbox's agent) cannot be killed as a process group: setsid
+and double forks leave any tree. So each exec carries a marker variable, and every
+process of the sandbox whose environment holds it belongs to that exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Container, Iterable
+from pathlib import Path
+
+MARKER = "CORRAL_EXEC"
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def kill_marked(
+    pids: Callable[[], Iterable[int]],
+    marker: str,
+    spare: Container[int] = (),
+    also: Iterable[int] = (),
+) -> int:
+    """SIGKILL the processes among ``pids()`` carrying ``marker``, and ``also``.
+
+    Each is stopped (SIGSTOP) as soon as it is found and all are killed together after:
+    killed one by one, a parent could run its next command between its child's death and
+    its own (``trap '' TERM; sleep 1000; rm -rf ...``). Rounds repeat until one finds
+    nothing new, so forks made meanwhile (a fork bomb) die too.
+    """
+    wanted = f"{MARKER}={marker}".encode()
+    victims = set(also)
+    for pid in victims:
+        _signal(pid, signal.SIGSTOP)
+    for _ in range(50):
+        found = set()
+        for pid in pids():
+            if pid in spare or pid in victims:
+                continue
+            with contextlib.suppress(OSError):
+                if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    _signal(pid, signal.SIGSTOP)
+                    found.add(pid)
+        if not found:
+            break
+        victims |= found
+    for pid in victims:
+        _signal(pid, signal.SIGKILL)
+    return len(victims)
