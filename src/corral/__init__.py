@@ -1,5 +1,9 @@
 """corral: run commands in sandboxes, one API for local processes, Docker, Podman and more."""
 
+from __future__ import annotations  # `list` below is corral.list, not the builtin
+
+from typing import TYPE_CHECKING, Any
+
 from .core.archive import ArchiveLimits
 from .core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus, NoSettings
 from .core.errors import (
@@ -19,7 +23,6 @@ from .core.errors import (
     SandboxError,
     TimeoutError,
 )
-from .core.hookspecs import hookimpl, hookspec
 from .core.lifecycle import attach, create, gc, run
 from .core.lifecycle import list_sandboxes as list
 from .core.output import OutputSink
@@ -38,6 +41,9 @@ from .core.spec import (
     Tmpfs,
     Volume,
 )
+
+if TYPE_CHECKING:
+    from .core.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
 
@@ -91,3 +97,21 @@ __all__ = [
     "load_settings",
     "run",
 ]
+
+
+# deferred: the hook markers need pluggy (~4 ms), so they load when first asked for.
+_LAZY = ("hookimpl", "hookspec")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from .core import hookspecs
+
+        value = getattr(hookspecs, name)
+        globals()[name] = value  # found directly from now on
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -12,18 +12,21 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-import shutil
 import stat
-import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import attrs
 
 from .errors import ArchiveError, ConfigError, ConflictError, PathSecurityError, ResourceLimitError
+
+# deferred: tarfile, shutil, tempfile and pathlib (with bz2, lzma, random and
+# urllib.parse) cost ~15 ms at `import corral`, and only file copies and checks of host
+# paths need them; each function imports its own.
+if TYPE_CHECKING:
+    import tarfile
+    from pathlib import Path
 
 __all__ = [
     "ArchiveLimits",
@@ -70,6 +73,8 @@ def check_sandbox_path(path: object, field: str = "path") -> str:
 
 def check_host_path(path: str | os.PathLike[str], field: str) -> Path:
     """A local path as the file helpers take it; a NUL byte is refused, not a ValueError."""
+    from pathlib import Path
+
     text = os.fspath(path)
     if "\0" in (text.decode(errors="replace") if isinstance(text, bytes) else text):
         raise PathSecurityError(f"{field}: {text!r} contains a NUL byte")
@@ -84,6 +89,8 @@ def _safe_mode(mode: int, is_dir: bool) -> int:
 def _tarinfo(
     name: str, kind: bytes, mode: int, size: int, owner: tuple[int, int], mtime: float
 ) -> tarfile.TarInfo:
+    import tarfile
+
     info = tarfile.TarInfo(name)
     info.type = kind
     # Without it, files land dated 1970: make sees stale targets, zip refuses them.
@@ -96,11 +103,15 @@ def _tarinfo(
 
 
 def _spooled() -> IO[bytes]:
+    import tempfile
+
     return tempfile.SpooledTemporaryFile(max_size=_SPOOL)
 
 
 def build_tar_from_bytes(name: str, data: bytes, mode: int, owner: tuple[int, int]) -> IO[bytes]:
     """An uncompressed tar holding one regular file ``name`` (a bare file name)."""
+    import tarfile
+
     if "/" in name or name in ("", ".", ".."):
         raise PathSecurityError(f"{name!r} is not a file name")
     out = _spooled()
@@ -118,6 +129,9 @@ def build_tar_from_path(source: Path, owner: tuple[int, int]) -> IO[bytes]:
     tree is refused (PathSecurityError), since following it could ship host files the
     caller never meant to send.
     """
+    import tarfile
+    from pathlib import Path
+
     source = Path(source)
     root = source.name
     out = _spooled()
@@ -188,6 +202,8 @@ class _MemberData(io.RawIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
+        import tarfile  # loaded already: only iter_members makes these
+
         try:
             return self._data.read(-1 if size is None else size)
         except tarfile.TarError as e:
@@ -220,6 +236,8 @@ def iter_members(
     (ResourceLimitError) past the caps. ``data`` is None for folders and must be read
     before the next member is asked for.
     """
+    import tarfile
+
     fileobj = chunks if hasattr(chunks, "read") else io.BufferedReader(_ChunkReader(chunks))
     total = members = 0
     try:
@@ -266,6 +284,10 @@ def extract(
     folder beside it and moved into place at the end; on any failure that folder is
     removed, so a refused archive leaves nothing behind.
     """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     destination = Path(destination)
     if destination.exists() or destination.is_symlink():
         raise ConflictError(f"{destination} already exists", retryable=False)
@@ -292,6 +314,8 @@ def extract(
 
 
 def _write_member(target: Path, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
+    import shutil
+
     if data is None:
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(target, _safe_mode(member.mode, True) & 0o777)

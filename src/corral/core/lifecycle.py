@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from . import capacity
+from ._log import log
 from .backend import Backend, Capability, required_capabilities
 from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
@@ -24,8 +23,6 @@ from .settings import Settings, _merge, load_settings
 from .spec import ExecRequest, MountLike, SandboxSpec
 
 __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
-
-log = logging.getLogger("corral")
 
 # How long gc leaves a sandbox's leftovers alone (a network without its container): a
 # create in another process makes the network first and the container just after.
@@ -250,6 +247,8 @@ def _open(
     final = apply_policy(final, settings)
     host.pm.hook.corral_check_spec(spec=final, backend=name)
     _check_capabilities(chosen, final)
+
+    import uuid  # deferred: ~2 ms at `import corral`, needed only once a sandbox is made
 
     sandbox_id = uuid.uuid4().hex[:16]
     now = time.time()

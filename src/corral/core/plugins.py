@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -10,13 +9,14 @@ from types import ModuleType
 from typing import Any
 
 import attrs
-import pluggy
 
-from . import hookspecs
 from .backend import Availability, Backend, BackendInfo
 from .convert import structure
 from .errors import BackendUnavailableError, ConfigError, PluginError
 from .settings import Settings
+
+# deferred: pluggy with the hookspecs (~4 ms) and json (~2 ms) load with the first host,
+# not at `import corral`.
 
 __all__ = ["PluginHost", "PluginRecord", "get_host", "reset_host"]
 
@@ -60,6 +60,10 @@ class PluginHost:
     """
 
     def __init__(self, environ: Any = None) -> None:
+        import pluggy
+
+        from . import hookspecs
+
         environ = os.environ if environ is None else environ
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -92,6 +96,8 @@ class PluginHost:
         self, plugin: ModuleType | object, name: str, distribution: str | None = None
     ) -> None:
         """Register a plugin object; its hooks are checked against the specifications."""
+        import pluggy
+
         with self._lock:
             try:
                 self.pm.register(plugin, name=name)
@@ -212,6 +218,8 @@ class PluginHost:
         again."""
         # Instances hold engine clients and connection pools, so they are shared; the
         # key includes the backend's settings so that other settings get their own.
+        import json
+
         key = (name, json.dumps(settings.backends.get(name, {}), sort_keys=True, default=str))
         with self._lock:
             instance = self._instances.get(key)

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .errors import ConfigError, PolicyError, ResourceLimitError
 from .settings import Settings
 from .spec import UNSAFE_OPTIONS, Mount, SandboxSpec
+
+# deferred: pathlib costs ~5 ms at `import corral`; it loads when a spec is checked.
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["apply_policy", "loosened", "sensitive_reason"]
 
@@ -58,6 +62,8 @@ def _under(path: Path, root: Path) -> bool:
 
 def sensitive_reason(path: Path) -> str | None:
     """Why ``path`` (resolved) must not be mounted, or None when it may be."""
+    from pathlib import Path
+
     home = Path.home().resolve()
     if any(_under(path, Path(t)) for t in _SENSITIVE_TREES):
         return "is a system folder"
@@ -74,6 +80,8 @@ def sensitive_reason(path: Path) -> str | None:
 
 
 def _resolve_mount(mount: Mount, index: int, spec: SandboxSpec, settings: Settings) -> Mount:
+    from pathlib import Path
+
     field = f"sandbox.mounts[{index}].source"
     source = Path(os.path.expanduser(mount.source))
     try:
@@ -150,6 +158,8 @@ def apply_policy(spec: SandboxSpec, settings: Settings) -> SandboxSpec:
 
 def loosened(spec: SandboxSpec) -> list[str]:
     """Every unsafe option a policy-checked spec uses, sensitive mounts included."""
+    from pathlib import Path
+
     found = spec.security.loosened()
     binds = [m for m in spec.mounts if isinstance(m, Mount)]
     if any(sensitive_reason(Path(m.source)) for m in binds):

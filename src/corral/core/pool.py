@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
-import logging
 import threading
 import time
 import weakref
@@ -20,6 +19,7 @@ from typing import Any, Literal
 
 import attrs
 
+from ._log import log
 from .errors import CapacityError, ConfigError, ResourceLimitError, SandboxClosedError, TimeoutError
 from .lifecycle import build_spec, create, select_backend_name
 from .plugins import get_host
@@ -27,8 +27,6 @@ from .sandbox import Sandbox
 from .settings import Settings, load_settings
 
 __all__ = ["Pool", "PoolStats"]
-
-log = logging.getLogger("corral")
 
 # Backoff between failed creations: doubles from the first to the last, reset by a success.
 _BACKOFF_FIRST = 0.5

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import posixpath
-import queue
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import archive, capacity
+from ._log import log
 from .backend import Backend, ExecStatus
 from .errors import ConfigError, SandboxClosedError
 from .output import OutputSink
@@ -26,9 +24,11 @@ from .results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .settings import Settings
 from .spec import ExecRequest, SandboxSpec
 
-__all__ = ["Sandbox"]
+# deferred: pathlib costs ~5 ms at `import corral`; only an annotation here.
+if TYPE_CHECKING:
+    from pathlib import Path
 
-log = logging.getLogger("corral")
+__all__ = ["Sandbox"]
 
 LABEL_PREFIX = "corral."
 
@@ -243,6 +243,8 @@ class Sandbox:
 
         Leaving the loop early stops the command.
         """
+        import queue  # deferred: only streaming needs it (~1 ms at `import corral`)
+
         request = self._request(argv, timeout, env, workdir, user, stdin, max_output)
         # Bounded: a slow consumer slows the command (as a pipe would) instead of
         # letting output pile up in memory.

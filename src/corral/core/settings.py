@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -14,6 +13,10 @@ from .convert import structure, unstructure
 from .errors import ConfigError
 from .spec import SandboxSpec, count_field, size_field
 from .units import parse_duration
+
+# deferred: pathlib costs ~5 ms at `import corral`; it loads when settings are read.
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["Settings", "load_settings"]
 
@@ -109,6 +112,8 @@ class Settings:
 
     def allowed_mount_roots(self) -> tuple[Path, ...]:
         """Host folders bind-mount sources must live under; by default the current folder."""
+        from pathlib import Path
+
         roots = self.mount_roots if self.mount_roots is not None else (os.getcwd(),)
         return tuple(Path(r).expanduser().resolve() for r in roots)
 
@@ -192,6 +197,8 @@ def sources(
     cwd: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
     """Each source of settings with its name, weakest first."""
+    from pathlib import Path
+
     cwd = Path.cwd() if cwd is None else cwd
     environ = os.environ if environ is None else environ
     found: list[tuple[str, dict[str, Any]]] = []
