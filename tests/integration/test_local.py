@@ -255,6 +255,18 @@ def test_an_agent_the_sandbox_attacks_is_replaced(make, attack):
     assert sb.exec(["echo", "ok"], timeout=30).text == "ok\n"
 
 
+def test_what_an_exec_leaves_dies_with_it_also_without_its_marker(make):
+    sb = make()
+    token = uuid.uuid4().hex
+    escapee = f"env -i setsid sh -c 'sleep 600; : {token}' >/dev/null 2>&1 </dev/null &"
+    assert sb.exec(["sh", "-c", escapee]).ok
+    deadline = time.monotonic() + 5
+    while _host_processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _host_processes_with(token) == []
+    assert sb.exec(["echo", "ok"]).text == "ok\n"  # the agent itself was spared
+
+
 def test_agent_execs_run_concurrently_in_one_sandbox(make):
     sb = make()
     argv = ["sh", "-c", "sleep 1; echo $$"]

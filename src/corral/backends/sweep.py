@@ -22,20 +22,25 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
 def kill_marked(
     pids: Callable[[], Iterable[int]],
-    marker: str,
+    marker: str | None,
     spare: Container[int] = (),
     also: Iterable[int] = (),
 ) -> int:
-    """SIGKILL the processes among ``pids()`` carrying ``marker``, and ``also``.
+    """SIGKILL the processes among ``pids()`` carrying ``marker`` (with None: all of
+    them), and ``also``; never those in ``spare``.
 
     Each is stopped (SIGSTOP) as soon as it is found and all are killed together after:
     killed one by one, a parent could run its next command between its child's death and
     its own (``trap '' TERM; sleep 1000; rm -rf ...``). Rounds repeat until one finds
     nothing new, so forks made meanwhile (a fork bomb) die too.
     """
-    wanted = f"{MARKER}={marker}".encode()
+    wanted = None if marker is None else f"{MARKER}={marker}".encode()
     victims = set(also)
     for pid in victims:
         _signal(pid, signal.SIGSTOP)
@@ -45,7 +50,7 @@ def kill_marked(
             if pid in spare or pid in victims:
                 continue
             with contextlib.suppress(OSError):
-                if wanted in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if wanted is None or wanted in _environ(pid):
                     _signal(pid, signal.SIGSTOP)
                     found.add(pid)
         if not found:

@@ -477,10 +477,10 @@ class LocalBackend(Backend):
                     sink,
                     request.timeout,
                 )
-            except AgentGone:
+            except AgentGone as e:
                 agent.stop()
                 if attempt:
-                    raise
+                    raise InternalError(str(e), backend=self.name, sandbox_id=state.id) from e
         raise AssertionError("unreachable")
 
     def _agent(self, state: _State, user_kwargs: dict[str, Any]) -> Agent:
@@ -511,7 +511,6 @@ class LocalBackend(Backend):
                 run_folder=state.layout.run,
                 owner=self._owner(),
                 cgroup_add=cgroup.add if cgroup else lambda pid: None,
-                cgroup_pids=cgroup.pids if cgroup else None,
             )
             return state.agent
 

@@ -132,14 +132,14 @@ class Agent:
         run_folder: str,
         owner: tuple[int, int] | None,
         cgroup_add: Callable[[int], None],
-        cgroup_pids: Callable[[], list[int]] | None,
     ) -> None:
         """Start bwrap with ``command_line(info_fd, block_fd)``, whose command must be
         AGENT, and release it into the sandbox's cgroups."""
         self._run = run_folder
         self._owner = owner
-        self._cgroup_pids = cgroup_pids
         self._lock = threading.Lock()
+        self._running = 0  # execs of this program in flight
+        self._agent_pid: int | None = None
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         requests, self._requests = os.pipe()
@@ -166,9 +166,9 @@ class Agent:
                 os.close(fd)  # the child's ends
         try:
             self.init_pid = release_bwrap(self.popen, info_r, block_w, cgroup_add)
-            self._exit_fd = os.pidfd_open(self.popen.pid)
         except BaseException:
             os.close(self._requests)
+            self.popen.stderr.close()  # type: ignore[union-attr]
             raise
 
     def alive(self) -> bool:
@@ -180,9 +180,8 @@ class Agent:
             if self._requests < 0:
                 return
             kill(self.popen, self.init_pid)
-            for fd in (self._requests, self._exit_fd):
-                os.close(fd)
-            self._requests = self._exit_fd = -1
+            os.close(self._requests)
+            self._requests = -1
             if self.popen.stderr is not None:
                 self.popen.stderr.close()
 
@@ -196,9 +195,9 @@ class Agent:
                 raise AgentGone(f"the sandbox's agent is gone: {e}") from None
 
     def pids(self) -> list[int]:
-        """The sandbox's processes under this agent (its cgroup's, where it has one)."""
-        if self._cgroup_pids is not None:
-            return self._cgroup_pids()
+        """The processes of this agent's pid namespace: bwrap's init and its
+        descendants, which include every orphan (the namespace's init adopts them).
+        Not the cgroup's: another program's agent for the sandbox shares that."""
         found, todo = [], [self.init_pid]
         while todo:
             pid = todo.pop()
@@ -209,8 +208,25 @@ class Agent:
                     todo += [int(c) for c in children.split()]
         return found
 
+    def _machinery(self) -> set[int]:
+        """Host pids of bwrap's init and of the agent (pid 2 in the namespace)."""
+        if self._agent_pid is None:
+            for pid in self.pids():
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    if status.split("NSpid:")[1].split("\n")[0].split()[-1] == "2":
+                        self._agent_pid = pid
+        return {self.init_pid, *([self._agent_pid] if self._agent_pid else [])}
+
     def kill_exec(self, name: str) -> None:
-        sweep.kill_marked(self.pids, name, spare={self.init_pid})
+        """Kill one exec's processes: those carrying its marker, and when no other exec
+        of this program runs in the sandbox, every process but the agent's own (so also
+        one that cleared its environment)."""
+        with self._lock:  # no exec starts during the sweep that could take it for strays
+            if self._running <= 1:
+                sweep.kill_marked(self.pids, None, spare=self._machinery())
+                return
+        sweep.kill_marked(self.pids, name, spare=self._machinery())
 
     def exec(
         self,
@@ -231,11 +247,17 @@ class Agent:
         try:
             files.write_script(exec_script(name, argv, env, workdir, stdin is not None, cputime))
             end = _ExecEnd(self, files, name)
-            self._send(name)
-            if stdin is not None:
-                feeder = _start_feeder(f"{files.base}.in", stdin, finished)
-            pipes = {files.fds["out"]: "stdout", files.fds["err"]: "stderr"}
-            stopped = pump(sink, pipes, end, timeout)
+            with self._lock:
+                self._running += 1
+            try:
+                self._send(name)
+                if stdin is not None:
+                    feeder = _start_feeder(f"{files.base}.in", stdin, finished)
+                pipes = {files.fds["out"]: "stdout", files.fds["err"]: "stderr"}
+                stopped = pump(sink, pipes, end, timeout)
+            finally:
+                with self._lock:
+                    self._running -= 1
         finally:
             finished.set()
             if feeder is not None:
@@ -336,6 +358,9 @@ class _ExecEnd:
         if self._abandoned or self._started:
             return self._abandoned
         if not self._agent.alive() or time.monotonic() > self._start_by:
+            self.readable()  # what the poll has not passed on yet: it may have started
+            if self._started:
+                return False
             self.stop()
             raise AgentGone("the sandbox's agent did not start the command")
         return False
