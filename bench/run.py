@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/run.py [--backends local,docker,podman] [--rounds N] [--quick]
 
-Per backend (local against bwrap by hand, docker against docker-py, podman against
-podman-py), corral and the raw client alternate round by round doing the same work:
-a ready sandbox cold and from a warm pool, the full cycle, an exec, usage(), file
-copies of 1 KiB and 10 MiB, 20 and 100 concurrent sandboxes, client memory per idle
-sandbox; then ``import corral`` time, and llm-sandbox where it is installed. Writes
+First ``import corral`` time, on the machine still quiet. Then per backend (local
+against bwrap by hand, docker against docker-py, podman against podman-py), corral and
+the raw client alternate round by round doing the same work: a ready sandbox cold and
+from a warm pool, the full cycle, an exec, usage(), file copies of 1 KiB and 10 MiB,
+20 and 100 concurrent sandboxes, client memory per idle sandbox, and llm-sandbox where
+it is installed. Writes
 bench/results/benchmarks.md and benchmarks.json. Everything made carries the run's
 label and is removed at the end, also after an error. Not a test: never asserts on time.
 The engines default to the test suite's (``scripts/engines up``).
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     failed = []
     try:
+        # First, while the machine is as quiet as it will be: the 100-sandbox rounds
+        # leave a load average of 15 or more behind them for minutes.
+        print("== import time", file=sys.stderr, flush=True)
+        import_rows = probes.import_rows(10 if args.quick else 15)
         for name in chosen:
             print(f"== {name}", file=sys.stderr, flush=True)
             try:
@@ -94,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             rows += got
             print(markdown(got, ""), file=sys.stderr, flush=True)
-        print("== import time", file=sys.stderr, flush=True)
-        rows += probes.import_rows(10 if args.quick else 15)
+        rows += import_rows
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
     meta = {

@@ -18,6 +18,7 @@ import pytest
 
 import corral
 from corral.backends.local.agent import AGENT_PROCESSES
+from corral.backends.local.bwrap import AGENT_DIR
 
 pytestmark = pytest.mark.local
 
@@ -181,6 +182,7 @@ def test_memory_bomb_is_killed_and_reported(make):
 
 def test_fork_bomb_is_contained(make):
     sb = make(pids=64)
+    sb.exec(["true"])  # the bomb is the second exec: the agent's
     # The shell stays for the bomb to hit the limit: `wait` alone returns at once (each
     # generation backgrounds the next), and the exec ends everything when its shell does.
     bomb = "bomb() { bomb | bomb & }; bomb; sleep 2"
@@ -207,8 +209,18 @@ def test_usage_is_plausible(make):
 AGENT_START = ["sh", "-c", "cut -d' ' -f22 /proc/2/stat"]  # the agent is pid 2 inside
 
 
+def test_the_first_exec_has_a_bwrap_of_its_own_and_the_rest_share_an_agent(make):
+    sb = make()
+    alone = sb.exec(["sh", "-c", "ls /proc | grep -c '^[0-9]'"]).text
+    assert int(alone) <= 4  # bwrap's init, sh, ls and grep: no agent started for it
+    shared = sb.exec(["sh", "-c", "cat /proc/2/cmdline"]).stdout
+    assert AGENT_DIR.encode() in shared  # pid 2 is the agent
+    assert sb.exec(AGENT_START).text == sb.exec(AGENT_START).text
+
+
 def test_execs_share_one_agent_even_from_threads_that_ended(make):
     sb = make()
+    sb.exec(["true"])  # the next exec starts the agent
     # bwrap dies with the thread that forked it: the first exec, from a thread that ends
     # at once, must not take the agent with it.
     first: list[str] = []
@@ -222,6 +234,7 @@ def test_execs_share_one_agent_even_from_threads_that_ended(make):
 
 def test_an_agent_killed_from_outside_ends_its_exec_and_is_replaced(make):
     sb = make()
+    sb.exec(["true"])
     token = uuid.uuid4().hex
     running = concurrent.futures.ThreadPoolExecutor(1).submit(
         sb.exec, ["sh", "-c", f"sleep 600; : {token}"]
@@ -249,6 +262,7 @@ def test_an_agent_killed_from_outside_ends_its_exec_and_is_replaced(make):
 def test_an_agent_the_sandbox_attacks_is_replaced(make, attack):
     sb = make()
     sb.exec(["true"])
+    sb.exec(["true"])  # the agent is up
     sb.exec(["sh", "-c", attack], timeout=5)  # its own exec may die with it
     # A stopped agent takes no command: the exec times out, and the next one gets a new.
     sb.exec(["true"], timeout=3)
@@ -257,6 +271,7 @@ def test_an_agent_the_sandbox_attacks_is_replaced(make, attack):
 
 def test_what_an_exec_leaves_dies_with_it_also_without_its_marker(make):
     sb = make()
+    sb.exec(["true"])
     token = uuid.uuid4().hex
     escapee = f"env -i setsid sh -c 'sleep 600; : {token}' >/dev/null 2>&1 </dev/null &"
     assert sb.exec(["sh", "-c", escapee]).ok
@@ -269,6 +284,7 @@ def test_what_an_exec_leaves_dies_with_it_also_without_its_marker(make):
 
 def test_agent_execs_run_concurrently_in_one_sandbox(make):
     sb = make()
+    sb.exec(["true"])
     argv = ["sh", "-c", "sleep 1; echo $$"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: sb.exec(argv, timeout=60), range(8)))

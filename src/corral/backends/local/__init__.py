@@ -43,7 +43,7 @@ from ...core.output import OutputSink
 from ...core.results import ResourceUsage, SandboxInfo
 from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
 from . import bwrap, disk, files
-from .agent import AGENT, Agent, AgentGone
+from .agent import AGENT, Agent, AgentGone, NoRoom
 from .cgroups import Cgroup, CgroupLayout
 from .runner import Process
 
@@ -113,8 +113,9 @@ class _State:
     expires: float
     cgroup: Cgroup | None
     running: set[Process] = attrs.field(factory=set)
-    agent: Agent | None = None  # this program's, started at the first exec
+    agent: Agent | None = None  # this program's, started at its second exec here
     agent_lock: threading.Lock = attrs.field(factory=threading.Lock)
+    execs: int = 0  # started by this program
 
     @property
     def layout(self) -> bwrap.Layout:
@@ -404,28 +405,8 @@ class LocalBackend(Backend):
             limits.append((resource.RLIMIT_FSIZE, (lim.file_size, lim.file_size)))
         return limits
 
-    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
-        return self._exec(sandbox_id, request, sink, False)
-
-    def run_once(
-        self,
-        sandbox_id: str,
-        spec: SandboxSpec,
-        labels: dict[str, str],
-        request: ExecRequest,
-        sink: OutputSink,
-    ) -> ExecStatus:
-        # One command: bwrap for it alone costs less than an agent started for it.
-        try:
-            self.create(sandbox_id, spec, labels)
-            return self._exec(sandbox_id, request, sink, True)  # one shot
-        finally:
-            self.destroy(sandbox_id)
-
     @_translated
-    def _exec(
-        self, sandbox_id: str, request: ExecRequest, sink: OutputSink, one_shot: bool
-    ) -> ExecStatus:
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
         state = self._state(sandbox_id)
         spec = state.spec
         workdir = request.workdir or spec.workdir
@@ -435,7 +416,13 @@ class LocalBackend(Backend):
         if self._run_as is not None:
             user_kwargs = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
         oom_before = state.cgroup.oom_kills() if state.cgroup else 0
-        if spec.security.isolate and ids == spec.uid_gid() and not one_shot:
+        with state.agent_lock:
+            first = state.execs == 0
+            state.execs += 1
+        # The agent pays off from a sandbox's second exec: the first gets a bwrap of its
+        # own, which costs less than an agent started for it (a one-shot sandbox, a CLI
+        # call, a pool's sandbox used once); so does a command of another user.
+        if spec.security.isolate and ids == spec.uid_gid() and not first:
             status = self._exec_by_agent(state, request, sink, env, workdir, user_kwargs)
         elif spec.security.isolate:
             status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
@@ -481,6 +468,9 @@ class LocalBackend(Backend):
                 agent.stop()
                 if attempt:
                     raise InternalError(str(e), backend=self.name, sandbox_id=state.id) from e
+            except NoRoom:  # a full sandbox still takes commands, as a container does
+                ids = state.spec.uid_gid()
+                return self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
         raise AssertionError("unreachable")
 
     def _agent(self, state: _State, user_kwargs: dict[str, Any]) -> Agent:
@@ -537,11 +527,12 @@ class LocalBackend(Backend):
                 workdir,
                 info_w,
                 block_r,
+                program=(*bwrap.GATED, "/usr/bin/env", "--"),
             )
             process = Process(
                 [*argv, *request.argv],
                 env=env,
-                stdin=request.stdin,
+                stdin=bwrap.GO + (request.stdin or b""),  # fed once bwrap is released
                 sink=sink,
                 popen_kwargs={
                     "pass_fds": (info_w, block_r),

@@ -23,6 +23,7 @@ program that started its agent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import shlex
@@ -241,11 +242,16 @@ class Agent:
         """Run one command through the agent. ``AgentGone`` means the command did not
         run: the agent was not there to take it, or did not start it in time."""
         name = uuid.uuid4().hex
-        files = _ExecFiles(self._run, name, self._owner, stdin is not None)
+        script = exec_script(name, argv, env, workdir, stdin is not None, cputime)
+        try:
+            files = _ExecFiles(self._run, name, self._owner, stdin is not None, script)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoRoom(str(e)) from e
+            raise
         finished = threading.Event()
         feeder = None
         try:
-            files.write_script(exec_script(name, argv, env, workdir, stdin is not None, cputime))
             end = _ExecEnd(self, files, name)
             with self._lock:
                 self._running += 1
@@ -273,10 +279,17 @@ class AgentGone(InternalError):
     """The agent could not take an exec: it died, or it stopped answering."""
 
 
+class NoRoom(Exception):
+    """The run folder, on the sandbox's capped disk, is full: an exec's files do not
+    fit (a bwrap of its own needs none)."""
+
+
 class _ExecFiles:
     """One exec's script and FIFOs in the run folder, the host's ends open."""
 
-    def __init__(self, run: str, name: str, owner: tuple[int, int] | None, stdin: bool) -> None:
+    def __init__(
+        self, run: str, name: str, owner: tuple[int, int] | None, stdin: bool, script: str
+    ) -> None:
         self.base = os.path.join(run, name)
         self.fds: dict[str, int] = {}
         self._owner = owner
@@ -286,6 +299,9 @@ class _ExecFiles:
                 path = self._make(f"{self.base}.{kind}", fifo=True)
                 if kind != "in":  # read ends open at once; the writer may come later
                     self.fds[kind] = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            path = self._make(f"{self.base}.sh", fifo=False)
+            with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(script)
         except BaseException:
             self.remove()
             raise
@@ -300,11 +316,6 @@ class _ExecFiles:
         if self._owner is not None:
             os.chown(path, *self._owner)
         return path
-
-    def write_script(self, text: str) -> None:
-        path = self._make(f"{self.base}.sh", fifo=False)
-        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
 
     def unlink_script(self) -> None:
         """A script not started yet never will be."""

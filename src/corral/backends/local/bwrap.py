@@ -159,6 +159,15 @@ def command_line(
     return [*args, "--", *program]
 
 
+# The program of an exec's own bwrap: its command runs once the host says "go" first
+# thing on stdin, after putting the sandbox in its cgroups. bwrap takes EOF on
+# --block-fd for a release too, so a caller dying during that hand-over would let the
+# command start outside its cgroups and outlive the caller; the gate takes EOF for
+# "no". (sh's read takes a pipe byte by byte: the rest of stdin is the command's.)
+GATED = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] && exec "$@"', "sh")
+GO = b"go\n"
+
+
 def unreachable_part(path: str, uid: int) -> str | None:
     """The first folder on the way to ``path`` that user ``uid`` cannot pass, if any."""
     current = "/"

@@ -189,7 +189,7 @@ def pump(sink: OutputSink, pipes: dict[int, str], end: End, timeout: float | Non
     ended = False
     give_up: float | None = None  # after a stop, or after the end: when to stop reading
     try:
-        while pipes or not ended:
+        while True:
             now = time.monotonic()
             if not ended and not stopped and (sink.cancelled or (deadline and now >= deadline)):
                 stopped = True
@@ -200,7 +200,7 @@ def pump(sink: OutputSink, pipes: dict[int, str], end: End, timeout: float | Non
             if ended and give_up is None:  # it ended by itself
                 end.leftovers()
                 give_up = now + _DRAIN
-            if give_up is not None and now > give_up:
+            if (ended and not pipes) or (give_up is not None and now > give_up):
                 break
             for fd, _ in poller.poll(_POLL * 1000):
                 if fd == end.fd:
