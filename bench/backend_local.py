@@ -3,8 +3,10 @@
 The raw side does what corral's local backend does for a sandbox, written plainly: a
 folder with a workspace, /tmp and passwd files; memory and pids cgroups with limits
 (as root); each exec a ``bwrap`` with the same namespaces and binds, run as the same
-unprivileged host user, through ``subprocess.run``. It does not join the cgroup (that
-needs bwrap's block-fd hand-shake corral does) nor sweep stray processes afterwards.
+unprivileged host user, through ``subprocess.run``, whose child joins the cgroups
+before it drops to that user and starts bwrap (so the limits hold, as corral's do).
+It does not sweep stray processes afterwards, nor cap the sandbox's disk (corral's
+tmpfs per sandbox, as root), nor keep a process per sandbox between execs.
 """
 
 from __future__ import annotations
@@ -108,13 +110,24 @@ class RawLocalSide(Side):
         return [*args, "--", *command]
 
     def exec_true(self, handle: str) -> None:
-        user = {"user": HOST_USER[0], "group": HOST_USER[1], "extra_groups": []}
+        cgroups = self._cgroups(os.path.basename(handle))
+
+        def join_then_drop() -> None:
+            # In the child, before bwrap: into the cgroups (as root), then the host user.
+            for cgroup in cgroups:
+                fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+            os.setgroups([])
+            os.setgid(HOST_USER[1])
+            os.setuid(HOST_USER[0])
+
         done = subprocess.run(
             self.argv(handle, ["true"]),
             capture_output=True,
             env={"PATH": "/usr/bin:/bin"},
             timeout=60,
-            **(user if self.as_root else {}),  # type: ignore[arg-type]
+            preexec_fn=join_then_drop if self.as_root else None,
         )
         if done.returncode != 0:
             raise RuntimeError(f"bwrap true exited {done.returncode}: {done.stderr!r}")

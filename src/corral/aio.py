@@ -320,10 +320,22 @@ def _log_failure(future: Future[Any]) -> None:
 
 
 async def _obtain(
-    obtain: Callable[..., Sandbox], discard: Callable[[Sandbox], None], *args: Any, **kwargs: Any
+    obtain: Callable[..., Sandbox],
+    discard: Callable[[Sandbox], None],
+    *args: Any,
+    stop: Callable[[], None] | None = None,
+    **kwargs: Any,
 ) -> Sandbox:
+    """``obtain`` in a worker; on cancellation ``stop`` asks it to give up, and what it
+    obtained anyway goes to ``discard``."""
     handover = _Handover(discard)
-    sandbox = await _call(handover.run, obtain, *args, on_cancel=handover.abandon, **kwargs)
+
+    def cancelled() -> None:
+        handover.abandon()
+        if stop is not None:
+            stop()
+
+    sandbox = await _call(handover.run, obtain, *args, on_cancel=cancelled, **kwargs)
     assert sandbox is not None  # only an abandoned handover gives None
     return sandbox
 
@@ -395,7 +407,15 @@ class Pool:
     async def acquire(self, timeout: float | None = None) -> AsyncIterator[AsyncSandbox]:
         """Hand out a ready sandbox for one ``async with`` block; see ``corral.Pool.acquire``."""
         pool = self._started()
-        sandbox = await _obtain(pool.take, pool.give_back, timeout)
+        cancel = threading.Event()
+
+        def stop_waiting() -> None:
+            cancel.set()
+            pool.wake()
+
+        sandbox = await _obtain(
+            pool.take, pool.give_back, timeout, cancel=cancel, stop=stop_waiting
+        )
         try:
             yield AsyncSandbox(sandbox)
         except BaseException:

@@ -162,7 +162,7 @@ class _Core:
 
     # -- hand-out ----------------------------------------------------------------------
 
-    def take(self, timeout: float, on_empty: str) -> Sandbox:
+    def take(self, timeout: float, on_empty: str, cancel: threading.Event | None) -> Sandbox:
         """A ready sandbox checked alive, counted in use; see ``Pool.acquire``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -170,6 +170,8 @@ class _Core:
                 while True:
                     if self.closed:
                         raise SandboxClosedError("this pool is closed", backend=self.backend)
+                    if cancel is not None and cancel.is_set():
+                        raise TimeoutError("the caller stopped waiting", backend=self.backend)
                     if self.ready:
                         sandbox = self.ready.popleft()
                         self.in_use += 1
@@ -373,10 +375,17 @@ class Pool:
             raise
         self.give_back(sandbox, raise_errors=True)
 
-    def take(self, timeout: float | None = None) -> Sandbox:
+    def take(self, timeout: float | None = None, cancel: threading.Event | None = None) -> Sandbox:
         """``acquire`` in two halves, for callers that cannot hold a ``with`` block
-        (``corral.aio``): a checked sandbox, which must then go to ``give_back``."""
-        return self._core.take(self.acquire_timeout if timeout is None else timeout, self.on_empty)
+        (``corral.aio``): a checked sandbox, which must then go to ``give_back``. Setting
+        ``cancel`` (then calling ``wake``) ends the wait for one."""
+        timeout = self.acquire_timeout if timeout is None else timeout
+        return self._core.take(timeout, self.on_empty, cancel)
+
+    def wake(self) -> None:
+        """Wake the threads waiting in ``take``, to look at their ``cancel`` events."""
+        with self._core.cond:
+            self._core.cond.notify_all()
 
     def give_back(self, sandbox: Sandbox, *, raise_errors: bool = False) -> None:
         """Destroy a sandbox from ``take`` (it never returns to the pool); a failure to
