@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -81,8 +82,16 @@ class RawLocalSide(Side):
 
     def destroy(self, handle: str) -> None:
         for cgroup in self._cgroups(os.path.basename(handle)):
-            with contextlib.suppress(FileNotFoundError):
-                cgroup.rmdir()
+            # A cgroup whose last task just exited is busy until the kernel lets go of
+            # it (corral's Cgroup.remove retries the same way).
+            for _ in range(100):
+                try:
+                    cgroup.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
         shutil.rmtree(handle, ignore_errors=True)
 
     def argv(self, folder: str, command: list[str]) -> list[str]:
