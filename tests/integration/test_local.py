@@ -229,7 +229,6 @@ def test_execs_share_one_agent_even_from_threads_that_ended(make):
     worker.join()
     time.sleep(0.2)
     assert sb.exec(AGENT_START).text == first[0]
-    assert sb.usage().pids <= AGENT_PROCESSES + 1  # the last script may be exiting
 
 
 def test_an_agent_killed_from_outside_ends_its_exec_and_is_replaced(make):

@@ -76,9 +76,12 @@ def host_loopback_service() -> Iterator[tuple[int, list[object]]]:
 
 
 # Loopback inside the sandbox: a listener and a client, both its own.
+# Retried until the listener is up, then read once it has closed: no sleep to guess how
+# long a loaded machine needs (the fixed 0.5 s wait once lost that race in CI).
 OWN_LOOPBACK = (
-    "busybox nc -l -p 7777 127.0.0.1 > /tmp/got & sleep 0.5; "
-    "echo hello | busybox nc -w 2 127.0.0.1 7777; sleep 0.3; cat /tmp/got"
+    "busybox nc -l -p 7777 127.0.0.1 > /tmp/got & listener=$!; i=0; "
+    "until echo hello | busybox nc -w 2 127.0.0.1 7777 2>/dev/null; do "
+    "i=$((i+1)); [ $i -ge 100 ] && break; sleep 0.1; done; wait $listener; cat /tmp/got"
 )
 
 
@@ -97,7 +100,7 @@ def test_t73_only_loopback_exists_and_nothing_routes_out(sandbox):
     assert len(sb.exec(["cat", "/proc/net/route"]).text.splitlines()) == 1  # the header
     for line in sb.exec(["cat", "/proc/net/ipv6_route"]).text.splitlines():
         assert line.split()[-1] == "lo", line
-    assert sh(sb, OWN_LOOPBACK).text == "hello\n"  # the twin: its own loopback works
+    assert sh(sb, OWN_LOOPBACK, timeout=60).text == "hello\n"  # the twin: its loopback works
 
 
 def test_t73_the_hosts_loopback_services_are_out_of_reach(sandbox, host_loopback_service):
