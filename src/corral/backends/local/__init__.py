@@ -467,7 +467,12 @@ class LocalBackend(Backend):
             except AgentGone as e:
                 agent.stop()
                 if attempt:
-                    raise InternalError(str(e), backend=self.name, sandbox_id=state.id) from e
+                    raise InternalError(
+                        f"{e}, twice: something in the sandbox stops or kills its agent; "
+                        "retry the exec, or close the sandbox and make a new one",
+                        backend=self.name,
+                        sandbox_id=state.id,
+                    ) from e
             except NoRoom:  # a full sandbox still takes commands, as a container does
                 ids = state.spec.uid_gid()
                 return self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]

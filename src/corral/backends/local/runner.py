@@ -253,7 +253,8 @@ class _ExitOf:
         return True
 
     def ended(self) -> bool:
-        return self._process.popen.poll() is not None
+        # With a pidfd the poll reports the exit; without one, ask on every round.
+        return self.fd is None and self._process.popen.poll() is not None
 
     def stop(self) -> None:
         self._process.kill()
