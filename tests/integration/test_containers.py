@@ -206,6 +206,18 @@ def test_memory_bomb_is_reported_as_oom(box):
     assert not sb.exec(["true"]).oom_killed
 
 
+def test_an_oom_kill_takes_an_exec_never_the_process_that_keeps_the_sandbox(box):
+    # CI once saw a bomb's second OOM kill take `sleep` (the keep-alive) after its first
+    # took the bomb, and the sandbox ended. Execs now rank first for the OOM killer.
+    sb = box(memory="32MiB")
+    script = "cat /proc/self/oom_score_adj /proc/1/oom_score_adj"
+    script += "; for c in $(cat /proc/1/task/1/children); do cat /proc/$c/oom_score_adj; done"
+    exec_adj, init_adj, *children_adj = sb.exec(["sh", "-c", script]).text.split()
+    assert exec_adj == "500"
+    assert init_adj == "0"
+    assert children_adj == ["0"]
+
+
 # -- exec ---------------------------------------------------------------------------------------
 
 

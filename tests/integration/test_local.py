@@ -218,6 +218,16 @@ def test_the_first_exec_has_a_bwrap_of_its_own_and_the_rest_share_an_agent(make)
     assert sb.exec(AGENT_START).text == sb.exec(AGENT_START).text
 
 
+def test_an_oom_kill_takes_an_exec_never_the_agent(make):
+    sb = make()
+    own = sb.exec(["cat", "/proc/self/oom_score_adj"]).text  # its own bwrap
+    through_agent = sb.exec(["cat", "/proc/self/oom_score_adj", "/proc/1/oom_score_adj"])
+    exec_adj, init_adj = through_agent.text.split()
+    assert (own.strip(), exec_adj, init_adj) == ("500", "500", "0")
+    script_and_agent = ["cat", "/proc/$PPID/oom_score_adj", "/proc/2/oom_score_adj"]
+    assert sb.exec(["sh", "-c", " ".join(script_and_agent)]).text.split() == ["500", "0"]
+
+
 def test_execs_share_one_agent_even_from_threads_that_ended(make):
     sb = make()
     sb.exec(["true"])  # the next exec starts the agent

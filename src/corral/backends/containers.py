@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import posixpath
 import re
 import select
@@ -380,6 +381,8 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
     expect("Memory", hc.get("Memory") == plan_.memory, plan_.memory)
     expect("MemorySwap", hc.get("MemorySwap") == plan_.memory, plan_.memory)
     expect("PidsLimit", hc.get("PidsLimit") == plan_.pids, plan_.pids)
+    adj = sweep.EXEC_OOM_SCORE_ADJ  # every process's; the keep-alive's is lowered later
+    expect("OomScoreAdj", hc.get("OomScoreAdj") == adj, adj)
     if plan_.nano_cpus is not None:
         expect("NanoCpus", hc.get("NanoCpus") == plan_.nano_cpus, plan_.nano_cpus)
     if plan_.network == "none":
@@ -410,6 +413,14 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
             problems.append(f"mount {bind.target} is {found!r}, wanted read_only={bind.read_only}")
     if problems:
         raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
 
 
 def wait_until_gone(
@@ -816,6 +827,17 @@ class HostView:
             with contextlib.suppress(OSError):
                 return frozen.read_text().strip() == "0"
         return True
+
+    def spare_keepalive(self) -> None:
+        """Take the container's init and its children (``sleep``, or the spec's
+        ``timeout``) back to OOM score adjustment 0, below the execs' (the engine gives
+        every process of the container sweep.EXEC_OOM_SCORE_ADJ). The init goes first,
+        so that a child it forks meanwhile inherits 0. Exec processes are never its
+        children (the engine's shim or conmon starts them). Without the right to
+        (another user's processes), the keep-alive stays level with the execs."""
+        for pid in [self.init_pid, *_children(self.init_pid)]:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/oom_score_adj").write_text("0")
 
     def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
         """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``;

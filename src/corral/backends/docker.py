@@ -31,7 +31,7 @@ from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
-from . import containers, engine_versions
+from . import containers, engine_versions, sweep
 from .containers import HostView
 
 __all__ = ["DockerBackend", "DockerSettings"]
@@ -292,6 +292,7 @@ class DockerBackend(Backend):
             init=True,
             auto_remove=True,  # PID 1 ends with the lifetime; the engine then removes it
             log_config={"type": "none"},
+            oom_score_adj=sweep.EXEC_OOM_SCORE_ADJ,
             network_mode=plan.network_name,  # a bridged sandbox's own network
         )
         host_config["MaskedPaths"] = plan.masked_paths
@@ -399,6 +400,8 @@ class DockerBackend(Backend):
             with self._engine(sandbox_id):
                 state = self.api().inspect_container(containers.container_name(sandbox_id))
             view = HostView.find(state["Id"], int(state["State"].get("Pid") or 0))
+            if view is not None:
+                view.spare_keepalive()
             self._views[sandbox_id] = view
         return self._views[sandbox_id]
 

@@ -40,7 +40,7 @@ from ..core.hookspecs import hookimpl
 from ..core.output import OutputSink
 from ..core.results import Health, ResourceUsage, SandboxInfo
 from ..core.spec import ExecRequest, SandboxSpec, choice_field, duration_field, size_field
-from . import containers, engine_versions, podman_seccomp
+from . import containers, engine_versions, podman_seccomp, sweep
 from .containers import HostView
 
 __all__ = ["PodmanBackend", "PodmanSettings"]
@@ -367,6 +367,7 @@ class PodmanBackend(Backend):
             "init": True,
             "remove": True,  # PID 1 ends with the lifetime; Podman then removes it
             "log_configuration": {"driver": "none"},
+            "oom_score_adj": sweep.EXEC_OOM_SCORE_ADJ,
             "mask": plan.masked_paths,
         }
         for option in plan.security_opt:
@@ -523,9 +524,10 @@ class PodmanBackend(Backend):
     def _view(self, sandbox_id: str) -> HostView | None:
         if sandbox_id not in self._views:
             state = self._inspect(sandbox_id)
-            self._views[sandbox_id] = HostView.find(
-                state["Id"], int(state["State"].get("Pid") or 0)
-            )
+            view = HostView.find(state["Id"], int(state["State"].get("Pid") or 0))
+            if view is not None:
+                view.spare_keepalive()
+            self._views[sandbox_id] = view
         return self._views[sandbox_id]
 
     def destroy(self, sandbox_id: str) -> None:

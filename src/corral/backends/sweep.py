@@ -16,6 +16,14 @@ from pathlib import Path
 
 MARKER = "CORRAL_EXEC"
 
+# An exec's processes rank first for the kernel's OOM killer: when a memory bomb fills
+# its sandbox, the kill takes the exec's processes and never the one whose end would
+# end the sandbox (CI saw a bomb's second OOM kill take a container's keep-alive
+# `sleep` after its first took the bomb), nor a local sandbox's agent. On the host,
+# sandboxed processes go before the host's own. Raising the score needs no privilege.
+EXEC_OOM_SCORE_ADJ = 500
+RANK_FIRST_FOR_OOM = f"{{ echo {EXEC_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; }} 2>/dev/null; "
+
 
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -74,7 +74,7 @@ def exec_script(
     # the command itself holds neither the status FIFO nor anything of the agent's.
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
     return (
-        f"exec 9>{at}.status >{at}.out 2>{at}.err\n"
+        f"{sweep.RANK_FIRST_FOR_OOM}exec 9>{at}.status >{at}.out 2>{at}.err\n"
         "echo started >&9\n"
         f"( exec 9>&- <{source}; {limit}"
         f"cd -- {q(workdir)} 2>/dev/null || "

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import attrs
 
 from ...core.spec import Mount, SandboxSpec, Tmpfs
+from .. import sweep
 
 # Host files a dynamically linked program needs; never the rest of /etc (shadow, keys).
 _ETC_FILES = (
@@ -164,7 +165,12 @@ def command_line(
 # --block-fd for a release too, so a caller dying during that hand-over would let the
 # command start outside its cgroups and outlive the caller; the gate takes EOF for
 # "no". (sh's read takes a pipe byte by byte: the rest of stdin is the command's.)
-GATED = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] && exec "$@"', "sh")
+GATED = (
+    "/bin/sh",
+    "-c",
+    sweep.RANK_FIRST_FOR_OOM + 'IFS= read -r go && [ "$go" = go ] && exec "$@"',
+    "sh",
+)
 GO = b"go\n"
 
 
