@@ -228,6 +228,44 @@ def test_an_oom_kill_takes_an_exec_never_the_agent(make):
     assert sb.exec(["sh", "-c", " ".join(script_and_agent)]).text.split() == ["500", "0"]
 
 
+def _cgroups_of_an_exec(sb: corral.Sandbox) -> list[set[str]]:
+    """The memory and pids cgroups of each host process of a running exec: its shell,
+    then each parent up to the one this program started (bwrap, or the command)."""
+    token = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(sb.exec, ["sh", "-c", f"sleep 30; : {token}"], timeout=60)
+
+        def shells() -> list[psutil.Process]:  # bwrap's argv holds the token too
+            return [p for p in _host_processes_with(token) if p.info["cmdline"][0] == "sh"]
+
+        deadline = time.monotonic() + 30
+        while not shells() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [shell] = shells()
+        found, process = [], shell
+        while process is not None and process.pid != os.getpid():
+            lines = Path(f"/proc/{process.pid}/cgroup").read_text().splitlines()
+            fields = [line.split(":", 2) for line in lines]
+            found.append({path for _, kinds, path in fields if kinds in ("memory", "pids")})
+            process = process.parent()
+        shell.kill()
+        assert running.result().exit_code == 137
+    return found
+
+
+def test_every_process_of_an_exec_is_in_the_sandboxs_cgroups_bwrap_included(make):
+    # Each joins them between fork and exec (child.py): nothing runs outside the
+    # limits at any moment, and bwrap's own memory and process count are the sandbox's.
+    sb = make()
+    here = {f"/corral/corral-{sb.id}"}
+    own_bwrap = _cgroups_of_an_exec(sb)
+    assert len(own_bwrap) == 3 and all(c == here for c in own_bwrap)  # sh, init, bwrap
+    through_agent = _cgroups_of_an_exec(sb)
+    assert len(through_agent) == 4 and all(c == here for c in through_agent)  # + script
+    unisolated = make(security=UNSAFE_LOCAL)
+    assert _cgroups_of_an_exec(unisolated) == [{f"/corral/corral-{unisolated.id}"}]
+
+
 def test_execs_share_one_agent_even_from_threads_that_ended(make):
     sb = make()
     sb.exec(["true"])  # the next exec starts the agent

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import attrs
@@ -42,7 +42,8 @@ from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
 from ...core.results import ResourceUsage, SandboxInfo
 from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
-from . import bwrap, disk, files
+from .. import sweep
+from . import bwrap, child, disk, files
 from .agent import AGENT, Agent, AgentGone, NoRoom
 from .cgroups import Cgroup, CgroupLayout
 from .runner import Process
@@ -163,6 +164,7 @@ class LocalBackend(Backend):
         self.root = os.path.join(base, "local")
         self._states: dict[str, _State] = {}
         self._lock = threading.Lock()
+        self._root_ready = False
 
     # -- what this host allows ------------------------------------------------------
 
@@ -229,10 +231,7 @@ class LocalBackend(Backend):
             )
         self._check_reachable(spec)
         folder = os.path.join(self.root, sandbox_id)
-        os.makedirs(self.root, mode=0o711, exist_ok=True)
-        for path in (os.path.dirname(self.root), self.root):
-            os.chmod(path, 0o711)  # the host user must reach its own sandbox folder
-        os.mkdir(folder, 0o711)
+        self._make_folder(folder)
         state = _State(
             sandbox_id,
             folder,
@@ -266,7 +265,7 @@ class LocalBackend(Backend):
                 )
             meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
             with open(os.path.join(folder, "meta.json"), "w") as f:
-                json.dump(meta, f)
+                f.write(json.dumps(meta))  # dump() writes piece by piece, from Python
         except BaseException:
             self._remove_folder(folder)
             if state.cgroup is not None:
@@ -274,6 +273,18 @@ class LocalBackend(Backend):
             raise
         with self._lock:
             self._states[sandbox_id] = state
+
+    def _make_folder(self, folder: str) -> None:
+        """A sandbox's folder; the state folder is made and opened up on the first."""
+        if self._root_ready:
+            with contextlib.suppress(FileNotFoundError):  # removed from outside: remade
+                os.mkdir(folder, 0o711)
+                return
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        for path in (os.path.dirname(self.root), self.root):
+            os.chmod(path, 0o711)  # the host user must reach its own sandbox folder
+        self._root_ready = True
+        os.mkdir(folder, 0o711)
 
     def _check_reachable(self, spec: SandboxSpec) -> None:
         """Sandboxes run as an unprivileged host user, who must reach every mount source."""
@@ -369,10 +380,22 @@ class LocalBackend(Backend):
         shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows links
 
     def _sweep_expired(self) -> None:
+        """Destroy every program's expired sandboxes: a local sandbox has no process of
+        its own that ends with its lifetime. Each create asks, so a known sandbox costs
+        a lookup here, not a read of its folder."""
         now = time.time()
-        for info in self.list():
-            if info.expires <= now:
-                self.destroy(info.id)
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        for name in names:
+            with self._lock:
+                state = self._states.get(name)
+            if state is None:
+                with contextlib.suppress(NotFoundError):
+                    state = self._state(name)
+            if state is not None and state.expires <= now:
+                self.destroy(name)
 
     # -- exec -----------------------------------------------------------------------
 
@@ -412,9 +435,6 @@ class LocalBackend(Backend):
         workdir = request.workdir or spec.workdir
         ids = spec.uid_gid() if request.user is None else _user_ids(request.user)
         env = self._env(state, request, workdir)
-        user_kwargs: dict[str, Any] = {}
-        if self._run_as is not None:
-            user_kwargs = {"user": self._run_as[0], "group": self._run_as[1], "extra_groups": []}
         oom_before = state.cgroup.oom_kills() if state.cgroup else 0
         with state.agent_lock:
             first = state.execs == 0
@@ -423,11 +443,11 @@ class LocalBackend(Backend):
         # own, which costs less than an agent started for it (a one-shot sandbox, a CLI
         # call, a pool's sandbox used once); so does a command of another user.
         if spec.security.isolate and ids == spec.uid_gid() and not first:
-            status = self._exec_by_agent(state, request, sink, env, workdir, user_kwargs)
+            status = self._exec_by_agent(state, request, sink, env, workdir)
         elif spec.security.isolate:
-            status = self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
+            status = self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
         else:
-            status = self._exec_unisolated(state, request, sink, env, workdir, user_kwargs)
+            status = self._exec_unisolated(state, request, sink, env, workdir)
         # OOM kills counted during this exec only (T35): a child's kill is an event, and
         # the command itself was killed for memory only when it also died of SIGKILL.
         oom_events = max(0, state.cgroup.oom_kills() - oom_before) if state.cgroup else 0
@@ -446,14 +466,13 @@ class LocalBackend(Backend):
         sink: OutputSink,
         env: dict[str, str],
         workdir: str,
-        user_kwargs: dict[str, Any],
     ) -> ExecStatus:
         """The usual exec: forked by the sandbox's agent, which is started when this
         program has none running for it. A command the agent failed to take (killed or
         stopped by the sandbox's own code) goes to a new agent once."""
         cputime = state.spec.limits.cputime
         for attempt in range(2):
-            agent = self._agent(state, user_kwargs)
+            agent = self._agent(state)
             try:
                 return agent.exec(
                     list(request.argv),
@@ -475,19 +494,30 @@ class LocalBackend(Backend):
                     ) from e
             except NoRoom:  # a full sandbox still takes commands, as a container does
                 ids = state.spec.uid_gid()
-                return self._exec_isolated(state, request, sink, env, workdir, ids, user_kwargs)  # type: ignore[arg-type]
+                return self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
         raise AssertionError("unreachable")
 
-    def _agent(self, state: _State, user_kwargs: dict[str, Any]) -> Agent:
+    def _child_setup(self, state: _State, *, agent: bool = False) -> Callable[[], None]:
+        """The ``preexec_fn`` of a sandbox's process (see child.py). The agent keeps no
+        CPU-time limit (each exec's script sets its own) and the host's OOM score, so an
+        OOM kill takes an exec's processes first."""
+        return child.setup(
+            cgroup_procs=state.cgroup.procs_files() if state.cgroup else [],
+            run_as=self._run_as,
+            limits=self._rlimits(state.spec, cputime=not agent),
+            oom_score_adj=None if agent else sweep.EXEC_OOM_SCORE_ADJ,
+        )
+
+    def _agent(self, state: _State) -> Agent:
         with state.agent_lock:
             if state.agent is not None and state.agent.alive():
                 return state.agent
             if state.agent is not None:
                 state.agent.stop()
-            spec, cgroup = state.spec, state.cgroup
+            spec = state.spec
             uid, gid = spec.uid_gid()  # type: ignore[misc]
             state.agent = Agent(
-                lambda info_fd, block_fd: bwrap.command_line(
+                lambda info_fd: bwrap.command_line(
                     self._bwrap,  # type: ignore[arg-type]
                     spec,
                     state.layout,
@@ -495,17 +525,12 @@ class LocalBackend(Backend):
                     gid,
                     spec.workdir,
                     info_fd,
-                    block_fd,
                     program=("/bin/sh", "-c", AGENT),
                 ),
                 env={"PATH": _PATH},
-                popen_kwargs={
-                    "preexec_fn": _rlimit_setter(self._rlimits(spec, cputime=False)),
-                    **user_kwargs,
-                },
+                preexec_fn=self._child_setup(state, agent=True),
                 run_folder=state.layout.run,
                 owner=self._owner(),
-                cgroup_add=cgroup.add if cgroup else lambda pid: None,
             )
             return state.agent
 
@@ -517,11 +542,9 @@ class LocalBackend(Backend):
         env: dict[str, str],
         workdir: str,
         ids: tuple[int, int],
-        user_kwargs: dict[str, Any],
     ) -> ExecStatus:
         spec = state.spec
         info_r, info_w = os.pipe()
-        block_r, block_w = os.pipe()
         try:
             argv = bwrap.command_line(
                 self._bwrap,
@@ -531,31 +554,21 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
-                block_r,
-                program=(*bwrap.GATED, "/usr/bin/env", "--"),
             )
             process = Process(
                 [*argv, *request.argv],
                 env=env,
-                stdin=bwrap.GO + (request.stdin or b""),  # fed once bwrap is released
+                stdin=request.stdin,
                 sink=sink,
-                popen_kwargs={
-                    "pass_fds": (info_w, block_r),
-                    "preexec_fn": _rlimit_setter(self._rlimits(spec)),
-                    **user_kwargs,
-                },
-                bwrap_fds=(info_w, block_r),
+                popen_kwargs={"pass_fds": (info_w,), "preexec_fn": self._child_setup(state)},
+                info_fd=info_w,
             )
         except BaseException:
-            for fd in (info_r, block_w):
-                os.close(fd)
+            os.close(info_r)
             raise
         state.running.add(process)
         try:
-            # The sandbox waits on --block-fd until it is in its cgroup, so nothing it
-            # forks can start outside the limits.
-            cgroup = state.cgroup
-            process.wait_for_bwrap(info_r, block_w, cgroup.add if cgroup else lambda pid: None)
+            process.read_bwrap_info(info_r)
             return process.supervise(request.timeout, lambda: None)
         finally:
             state.running.discard(process)
@@ -567,7 +580,6 @@ class LocalBackend(Backend):
         sink: OutputSink,
         env: dict[str, str],
         workdir: str,
-        user_kwargs: dict[str, Any],
     ) -> ExecStatus:
         layout = state.layout
         marker = uuid.uuid4().hex
@@ -588,8 +600,7 @@ class LocalBackend(Backend):
                 popen_kwargs={
                     "cwd": cwd,
                     "start_new_session": True,
-                    "preexec_fn": _rlimit_setter(self._rlimits(state.spec)),
-                    **user_kwargs,
+                    "preexec_fn": self._child_setup(state),
                 },
             )
         except FileNotFoundError as e:
@@ -598,11 +609,6 @@ class LocalBackend(Backend):
         except PermissionError as e:
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
             return ExecStatus(exit_code=126)
-        if state.cgroup is not None:
-            # Unisolated commands join the cgroup just after they start (a brief window
-            # in which a fork would escape it; the marker sweep still finds such forks).
-            with contextlib.suppress(OSError):
-                state.cgroup.add(process.popen.pid)
         state.running.add(process)
 
         def kill_tree() -> None:
@@ -682,20 +688,6 @@ class LocalBackend(Backend):
             pids=count,
             timestamp=time.time(),
         )
-
-
-def _rlimit_setter(limits: list[tuple[int, tuple[int, int]]]) -> Any:
-    """A preexec function that lowers rlimits in the child before it runs anything.
-
-    (prlimit on the running sandbox would need CAP_SYS_RESOURCE, which a root inside
-    a container often lacks; lowering one's own limits needs nothing.)
-    """
-
-    def lower_limits() -> None:
-        for kind, value in limits:
-            resource.setrlimit(kind, value)
-
-    return lower_limits
 
 
 def _user_ids(user: str) -> tuple[int, int]:

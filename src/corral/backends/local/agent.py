@@ -40,7 +40,7 @@ from ...core.errors import InternalError
 from ...core.output import OutputSink
 from .. import sweep
 from .bwrap import AGENT_DIR
-from .runner import kill, pump, release_bwrap
+from .runner import kill, popen, pump, read_child_pid
 
 # The agent itself: each line on its stdin names an exec, whose script runs in the
 # background with the exec's marker in its environment (and so in its children's). It
@@ -50,7 +50,8 @@ AGENT = (
     "exec >/dev/null 2>&1; while IFS= read -r name; do ( "
     f'{sweep.MARKER}="$name" /bin/sh "{AGENT_DIR}/$name.sh" </dev/null & ); done'
 )
-AGENT_PROCESSES = 2  # what a sandbox with an agent holds between execs: bwrap's init, sh
+# What a sandbox with an agent holds between execs: bwrap, its init in the sandbox, sh.
+AGENT_PROCESSES = 3
 START_WITHIN = 30.0  # seconds for the agent to start an exec before it counts as hung
 _FEED_CHUNK = 64 * 1024
 
@@ -126,47 +127,44 @@ class Agent:
 
     def __init__(
         self,
-        command_line: Callable[[int, int], list[str]],
+        command_line: Callable[[int], list[str]],
         *,
         env: dict[str, str],
-        popen_kwargs: dict[str, Any],
+        preexec_fn: Callable[[], None],
         run_folder: str,
         owner: tuple[int, int] | None,
-        cgroup_add: Callable[[int], None],
     ) -> None:
-        """Start bwrap with ``command_line(info_fd, block_fd)``, whose command must be
-        AGENT, and release it into the sandbox's cgroups."""
+        """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT;
+        ``preexec_fn`` puts it into the sandbox's cgroups and user (child.setup)."""
         self._run = run_folder
         self._owner = owner
         self._lock = threading.Lock()
         self._running = 0  # execs of this program in flight
         self._agent_pid: int | None = None
         info_r, info_w = os.pipe()
-        block_r, block_w = os.pipe()
         requests, self._requests = os.pipe()
-        argv = command_line(info_w, block_r)
+        argv = command_line(info_w)
         try:
             self.popen: subprocess.Popen[bytes] = _spawner.run(
-                lambda: subprocess.Popen(
+                lambda: popen(
                     argv,
                     stdin=requests,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,  # bwrap's own complaints, read if it fails
                     env=env,
-                    close_fds=True,
-                    pass_fds=(info_w, block_r),
-                    **popen_kwargs,
+                    pass_fds=(info_w,),
+                    preexec_fn=preexec_fn,
                 )
             )
         except BaseException:
-            for fd in (info_r, block_w, self._requests):
+            for fd in (info_r, self._requests):
                 os.close(fd)
             raise
         finally:
-            for fd in (requests, info_w, block_r):
+            for fd in (requests, info_w):
                 os.close(fd)  # the child's ends
         try:
-            self.init_pid = release_bwrap(self.popen, info_r, block_w, cgroup_add)
+            self.init_pid = read_child_pid(self.popen, info_r)
         except BaseException:
             os.close(self._requests)
             self.popen.stderr.close()  # type: ignore[union-attr]

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import attrs
 
 from ...core.spec import Mount, SandboxSpec, Tmpfs
-from .. import sweep
 
 # Host files a dynamically linked program needs; never the rest of /etc (shadow, keys).
 _ETC_FILES = (
@@ -109,7 +108,6 @@ def command_line(
     gid: int,
     workdir: str,
     info_fd: int,
-    block_fd: int,
     program: Sequence[str] = ("/usr/bin/env", "--"),
 ) -> list[str]:
     """bwrap's argv up to the command, which follows ``program`` (an exec's by default).
@@ -155,23 +153,9 @@ def command_line(
     args += ["--ro-bind", layout.run, AGENT_DIR]  # last: no mount of the spec's hides it
     if spec.security.read_only_root:
         args += ["--remount-ro", "/"]
-    args += ["--chdir", workdir, "--info-fd", str(info_fd), "--block-fd", str(block_fd)]
+    args += ["--chdir", workdir, "--info-fd", str(info_fd)]
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
     return [*args, "--", *program]
-
-
-# The program of an exec's own bwrap: its command runs once the host says "go" first
-# thing on stdin, after putting the sandbox in its cgroups. bwrap takes EOF on
-# --block-fd for a release too, so a caller dying during that hand-over would let the
-# command start outside its cgroups and outlive the caller; the gate takes EOF for
-# "no". (sh's read takes a pipe byte by byte: the rest of stdin is the command's.)
-GATED = (
-    "/bin/sh",
-    "-c",
-    sweep.RANK_FIRST_FOR_OOM + 'IFS= read -r go && [ "$go" = go ] && exec "$@"',
-    "sh",
-)
-GO = b"go\n"
 
 
 def unreachable_part(path: str, uid: int) -> str | None:

@@ -137,10 +137,9 @@ class Cgroup:
             _write(f / "cpu.cfs_period_us", str(period))
             _write(f / "cpu.cfs_quota_us", str(int(cpus * period)))
 
-    def add(self, pid: int) -> None:
-        """Move a process (before it runs the command) into every hierarchy."""
-        for folder in self.folders.values():
-            _write(folder / "cgroup.procs", str(pid))
+    def procs_files(self) -> list[str]:
+        """The files a process writes its own pid to, to join every hierarchy."""
+        return [str(folder / "cgroup.procs") for folder in self.folders.values()]
 
     def pids(self) -> list[int]:
         for folder in self.folders.values():

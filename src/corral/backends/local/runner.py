@@ -43,28 +43,27 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
     return None
 
 
-def release_bwrap(
-    popen: subprocess.Popen[bytes], info_fd: int, block_fd: int, prepare: Callable[[int], None]
-) -> int:
-    """Read the pid of a sandbox that bwrap holds on --block-fd, let ``prepare`` apply
-    limits to it (so nothing it forks starts outside them), then release it."""
-    child_pid = None
+def read_child_pid(popen: subprocess.Popen[bytes], info_fd: int) -> int:
+    """The host pid of bwrap's child, the sandbox's init, from --info-fd (closed here)."""
     try:
         info = _read_info(info_fd, time.monotonic() + 30)
         if info is None:
-            raise _failed(popen, child_pid)
-        child_pid = int(info["child-pid"])
-        try:
-            prepare(child_pid)
-        except ProcessLookupError:
-            raise _failed(popen, child_pid) from None
-        os.write(block_fd, b"go")
-        return child_pid
+            raise _failed(popen, None)
+        return int(info["child-pid"])
     except BaseException:
-        kill(popen, child_pid)
+        kill(popen, None)
         raise
-    finally:
-        os.close(block_fd)
+
+
+def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, with a failed child setup (see child.py) said plainly."""
+    try:
+        return subprocess.Popen(argv, close_fds=True, **kwargs)
+    except subprocess.SubprocessError as e:  # the preexec_fn raised; its errno is lost
+        raise InternalError(
+            "the sandbox's process could not join its cgroups, take its host user or "
+            f"lower its limits before starting: {e}"
+        ) from e
 
 
 def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
@@ -83,7 +82,7 @@ def _failed(popen: subprocess.Popen[bytes], child_pid: int | None) -> InternalEr
 
 
 class Process:
-    """One command, started blocked (bwrap) or directly, then supervised to its end."""
+    """One command, through bwrap or directly, supervised to its end."""
 
     def __init__(
         self,
@@ -93,29 +92,27 @@ class Process:
         stdin: bytes | None,
         sink: OutputSink,
         popen_kwargs: dict[str, Any],
-        bwrap_fds: tuple[int, int] | None = None,
+        info_fd: int | None = None,
     ) -> None:
         self.sink = sink
         self._stdin = stdin
         self.child_pid: int | None = None
         try:
-            self.popen = subprocess.Popen(
+            self.popen = popen(
                 argv,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
-                close_fds=True,
                 **popen_kwargs,
             )
         finally:
-            if bwrap_fds is not None:
-                for fd in bwrap_fds:  # the child's ends; the parent must not hold them
-                    os.close(fd)
+            if info_fd is not None:  # the child's end; the parent must not hold it
+                os.close(info_fd)
 
-    def wait_for_bwrap(self, info_fd: int, block_fd: int, prepare: Callable[[int], None]) -> None:
-        """Read the sandbox's pid, let ``prepare`` apply limits to it, then release it."""
-        self.child_pid = release_bwrap(self.popen, info_fd, block_fd, prepare)
+    def read_bwrap_info(self, info_fd: int) -> None:
+        """Learn the pid of the sandbox's init, to kill its namespace at the end."""
+        self.child_pid = read_child_pid(self.popen, info_fd)
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (ending its pid namespace) and the host process."""
