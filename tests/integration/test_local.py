@@ -33,11 +33,27 @@ def _host_processes_with(token: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(params=["util-linux", "preexec_fn"])
+def launch(request: pytest.FixtureRequest, make, monkeypatch: pytest.MonkeyPatch):
+    """``make``, with the sandbox's processes started one way or the other (child.py):
+    through setpriv and prlimit, or by a preexec_fn where those are missing."""
+
+    def _launch(**keywords: object) -> corral.Sandbox:
+        sb = make(**keywords)
+        if request.param == "preexec_fn":
+            monkeypatch.setattr(sb.backend, "_tools", None)
+        else:
+            assert sb.backend._tools is not None, "util-linux's setpriv and prlimit are missing"
+        return sb
+
+    return _launch
+
+
 # -- exec semantics ----------------------------------------------------------------------
 
 
-def test_exit_codes_are_the_commands_own(make):
-    sb = make()
+def test_exit_codes_are_the_commands_own(launch):
+    sb = launch()
     assert sb.exec(["true"]).exit_code == 0
     assert sb.exec(["sh", "-c", "exit 3"]).exit_code == 3
     assert sb.exec(["/no/such/cmd"]).exit_code == 127
@@ -58,17 +74,17 @@ def test_argv_is_never_a_shell(make):
         sb.exec([])
 
 
-def test_binary_stdin_round_trips(make):
-    sb = make()
+def test_binary_stdin_round_trips(launch):
+    sb = launch()
     data = os.urandom(1536 * 1024)
     result = sb.exec(["sha256sum"], stdin=data)
     assert result.text.split()[0] == hashlib.sha256(data).hexdigest()
     assert sb.exec(["cat"], stdin="héllo").text == "héllo"
 
 
-def test_environment_comes_only_from_the_spec(make, monkeypatch):
+def test_environment_comes_only_from_the_spec(launch, monkeypatch):
     monkeypatch.setenv("CORRALTEST_HOST_SECRET", "leaked")
-    sb = make(env={"FROM_SPEC": "1"})
+    sb = launch(env={"FROM_SPEC": "1"})
     env = sb.exec(["env"], env={"FROM_CALL": "2"}).text
     assert "CORRALTEST_HOST_SECRET" not in env
     assert "FROM_SPEC=1" in env and "FROM_CALL=2" in env
@@ -154,13 +170,13 @@ def test_command_that_ignores_sigterm_is_still_stopped(make):
 # -- limits -------------------------------------------------------------------------------
 
 
-def test_rlimits_are_applied(make):
-    sb = make(nofile=77)
+def test_rlimits_are_applied(launch):
+    sb = launch(nofile=77)
     assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "77"
 
 
-def test_cpu_time_limit_stops_a_spinning_command(make):
-    sb = make(cputime="1s")
+def test_cpu_time_limit_stops_a_spinning_command(launch):
+    sb = launch(cputime="1s")
     started = time.monotonic()
     result = sb.exec(["sh", "-c", "while :; do :; done"], timeout=30)
     assert time.monotonic() - started < 20
@@ -168,8 +184,8 @@ def test_cpu_time_limit_stops_a_spinning_command(make):
     assert result.signal in (9, 24)  # SIGKILL or SIGXCPU
 
 
-def test_memory_bomb_is_killed_and_reported(make):
-    sb = make(memory="64MiB")
+def test_memory_bomb_is_killed_and_reported(launch):
+    sb = launch(memory="64MiB")
     # tail keeps the whole (newline-free) line in memory
     result = sb.exec(
         ["sh", "-c", "head -c 400000000 /dev/zero | tail -n 1 > /dev/null"], timeout=60
@@ -180,8 +196,8 @@ def test_memory_bomb_is_killed_and_reported(make):
     assert sb.exec(["echo", "alive"]).text == "alive\n"
 
 
-def test_fork_bomb_is_contained(make):
-    sb = make(pids=64)
+def test_fork_bomb_is_contained(launch):
+    sb = launch(pids=64)
     sb.exec(["true"])  # the bomb is the second exec: the agent's
     # The shell stays for the bomb to hit the limit: `wait` alone returns at once (each
     # generation backgrounds the next), and the exec ends everything when its shell does.
@@ -218,8 +234,8 @@ def test_the_first_exec_has_a_bwrap_of_its_own_and_the_rest_share_an_agent(make)
     assert sb.exec(AGENT_START).text == sb.exec(AGENT_START).text
 
 
-def test_an_oom_kill_takes_an_exec_never_the_agent(make):
-    sb = make()
+def test_an_oom_kill_takes_an_exec_never_the_agent(launch):
+    sb = launch()
     own = sb.exec(["cat", "/proc/self/oom_score_adj"]).text  # its own bwrap
     through_agent = sb.exec(["cat", "/proc/self/oom_score_adj", "/proc/1/oom_score_adj"])
     exec_adj, init_adj = through_agent.text.split()
@@ -253,16 +269,16 @@ def _cgroups_of_an_exec(sb: corral.Sandbox) -> list[set[str]]:
     return found
 
 
-def test_every_process_of_an_exec_is_in_the_sandboxs_cgroups_bwrap_included(make):
+def test_every_process_of_an_exec_is_in_the_sandboxs_cgroups_bwrap_included(launch):
     # Each joins them between fork and exec (child.py): nothing runs outside the
     # limits at any moment, and bwrap's own memory and process count are the sandbox's.
-    sb = make()
+    sb = launch()
     here = {f"/corral/corral-{sb.id}"}
     own_bwrap = _cgroups_of_an_exec(sb)
     assert len(own_bwrap) == 3 and all(c == here for c in own_bwrap)  # sh, init, bwrap
     through_agent = _cgroups_of_an_exec(sb)
     assert len(through_agent) == 4 and all(c == here for c in through_agent)  # + script
-    unisolated = make(security=UNSAFE_LOCAL)
+    unisolated = launch(security=UNSAFE_LOCAL)
     assert _cgroups_of_an_exec(unisolated) == [{f"/corral/corral-{unisolated.id}"}]
 
 
@@ -575,12 +591,19 @@ def test_unisolated_needs_a_named_opt_in(no_bwrap_settings):
         corral.create(backend="local", security={"isolate": False}, settings=no_bwrap_settings)
 
 
-def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir):
+def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir, monkeypatch):
+    monkeypatch.setenv("CORRALTEST_HOST_SECRET", "leaked")
     with corral.create(
-        backend="local", security=UNSAFE_LOCAL, nofile=99, settings=no_bwrap_settings
+        backend="local",
+        security=UNSAFE_LOCAL,
+        nofile=99,
+        env={"FROM_SPEC": "a b"},
+        settings=no_bwrap_settings,
     ) as sb:
         assert sb.labels["corral.loosened"] == "isolate"
         assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "99"
+        env = sb.exec(["env"]).text.splitlines()
+        assert "FROM_SPEC=a b" in env and not [e for e in env if "CORRALTEST" in e]
         sb.write_file("/workspace/a", b"A")
         assert sb.exec(["cat", "a"]).text == "A"
         script = "sleep 1031 & setsid sleep 1032 & (sleep 1033 &); sleep 1034"

@@ -165,6 +165,7 @@ class LocalBackend(Backend):
         self._states: dict[str, _State] = {}
         self._lock = threading.Lock()
         self._root_ready = False
+        self._tools = child.Tools.find()
 
     # -- what this host allows ------------------------------------------------------
 
@@ -497,16 +498,22 @@ class LocalBackend(Backend):
                 return self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
         raise AssertionError("unreachable")
 
-    def _child_setup(self, state: _State, *, agent: bool = False) -> Callable[[], None]:
-        """The ``preexec_fn`` of a sandbox's process (see child.py). The agent keeps no
-        CPU-time limit (each exec's script sets its own) and the host's OOM score, so an
-        OOM kill takes an exec's processes first."""
-        return child.setup(
-            cgroup_procs=state.cgroup.procs_files() if state.cgroup else [],
-            run_as=self._run_as,
-            limits=self._rlimits(state.spec, cputime=not agent),
-            oom_score_adj=None if agent else sweep.EXEC_OOM_SCORE_ADJ,
-        )
+    def _launch(
+        self, state: _State, *, agent: bool = False
+    ) -> tuple[list[str], Callable[[], None] | None]:
+        """How a sandbox's process starts (see child.py): an argv prefix, run with the
+        environment {"PATH": _PATH}, or where util-linux's tools are missing a
+        ``preexec_fn``. The agent keeps no CPU-time limit (each exec's script sets its
+        own) and the host's OOM score, so an OOM kill takes an exec's processes first."""
+        how = {
+            "cgroup_procs": state.cgroup.procs_files() if state.cgroup else [],
+            "run_as": self._run_as,
+            "limits": self._rlimits(state.spec, cputime=not agent),
+            "oom_score_adj": None if agent else sweep.EXEC_OOM_SCORE_ADJ,
+        }
+        if self._tools is not None:
+            return self._tools.prefix(**how), None  # type: ignore[arg-type]
+        return [], child.setup(**how)  # type: ignore[arg-type]
 
     def _agent(self, state: _State) -> Agent:
         with state.agent_lock:
@@ -516,19 +523,23 @@ class LocalBackend(Backend):
                 state.agent.stop()
             spec = state.spec
             uid, gid = spec.uid_gid()  # type: ignore[misc]
+            prefix, preexec_fn = self._launch(state, agent=True)
             state.agent = Agent(
-                lambda info_fd: bwrap.command_line(
-                    self._bwrap,  # type: ignore[arg-type]
-                    spec,
-                    state.layout,
-                    uid,
-                    gid,
-                    spec.workdir,
-                    info_fd,
-                    program=("/bin/sh", "-c", AGENT),
-                ),
+                lambda info_fd: [
+                    *prefix,
+                    *bwrap.command_line(
+                        self._bwrap,  # type: ignore[arg-type]
+                        spec,
+                        state.layout,
+                        uid,
+                        gid,
+                        spec.workdir,
+                        info_fd,
+                        program=("/bin/sh", "-c", AGENT),
+                    ),
+                ],
                 env={"PATH": _PATH},
-                preexec_fn=self._child_setup(state, agent=True),
+                preexec_fn=preexec_fn,
                 run_folder=state.layout.run,
                 owner=self._owner(),
             )
@@ -544,6 +555,7 @@ class LocalBackend(Backend):
         ids: tuple[int, int],
     ) -> ExecStatus:
         spec = state.spec
+        prefix, preexec_fn = self._launch(state)
         info_r, info_w = os.pipe()
         try:
             argv = bwrap.command_line(
@@ -554,13 +566,14 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
+                env=env,
             )
             process = Process(
-                [*argv, *request.argv],
-                env=env,
+                [*prefix, *argv, *request.argv],
+                env={"PATH": _PATH},
                 stdin=request.stdin,
                 sink=sink,
-                popen_kwargs={"pass_fds": (info_w,), "preexec_fn": self._child_setup(state)},
+                popen_kwargs={"pass_fds": (info_w,), "preexec_fn": preexec_fn},
                 info_fd=info_w,
             )
         except BaseException:
@@ -591,17 +604,19 @@ class LocalBackend(Backend):
             _MARKER: marker,
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
+        prefix, preexec_fn = self._launch(state)
+        argv = list(request.argv)
+        if prefix:  # env(1) brings the command's environment in after the root shell
+            assignments = [f"{name}={value}" for name, value in env.items()]
+            argv = [*prefix, "/usr/bin/env", "-i", "--", *assignments, *argv]
+            env = {"PATH": _PATH}
         try:
             process = Process(
-                list(request.argv),
+                argv,
                 env=env,
                 stdin=request.stdin,
                 sink=sink,
-                popen_kwargs={
-                    "cwd": cwd,
-                    "start_new_session": True,
-                    "preexec_fn": self._child_setup(state),
-                },
+                popen_kwargs={"cwd": cwd, "start_new_session": True, "preexec_fn": preexec_fn},
             )
         except FileNotFoundError as e:
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())

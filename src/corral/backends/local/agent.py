@@ -130,12 +130,12 @@ class Agent:
         command_line: Callable[[int], list[str]],
         *,
         env: dict[str, str],
-        preexec_fn: Callable[[], None],
+        preexec_fn: Callable[[], None] | None,
         run_folder: str,
         owner: tuple[int, int] | None,
     ) -> None:
-        """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT;
-        ``preexec_fn`` puts it into the sandbox's cgroups and user (child.setup)."""
+        """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT, in
+        the sandbox's cgroups and user (by its argv or ``preexec_fn``: see child.py)."""
         self._run = run_folder
         self._owner = owner
         self._lock = threading.Lock()

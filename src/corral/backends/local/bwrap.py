@@ -109,10 +109,16 @@ def command_line(
     workdir: str,
     info_fd: int,
     program: Sequence[str] = ("/usr/bin/env", "--"),
+    env: dict[str, str] | None = None,
 ) -> list[str]:
     """bwrap's argv up to the command, which follows ``program`` (an exec's by default).
-    Every path must be reachable by the user bwrap runs as."""
+    Every path must be reachable by the user bwrap runs as. With ``env``, the command's
+    environment is that alone, not bwrap's own."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+    if env is not None:
+        args.append("--clearenv")
+        for name, value in env.items():
+            args += ["--setenv", name, value]
     if spec.network.mode == "bridge":
         args.append("--share-net")
     args += [
