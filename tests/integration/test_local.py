@@ -245,8 +245,8 @@ def test_an_oom_kill_takes_an_exec_never_the_agent(launch):
 
 
 def _cgroups_of_an_exec(sb: corral.Sandbox) -> list[set[str]]:
-    """The memory and pids cgroups of each host process of a running exec: its shell,
-    then each parent up to the one this program started (bwrap, or the command)."""
+    """The memory, pids and v2 cgroups of each host process of a running exec: its
+    shell, then each parent up to the one this program started (bwrap, or the command)."""
     token = uuid.uuid4().hex
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(sb.exec, ["sh", "-c", f"sleep 30; : {token}"], timeout=60)
@@ -262,7 +262,7 @@ def _cgroups_of_an_exec(sb: corral.Sandbox) -> list[set[str]]:
         while process is not None and process.pid != os.getpid():
             lines = Path(f"/proc/{process.pid}/cgroup").read_text().splitlines()
             fields = [line.split(":", 2) for line in lines]
-            found.append({path for _, kinds, path in fields if kinds in ("memory", "pids")})
+            found.append({path for _, kinds, path in fields if kinds in ("memory", "pids", "")})
             process = process.parent()
         shell.kill()
         assert running.result().exit_code == 137

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import posixpath
 import re
 import select
@@ -413,14 +412,6 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
             problems.append(f"mount {bind.target} is {found!r}, wanted read_only={bind.read_only}")
     if problems:
         raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError, ValueError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return found
 
 
 def wait_until_gone(
@@ -835,7 +826,7 @@ class HostView:
         so that a child it forks meanwhile inherits 0. Exec processes are never its
         children (the engine's shim or conmon starts them). Without the right to
         (another user's processes), the keep-alive stays level with the execs."""
-        for pid in [self.init_pid, *_children(self.init_pid)]:
+        for pid in [self.init_pid, *sweep.children(self.init_pid)]:
             with contextlib.suppress(OSError):
                 Path(f"/proc/{pid}/oom_score_adj").write_text("0")
 

@@ -25,6 +25,15 @@ EXEC_OOM_SCORE_ADJ = 500
 RANK_FIRST_FOR_OOM = f"{{ echo {EXEC_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; }} 2>/dev/null; "
 
 
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children, of every thread of it."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)

@@ -201,10 +201,7 @@ class Agent:
         while todo:
             pid = todo.pop()
             found.append(pid)
-            with contextlib.suppress(OSError, ValueError):
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    children = Path(f"/proc/{pid}/task/{task}/children").read_text()
-                    todo += [int(c) for c in children.split()]
+            todo += sweep.children(pid)
         return found
 
     def _machinery(self) -> set[int]:
