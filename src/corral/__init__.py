@@ -2,10 +2,7 @@
 
 from __future__ import annotations  # `list` below is corral.list, not the builtin
 
-from typing import TYPE_CHECKING, Any
-
-from .core.archive import ArchiveLimits
-from .core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus, NoSettings
+# The errors load at once: they are small, and `except corral.X` is everywhere.
 from .core.errors import (
     ArchiveError,
     BackendUnavailableError,
@@ -23,27 +20,39 @@ from .core.errors import (
     SandboxError,
     TimeoutError,
 )
-from .core.lifecycle import attach, create, gc, run
-from .core.lifecycle import list_sandboxes as list
-from .core.output import OutputSink
-from .core.pool import Pool
-from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
-from .core.sandbox import Sandbox
-from .core.settings import Settings, load_settings
-from .core.spec import (
-    ExecRequest,
-    Healthcheck,
-    Limits,
-    Mount,
-    Network,
-    SandboxSpec,
-    Security,
-    Tmpfs,
-    Volume,
-)
 
+TYPE_CHECKING = False  # typing itself costs `import corral` milliseconds
 if TYPE_CHECKING:
+    from typing import Any
+
+    from .core.archive import ArchiveLimits
+    from .core.backend import (
+        Availability,
+        Backend,
+        BackendInfo,
+        Capability,
+        ExecStatus,
+        NoSettings,
+    )
     from .core.hookspecs import hookimpl, hookspec
+    from .core.lifecycle import attach, create, gc, run
+    from .core.lifecycle import list_sandboxes as list
+    from .core.output import OutputSink
+    from .core.pool import Pool
+    from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+    from .core.sandbox import Sandbox
+    from .core.settings import Settings, load_settings
+    from .core.spec import (
+        ExecRequest,
+        Healthcheck,
+        Limits,
+        Mount,
+        Network,
+        SandboxSpec,
+        Security,
+        Tmpfs,
+        Volume,
+    )
 
 __version__ = "0.1.0"
 
@@ -99,18 +108,40 @@ __all__ = [
 ]
 
 
-# deferred: the hook markers need pluggy (~4 ms), so they load when first asked for.
-_LAZY = ("hookimpl", "hookspec")
+# Everything else loads when first used (PEP 562): the model's attrs classes, the
+# lifecycle and the plugin host take tens of milliseconds to import, which a program
+# that imports corral at start-up and makes sandboxes later need not pay then, nor a
+# CLI call that fails on its arguments. Name -> (module under corral.core, its name).
+_LAZY: dict[str, tuple[str, str]] = {
+    "ArchiveLimits": ("archive", "ArchiveLimits"),
+    **{n: ("backend", n) for n in ("Availability", "Backend", "BackendInfo", "Capability")},
+    **{n: ("backend", n) for n in ("ExecStatus", "NoSettings")},
+    "hookimpl": ("hookspecs", "hookimpl"),
+    "hookspec": ("hookspecs", "hookspec"),
+    **{n: ("lifecycle", n) for n in ("attach", "create", "gc", "run")},
+    "list": ("lifecycle", "list_sandboxes"),
+    "OutputSink": ("output", "OutputSink"),
+    "Pool": ("pool", "Pool"),
+    **{n: ("results", n) for n in ("ExecResult", "Health", "OutputChunk", "ResourceUsage")},
+    "SandboxInfo": ("results", "SandboxInfo"),
+    "Sandbox": ("sandbox", "Sandbox"),
+    "Settings": ("settings", "Settings"),
+    "load_settings": ("settings", "load_settings"),
+    **{n: ("spec", n) for n in ("ExecRequest", "Healthcheck", "Limits", "Mount", "Network")},
+    **{n: ("spec", n) for n in ("SandboxSpec", "Security", "Tmpfs", "Volume")},
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from .core import hookspecs
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        value = getattr(hookspecs, name)
-        globals()[name] = value  # found directly from now on
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = where
+    value = getattr(importlib.import_module(f".core.{module}", __name__), attribute)
+    globals()[name] = value  # found directly from now on
+    return value
 
 
 def __dir__() -> list[str]:

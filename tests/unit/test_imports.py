@@ -17,7 +17,11 @@ ENGINE_CLIENTS = {"docker", "podman", "requests", "urllib3"}
 # of them milliseconds that a program which only imports corral need not pay.
 DEFERRED = {
     "asyncio",
+    "attr",
+    "attrs",
     "cattrs",
+    "corral.core.lifecycle",
+    "corral.core.spec",
     "concurrent",
     "importlib.metadata",
     "json",
@@ -31,6 +35,7 @@ DEFERRED = {
     "tarfile",
     "tempfile",
     "tomllib",
+    "typing",
     "uuid",
 }
 
@@ -65,6 +70,16 @@ def test_import_corral_defers_heavy_modules():
 def test_lazy_names_load_on_first_use():
     loaded = _loaded_by("import corral\ncorral.hookimpl")
     assert "pluggy" in loaded  # the check above would pass vacuously if it never did
+    loaded = _loaded_by("import corral\ncorral.create")
+    assert {"attrs", "corral.core.lifecycle", "corral.core.spec"} <= loaded
+
+
+def test_a_lazy_name_is_the_defining_modules_own():
+    from corral.core import lifecycle, sandbox
+
+    assert corral.create is lifecycle.create
+    assert corral.list is lifecycle.list_sandboxes
+    assert corral.Sandbox is sandbox.Sandbox
 
 
 @pytest.mark.parametrize("name", corral.__all__)
