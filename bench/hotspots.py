@@ -1,13 +1,15 @@
 """Where the time of one corral operation goes, for a target the run missed.
 
     .venv/bin/python bench/hotspots.py exec|cycle|acquire|usage BACKEND [--rounds N]
-    .venv/bin/python bench/hotspots.py phases BACKEND [--rounds N]
+    .venv/bin/python bench/hotspots.py phases|cpu BACKEND [--rounds N]
     .venv/bin/python bench/hotspots.py import
 
 Runs the operation under cProfile on the suite's engines (the same defaults as run.py)
 and prints the functions with the most cumulative time; ``import`` prints the slowest
 modules of ``python -X importtime -c 'import corral'``; ``phases`` times each step of
-the full cycle (create, exec, destroy) on both sides. Not a test.
+the full cycle (create, exec, destroy) on both sides; ``cpu`` gives the CPU each side's
+full cycle costs the calling process (user and system) and its children: what 100
+threads at once queue on. Not a test.
 """
 
 from __future__ import annotations
@@ -134,9 +136,45 @@ def phases(backend: str, rounds: int, args: argparse.Namespace) -> None:
         print(f"{statistics.median(values) * 1000:>9.1f}  {name}")
 
 
+_CPU = ("user", "system", "children_user", "children_system")
+
+
+def cpu(backend: str, rounds: int, args: argparse.Namespace) -> None:
+    """CPU per full cycle, in this process and in its children, each side in turn."""
+    import os
+
+    config = Config(
+        uuid.uuid4().hex[:12], args.image, args.docker_url, args.podman_url, private_state_dir()
+    )
+    ours, raw = backends.module(backend).make_sides(config)
+    try:
+        ours.cycle()
+        raw.cycle()
+        print(f"{backend}: ms of CPU per full cycle, {rounds} cycles a side, twice")
+        for side in (ours, raw, ours, raw):
+            before = os.times()
+            for _ in range(rounds):
+                side.cycle()
+            after = os.times()
+
+            spent = {f: (getattr(after, f) - getattr(before, f)) / rounds * 1000 for f in _CPU}
+            children = spent["children_user"] + spent["children_system"]
+            print(
+                f"{spent['user']:>7.1f} user {spent['system']:>5.1f} system "
+                f"{children:>6.1f} children  {side.name}"
+            )
+    finally:
+        ours.cleanup()
+        raw.cleanup()
+        raw.close()
+        shutil.rmtree(config.state_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["exec", "cycle", "acquire", "usage", "import", "phases"])
+    parser.add_argument(
+        "what", choices=["exec", "cycle", "acquire", "usage", "import", "phases", "cpu"]
+    )
     parser.add_argument("backend", nargs="?", default="local", choices=backends.NAMES)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
@@ -148,6 +186,8 @@ def main() -> None:
         import_profile(args.top, args.rounds)
     elif args.what == "phases":
         phases(args.backend, args.rounds, args)
+    elif args.what == "cpu":
+        cpu(args.backend, args.rounds, args)
     else:
         operation_profile(args.what, args.backend, args.rounds, args.top, args)
 
