@@ -538,6 +538,39 @@ def test_attach_from_another_process(make, settings, state_dir):
     assert done.stdout.splitlines() == ["from parent", repr([sb.id])]
 
 
+_GC = """
+import sys, corral
+from corral.core.settings import load_settings
+settings = load_settings({"backends": {"local": {"state_dir": sys.argv[1]}}}, environ={})
+print([(i.id, i.status) for i in corral.list(backend="local", settings=settings)])
+print(corral.gc(backend="local", settings=settings, everything=sys.argv[2] == "everything"))
+"""
+
+
+def test_what_a_create_or_destroy_cut_short_left_is_a_leftover_gc_removes(make, state_dir):
+    sb = make(memory="64MiB")
+    folder = Path(sb.backend.root, sb.id)  # type: ignore[attr-defined]
+    (folder / "meta.json").unlink()  # as a create or a destroy that was killed leaves it
+
+    def gc(which: str) -> list[str]:  # from another program, which never knew the sandbox
+        done = subprocess.run(
+            [sys.executable, "-c", _GC, str(state_dir), which],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    listed = repr([(sb.id, "leftover")])
+    assert gc("expired") == [listed, "[]"]  # under a minute old: maybe a create in flight
+    assert gc("everything") == [listed, repr([sb.id])]
+    assert not folder.exists()
+    assert str(folder) not in Path("/proc/self/mountinfo").read_text()  # its capped mount
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/corral/corral-{sb.id}"))
+
+
 def test_attach_to_a_missing_sandbox(settings):
     with pytest.raises(corral.NotFoundError):
         corral.attach("0123456789abcdef", backend="local", settings=settings)

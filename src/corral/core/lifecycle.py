@@ -17,7 +17,7 @@ from .convert import structure, unstructure
 from .errors import CapabilityError, ConfigError, SandboxError
 from .plugins import PluginHost, get_host
 from .policy import apply_policy, loosened
-from .results import LEFTOVER, ExecResult, OutputChunk, SandboxInfo
+from .results import LEFTOVER, LEFTOVER_GRACE, ExecResult, OutputChunk, SandboxInfo
 from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
 from .spec import ExecRequest, MountLike, SandboxSpec
@@ -26,7 +26,6 @@ __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "sel
 
 # How long gc leaves a sandbox's leftovers alone (a network without its container): a
 # create in another process makes the network first and the container just after.
-LEFTOVER_GRACE = 60.0
 
 # Keywords of corral.create() that belong to spec.limits rather than the spec itself.
 _LIMIT_KEYWORDS = (

@@ -6,12 +6,21 @@ from typing import Literal
 
 import attrs
 
-__all__ = ["LEFTOVER", "ExecResult", "Health", "OutputChunk", "ResourceUsage", "SandboxInfo"]
+__all__ = [
+    "LEFTOVER",
+    "LEFTOVER_GRACE",
+    "ExecResult",
+    "Health",
+    "OutputChunk",
+    "ResourceUsage",
+    "SandboxInfo",
+]
 
 #: The status of a sandbox of which only a part is left: a bridged sandbox's network,
 #: say, after its container removed itself at the end of its lifetime. ``gc`` removes
 #: it once expired, or once a minute old (younger, it may be a sandbox being created).
 LEFTOVER = "leftover"
+LEFTOVER_GRACE = 60.0  # seconds before gc takes a leftover: it may be a create in flight
 
 
 def _decode(data: bytes) -> str:

@@ -40,7 +40,7 @@ from ...core.errors import (
 )
 from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
-from ...core.results import ResourceUsage, SandboxInfo
+from ...core.results import LEFTOVER, LEFTOVER_GRACE, ResourceUsage, SandboxInfo
 from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
 from .. import sweep
 from . import bwrap, child, disk, files
@@ -352,9 +352,24 @@ class LocalBackend(Backend):
             return []
         found = []
         for name in names:
-            with contextlib.suppress(NotFoundError):
+            try:
                 found.append(self._state(name).info())
+            except NotFoundError:
+                if (leftover := self._leftover(name)) is not None:
+                    found.append(leftover)
         return found
+
+    def _leftover(self, name: str) -> SandboxInfo | None:
+        """A sandbox folder without its metadata: what a create or a destroy that was
+        cut short left (its capped mount and cgroups may still be there), for gc."""
+        try:
+            changed = os.stat(os.path.join(self.root, name)).st_mtime
+        except OSError:
+            return None
+        if not name.isalnum():
+            return None
+        # Its lifetime went with the metadata: it expires a minute after its last change.
+        return SandboxInfo(name, "local", LEFTOVER, changed, changed + LEFTOVER_GRACE)
 
     @_translated
     def destroy(self, sandbox_id: str) -> None:
@@ -364,6 +379,7 @@ class LocalBackend(Backend):
             try:
                 state = self._state(sandbox_id)
             except NotFoundError:
+                self._remove_leftover(sandbox_id)
                 return
         if state.agent is not None:
             state.agent.stop()
@@ -375,15 +391,22 @@ class LocalBackend(Backend):
         with self._lock:
             self._states.pop(sandbox_id, None)
 
+    def _remove_leftover(self, sandbox_id: str) -> None:
+        if not sandbox_id.isalnum() or not os.path.isdir(os.path.join(self.root, sandbox_id)):
+            return
+        if self._cgroups is not None:
+            Cgroup.existing(self._cgroups, f"corral-{sandbox_id}").remove()
+        self._remove_folder(os.path.join(self.root, sandbox_id))
+
     def _remove_folder(self, folder: str) -> None:
         if self._root_user:
             disk.unmount(folder)
         shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows links
 
     def _sweep_expired(self) -> None:
-        """Destroy every program's expired sandboxes: a local sandbox has no process of
-        its own that ends with its lifetime. Each create asks, so a known sandbox costs
-        a lookup here, not a read of its folder."""
+        """Destroy every program's expired sandboxes, and leftovers a minute old: a local
+        sandbox has no process of its own that ends with its lifetime. Each create asks,
+        so a known sandbox costs a lookup here, not a read of its folder."""
         now = time.time()
         try:
             names = os.listdir(self.root)
@@ -393,9 +416,14 @@ class LocalBackend(Backend):
             with self._lock:
                 state = self._states.get(name)
             if state is None:
-                with contextlib.suppress(NotFoundError):
+                try:
                     state = self._state(name)
-            if state is not None and state.expires <= now:
+                except NotFoundError:
+                    leftover = self._leftover(name)
+                    if leftover is not None and leftover.expires <= now:
+                        self.destroy(name)
+                    continue
+            if state.expires <= now:
                 self.destroy(name)
 
     # -- exec -----------------------------------------------------------------------
