@@ -56,16 +56,22 @@ _PRLIMIT_NAMES = {
 }
 
 
+# Only the system's own: these run as root, so a PATH entry someone else may write to
+# must not choose them.
+_SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
+
 @attrs.frozen
 class Tools:
-    """util-linux's setpriv and prlimit, found on PATH."""
+    """util-linux's setpriv and prlimit, from the system's folders."""
 
     setpriv: str
     prlimit: str
 
     @classmethod
     def find(cls) -> Tools | None:
-        setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
+        setpriv = shutil.which("setpriv", path=_SYSTEM_PATH)
+        prlimit = shutil.which("prlimit", path=_SYSTEM_PATH)
         return cls(setpriv, prlimit) if setpriv and prlimit else None
 
     def prefix(
@@ -79,7 +85,8 @@ class Tools:
         """The argv in front of a program, run with a clean environment, that does
         what ``setup`` does."""
         user = [] if run_as is None else [f"--reuid={run_as[0]}", f"--regid={run_as[1]}"]
-        user += ["--clear-groups"] if run_as is not None else []
+        if run_as is not None:
+            user.append("--clear-groups")
         rlimits = [f"--{_PRLIMIT_NAMES[kind]}={soft}:{hard}" for kind, (soft, hard) in limits]
         adj = "-" if oom_score_adj is None else str(oom_score_adj)
         return [
