@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def kill_marked(
     Each is stopped (SIGSTOP) as soon as it is found and all are killed together after:
     killed one by one, a parent could run its next command between its child's death and
     its own (``trap '' TERM; sleep 1000; rm -rf ...``). Rounds repeat until one finds
-    nothing new, so forks made meanwhile (a fork bomb) die too.
+    nothing new, so forks made meanwhile (a fork bomb) die too. A round waits until what
+    it found has stopped: a process stopped in the middle of a fork lists its new child
+    only once the fork is done, and a round that looked before then would miss it (CI
+    saw a fork bomb outlive its exec so).
     """
     wanted = None if marker is None else f"{MARKER}={marker}".encode()
     victims = set(also)
@@ -72,7 +76,28 @@ def kill_marked(
                     found.add(pid)
         if not found:
             break
+        _wait_stopped(found)
         victims |= found
     for pid in victims:
         _signal(pid, signal.SIGKILL)
     return len(victims)
+
+
+def _wait_stopped(pids: set[int], timeout: float = 1.0) -> None:
+    """Wait (briefly) until each of ``pids`` is stopped, a zombie or gone."""
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = {pid for pid in waiting if _state(pid) not in "TtZX"}
+        if waiting:
+            time.sleep(0.001)
+
+
+def _state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("X" once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return "X"
+    fields = stat[stat.rfind(b")") + 1 :].split()  # the name may hold spaces and parens
+    return fields[0].decode() if fields else "X"
