@@ -594,12 +594,13 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
+                program=(*bwrap.GATED, "/usr/bin/env", "--"),
                 env=env,
             )
             process = Process(
                 [*prefix, *argv, *request.argv],
                 env={"PATH": _PATH},
-                stdin=request.stdin,
+                stdin=bwrap.GO + (request.stdin or b""),  # fed once bwrap made the sandbox
                 sink=sink,
                 popen_kwargs={"pass_fds": (info_w,), "preexec_fn": preexec_fn},
                 info_fd=info_w,

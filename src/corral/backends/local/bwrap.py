@@ -164,6 +164,16 @@ def command_line(
     return [*args, "--", *program]
 
 
+# The program of an exec's own bwrap: its command runs once the host says "go" first
+# thing on stdin, which the host writes once bwrap has made the sandbox. A caller that
+# dies before then (its pipe reads EOF) leaves nothing running: bwrap's own child arms
+# its parent-death signal some time after its start, and a caller dying before that
+# would let it run the command as an orphan. (sh reads a pipe byte by byte: the rest of
+# stdin is the command's.)
+GATED = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] && exec "$@"', "sh")
+GO = b"go\n"
+
+
 def unreachable_part(path: str, uid: int) -> str | None:
     """The first folder on the way to ``path`` that user ``uid`` cannot pass, if any."""
     current = "/"
