@@ -282,6 +282,15 @@ def test_every_process_of_an_exec_is_in_the_sandboxs_cgroups_bwrap_included(laun
     assert _cgroups_of_an_exec(unisolated) == [{f"/corral/corral-{unisolated.id}"}]
 
 
+def test_a_sandbox_whose_cgroups_were_removed_says_so_and_what_to_run(launch):
+    sb = launch()
+    for folder in Path("/sys/fs/cgroup").glob(f"*/corral/corral-{sb.id}"):
+        folder.rmdir()  # from outside, as an admin's clean-up might
+    with pytest.raises(corral.InternalError, match="corral doctor") as failed:
+        sb.exec(["true"])
+    assert "cgroup" in str(failed.value)
+
+
 def test_execs_share_one_agent_even_from_threads_that_ended(make):
     sb = make()
     sb.exec(["true"])  # the next exec starts the agent

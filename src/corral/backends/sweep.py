@@ -23,7 +23,6 @@ MARKER = "CORRAL_EXEC"
 # `sleep` after its first took the bomb), nor a local sandbox's agent. On the host,
 # sandboxed processes go before the host's own. Raising the score needs no privilege.
 EXEC_OOM_SCORE_ADJ = 500
-RANK_FIRST_FOR_OOM = f"{{ echo {EXEC_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; }} 2>/dev/null; "
 
 
 def children(pid: int) -> list[int]:

@@ -24,9 +24,6 @@ from .spec import ExecRequest, MountLike, SandboxSpec
 
 __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
 
-# How long gc leaves a sandbox's leftovers alone (a network without its container): a
-# create in another process makes the network first and the container just after.
-
 # Keywords of corral.create() that belong to spec.limits rather than the spec itself.
 _LIMIT_KEYWORDS = (
     "memory",

@@ -20,7 +20,9 @@ __all__ = [
 #: say, after its container removed itself at the end of its lifetime. ``gc`` removes
 #: it once expired, or once a minute old (younger, it may be a sandbox being created).
 LEFTOVER = "leftover"
-LEFTOVER_GRACE = 60.0  # seconds before gc takes a leftover: it may be a create in flight
+# How long gc leaves a leftover alone: it may be a create in flight in another process
+# (a network made just before its container, a local folder before its metadata).
+LEFTOVER_GRACE = 60.0
 
 
 def _decode(data: bytes) -> str:

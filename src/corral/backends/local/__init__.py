@@ -362,11 +362,11 @@ class LocalBackend(Backend):
     def _leftover(self, name: str) -> SandboxInfo | None:
         """A sandbox folder without its metadata: what a create or a destroy that was
         cut short left (its capped mount and cgroups may still be there), for gc."""
+        if not name.isalnum():
+            return None
         try:
             changed = os.stat(os.path.join(self.root, name)).st_mtime
         except OSError:
-            return None
-        if not name.isalnum():
             return None
         # Its lifetime went with the metadata: it expires a minute after its last change.
         return SandboxInfo(name, "local", LEFTOVER, changed, changed + LEFTOVER_GRACE)

@@ -52,6 +52,10 @@ AGENT = (
 )
 # What a sandbox with an agent holds between execs: bwrap, its init in the sandbox, sh.
 AGENT_PROCESSES = 3
+# First in each exec's script: its processes go before the agent's for the OOM killer.
+_RANK_FIRST_FOR_OOM = (
+    f"{{ echo {sweep.EXEC_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; }} 2>/dev/null; "
+)
 START_WITHIN = 30.0  # seconds for the agent to start an exec before it counts as hung
 _FEED_CHUNK = 64 * 1024
 
@@ -75,7 +79,7 @@ def exec_script(
     # the command itself holds neither the status FIFO nor anything of the agent's.
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
     return (
-        f"{sweep.RANK_FIRST_FOR_OOM}exec 9>{at}.status >{at}.out 2>{at}.err\n"
+        f"{_RANK_FIRST_FOR_OOM}exec 9>{at}.status >{at}.out 2>{at}.err\n"
         "echo started >&9\n"
         f"( exec 9>&- <{source}; {limit}"
         f"cd -- {q(workdir)} 2>/dev/null || "

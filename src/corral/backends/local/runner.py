@@ -62,7 +62,8 @@ def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     except subprocess.SubprocessError as e:  # the preexec_fn raised; its errno is lost
         raise InternalError(
             "the sandbox's process could not join its cgroups, take its host user or "
-            f"lower its limits before starting: {e}"
+            f"lower its limits before starting ({e}); `corral doctor` checks the cgroups "
+            "and backends.local.host_user, and a sandbox closed meanwhile has no cgroups"
         ) from e
 
 
@@ -78,7 +79,11 @@ def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
 def _failed(popen: subprocess.Popen[bytes], child_pid: int | None) -> InternalError:
     kill(popen, child_pid)
     message = popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
-    return InternalError(f"bubblewrap failed to start the sandbox: {message}")
+    said = message or f"it exited with {popen.returncode} and said nothing"
+    return InternalError(
+        f"bubblewrap failed to start the sandbox: {said}; `corral doctor` checks what "
+        "the local backend needs (bubblewrap, the cgroups, backends.local.host_user)"
+    )
 
 
 class Process:
@@ -112,7 +117,13 @@ class Process:
 
     def read_bwrap_info(self, info_fd: int) -> None:
         """Learn the pid of the sandbox's init, to kill its namespace at the end."""
-        self.child_pid = read_child_pid(self.popen, info_fd)
+        try:
+            self.child_pid = read_child_pid(self.popen, info_fd)
+        except BaseException:  # it never ran: nothing will drain or close its pipes
+            for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+                if pipe is not None:
+                    pipe.close()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the sandbox's init (ending its pid namespace) and the host process."""
