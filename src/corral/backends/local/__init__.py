@@ -183,6 +183,13 @@ class LocalBackend(Backend):
                     "set backends.local.state_dir to a folder whose parents others may pass",
                 )
         problem = self._bwrap_problem()
+        if problem is None and self._tools is None:
+            return Availability(
+                True,
+                f"isolated with {self._bwrap}, but without util-linux's setpriv, prlimit and "
+                "unshare in the system's folders: a caller killed while a bwrap starts may "
+                "leave it running (bubblewrap#633); install util-linux",
+            )
         if problem is None:
             return Availability(True, f"isolated with {self._bwrap}")
         return Availability(
@@ -527,7 +534,7 @@ class LocalBackend(Backend):
         raise AssertionError("unreachable")
 
     def _launch(
-        self, state: _State, *, agent: bool = False
+        self, state: _State, *, bwrap: bool, agent: bool = False
     ) -> tuple[list[str], Callable[[], None] | None]:
         """How a sandbox's process starts (see child.py): an argv prefix, run with the
         environment {"PATH": _PATH}, or where util-linux's tools are missing a
@@ -540,7 +547,7 @@ class LocalBackend(Backend):
             "oom_score_adj": None if agent else sweep.EXEC_OOM_SCORE_ADJ,
         }
         if self._tools is not None:
-            return self._tools.prefix(**how), None  # type: ignore[arg-type]
+            return self._tools.prefix(**how, bwrap=bwrap), None  # type: ignore[arg-type]
         return [], child.setup(**how)  # type: ignore[arg-type]
 
     def _agent(self, state: _State) -> Agent:
@@ -551,7 +558,8 @@ class LocalBackend(Backend):
                 state.agent.stop()
             spec = state.spec
             uid, gid = spec.uid_gid()  # type: ignore[misc]
-            prefix, preexec_fn = self._launch(state, agent=True)
+            prefix, preexec_fn = self._launch(state, bwrap=True, agent=True)
+            gate = () if prefix else bwrap.GATED
             state.agent = Agent(
                 lambda info_fd: [
                     *prefix,
@@ -563,7 +571,7 @@ class LocalBackend(Backend):
                         gid,
                         spec.workdir,
                         info_fd,
-                        program=("/bin/sh", "-c", AGENT),
+                        program=(*gate, "/bin/sh", "-c", AGENT),
                     ),
                 ],
                 env={"PATH": _PATH},
@@ -583,8 +591,10 @@ class LocalBackend(Backend):
         ids: tuple[int, int],
     ) -> ExecStatus:
         spec = state.spec
-        prefix, preexec_fn = self._launch(state)
-        info_r, info_w = os.pipe()
+        prefix, preexec_fn = self._launch(state, bwrap=True)
+        # The launch chain reports and waits for "go" before bwrap; without it, bwrap
+        # reports on --info-fd and its program waits (child.py).
+        info_r, info_w = (None, None) if prefix else os.pipe()
         try:
             argv = bwrap.command_line(
                 self._bwrap,
@@ -594,23 +604,27 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
-                program=(*bwrap.GATED, "/usr/bin/env", "--"),
+                program=(*(() if prefix else bwrap.GATED), "/usr/bin/env", "--"),
                 env=env,
             )
             process = Process(
                 [*prefix, *argv, *request.argv],
                 env={"PATH": _PATH},
-                stdin=bwrap.GO + (request.stdin or b""),  # fed once bwrap made the sandbox
+                stdin=bwrap.GO + (request.stdin or b""),  # fed once it is safe to go
                 sink=sink,
-                popen_kwargs={"pass_fds": (info_w,), "preexec_fn": preexec_fn},
+                popen_kwargs={
+                    "pass_fds": () if info_w is None else (info_w,),
+                    "preexec_fn": preexec_fn,
+                },
                 info_fd=info_w,
             )
         except BaseException:
-            os.close(info_r)
+            if info_r is not None:
+                os.close(info_r)
             raise
         state.running.add(process)
         try:
-            process.read_bwrap_info(info_r)
+            process.await_start(info_r)
             return process.supervise(request.timeout, lambda: None)
         finally:
             state.running.discard(process)
@@ -633,7 +647,7 @@ class LocalBackend(Backend):
             _MARKER: marker,
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
-        prefix, preexec_fn = self._launch(state)
+        prefix, preexec_fn = self._launch(state, bwrap=False)
         argv = list(request.argv)
         if prefix:  # env(1) brings the command's environment in after the root shell
             assignments = [f"{name}={value}" for name, value in env.items()]

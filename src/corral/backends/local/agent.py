@@ -16,8 +16,7 @@ The agent runs as the sandbox's user, so the sandbox's code can signal, stop or 
 Nothing it says is trusted beyond what the command could do itself: a status it
 garbles reads as "killed", an agent that stops answering is replaced, and killing an
 exec never asks it: the exec's processes carry a marker (``sweep``) and die from the
-host. bwrap runs with --die-with-parent, so the sandbox's processes die with the
-program that started its agent.
+host. The sandbox's processes die with the program that started its agent (child.py).
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ from ...core.backend import ExecStatus
 from ...core.errors import InternalError
 from ...core.output import OutputSink
 from .. import sweep
-from .bwrap import AGENT_DIR
-from .runner import kill, popen, pump, read_child_pid
+from .bwrap import AGENT_DIR, GO
+from .runner import await_start, kill, popen, pump
 
 # The agent itself: each line on its stdin names an exec, whose script runs in the
 # background with the exec's marker in its environment (and so in its children's). It
@@ -50,7 +49,8 @@ AGENT = (
     "exec >/dev/null 2>&1; while IFS= read -r name; do ( "
     f'{sweep.MARKER}="$name" /bin/sh "{AGENT_DIR}/$name.sh" </dev/null & ); done'
 )
-# What a sandbox with an agent holds between execs: bwrap, its init in the sandbox, sh.
+# What a sandbox with an agent holds between execs: bwrap, its init in the sandbox and
+# sh, and where util-linux starts it, unshare in front (child.py).
 AGENT_PROCESSES = 3
 # First in each exec's script: its processes go before the agent's for the OOM killer.
 _RANK_FIRST_FOR_OOM = (
@@ -131,7 +131,7 @@ class Agent:
 
     def __init__(
         self,
-        command_line: Callable[[int], list[str]],
+        command_line: Callable[[int | None], list[str]],
         *,
         env: dict[str, str],
         preexec_fn: Callable[[], None] | None,
@@ -139,13 +139,15 @@ class Agent:
         owner: tuple[int, int] | None,
     ) -> None:
         """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT, in
-        the sandbox's cgroups and user (by its argv or ``preexec_fn``: see child.py)."""
+        the sandbox's cgroups and user (by its argv or ``preexec_fn``: see child.py).
+        By argv, the launch chain reports and waits for "go" (``info_fd`` is None);
+        by ``preexec_fn``, bwrap reports on ``info_fd`` and its program must wait."""
         self._run = run_folder
         self._owner = owner
         self._lock = threading.Lock()
         self._running = 0  # execs of this program in flight
-        self._agent_pid: int | None = None
-        info_r, info_w = os.pipe()
+        self._machine: set[int] | None = None
+        info_r, info_w = os.pipe() if preexec_fn is not None else (None, None)
         requests, self._requests = os.pipe()
         argv = command_line(info_w)
         try:
@@ -154,21 +156,24 @@ class Agent:
                     argv,
                     stdin=requests,
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,  # bwrap's own complaints, read if it fails
+                    stderr=subprocess.PIPE,  # the launch's report, and bwrap's complaints
                     env=env,
-                    pass_fds=(info_w,),
+                    pass_fds=() if info_w is None else (info_w,),
                     preexec_fn=preexec_fn,
                 )
             )
         except BaseException:
             for fd in (info_r, self._requests):
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
             for fd in (requests, info_w):
-                os.close(fd)  # the child's ends
+                if fd is not None:
+                    os.close(fd)  # the child's ends
         try:
-            self.init_pid = read_child_pid(self.popen, info_r)
+            self.init_pid = await_start(self.popen, info_r)
+            os.write(self._requests, GO)
         except BaseException:
             os.close(self._requests)
             self.popen.stderr.close()  # type: ignore[union-attr]
@@ -209,14 +214,15 @@ class Agent:
         return found
 
     def _machinery(self) -> set[int]:
-        """Host pids of bwrap's init and of the agent (pid 2 in the namespace)."""
-        if self._agent_pid is None:
-            for pid in self.pids():
-                with contextlib.suppress(OSError):
-                    status = Path(f"/proc/{pid}/status").read_text()
-                    if status.split("NSpid:")[1].split("\n")[0].split()[-1] == "2":
-                        self._agent_pid = pid
-        return {self.init_pid, *([self._agent_pid] if self._agent_pid else [])}
+        """Host pids of the inits of the pid namespaces (bwrap's, and the launch's
+        around it: child.py) and of the agent (pid 2 in the sandbox's)."""
+        if self._machine is None:
+            inner = {pid: _innermost_pid(pid) for pid in self.pids()}
+            found = {pid for pid, inside in inner.items() if inside in (1, 2)}
+            if 2 not in inner.values():  # not started yet: look again next time
+                return found | {self.init_pid}
+            self._machine = found
+        return self._machine
 
     def kill_exec(self, name: str) -> None:
         """Kill one exec's processes: those carrying its marker, and when no other exec
@@ -272,6 +278,15 @@ class Agent:
         return ExecStatus(
             exit_code=code, timed_out=stopped, signal=code - 128 if code > 128 else None
         )
+
+
+def _innermost_pid(pid: int) -> int | None:
+    """A host process's pid in its own pid namespace."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("NSpid:")[1].split("\n")[0].split()[-1])
 
 
 class AgentGone(InternalError):

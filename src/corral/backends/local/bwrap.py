@@ -107,7 +107,7 @@ def command_line(
     uid: int,
     gid: int,
     workdir: str,
-    info_fd: int,
+    info_fd: int | None,
     program: Sequence[str] = ("/usr/bin/env", "--"),
     env: dict[str, str] | None = None,
 ) -> list[str]:
@@ -159,17 +159,18 @@ def command_line(
     args += ["--ro-bind", layout.run, AGENT_DIR]  # last: no mount of the spec's hides it
     if spec.security.read_only_root:
         args += ["--remount-ro", "/"]
-    args += ["--chdir", workdir, "--info-fd", str(info_fd)]
+    args += ["--chdir", workdir]
+    if info_fd is not None:
+        args += ["--info-fd", str(info_fd)]
     # env(1) gives the shell's exit codes: 127 not found, 126 not executable.
     return [*args, "--", *program]
 
 
-# The program of an exec's own bwrap: its command runs once the host says "go" first
-# thing on stdin, which the host writes once bwrap has made the sandbox. A caller that
-# dies before then (its pipe reads EOF) leaves nothing running: bwrap's own child arms
-# its parent-death signal some time after its start, and a caller dying before that
-# would let it run the command as an orphan. (sh reads a pipe byte by byte: the rest of
-# stdin is the command's.)
+# Where the launch chain cannot wait for "go" before bwrap (child.py), bwrap's program
+# waits for it, first thing on stdin (sh reads a pipe byte by byte: the rest is the
+# command's). A caller that dies before then leaves nothing running, but one killed
+# while bwrap's child has not armed its parent-death signal yet still can
+# (bubblewrap#633).
 GATED = ("/bin/sh", "-c", 'IFS= read -r go && [ "$go" = go ] && exec "$@"', "sh")
 GO = b"go\n"
 

@@ -19,6 +19,19 @@ cgroups through --block-fd left a window: bwrap takes EOF there for a release, s
 caller dying then let the command run unconfined.) Lowering one's own rlimits needs
 no privilege, where prlimit on another process needs CAP_SYS_RESOURCE, which a root
 inside a container often lacks.
+
+bwrap's own --die-with-parent cannot carry that guarantee into the sandbox
+(bubblewrap#633): its child arms the signal only once its setup is done, and never
+checks that bwrap is still there, so a caller killed meanwhile leaves the child
+waiting forever for bwrap, or running the command as an orphan. So before a bwrap,
+``Tools.prefix`` puts util-linux's unshare, which starts bwrap as the init of a pid
+namespace of its own: when that init dies, the kernel kills every process bwrap made.
+The init tells the caller its host pid (one line on stderr) once its parent-death
+signal is armed, and runs bwrap only when the caller answers "go" on stdin; the
+caller answers only if unshare is still alive then, which proves the init armed it
+while its parent was unshare, itself tied to the caller. Without util-linux
+(``setup``), bwrap's program waits for "go" instead (``bwrap.GATED``), which leaves
+bubblewrap's window open: ``corral doctor`` says so.
 """
 
 from __future__ import annotations
@@ -43,9 +56,15 @@ _JOIN = (
     'shift; n=$((n - 1)); done; [ "$adj" = - ] || echo "$adj" >/proc/self/oom_score_adj '
     '|| exit 126; exec "$@"'
 )
-# As the host user, after setpriv armed the parent-death signal: $PPID is read at
-# start, so it is still the caller only if the caller outlived the arming.
+# After setpriv armed the parent-death signal: $PPID is read at start, so it is still
+# the caller only if the caller outlived the arming.
 _CHECK = '[ "$PPID" = "$1" ] || exit 126; shift; exec "$@"'
+# The init of a sandbox's pid namespace, as the host user, once its parent-death signal
+# is armed: its host pid for the caller (/proc is the host's here), then the caller's go.
+_GATE = (
+    'read -r pid _ </proc/self/stat || exit 126; echo "$pid" >&2; '
+    'IFS= read -r go; [ "$go" = go ] || exit 126; exec "$@"'
+)
 _PRLIMIT_NAMES = {
     resource.RLIMIT_NOFILE: "nofile",
     resource.RLIMIT_CORE: "core",
@@ -63,16 +82,17 @@ _SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 @attrs.frozen
 class Tools:
-    """util-linux's setpriv and prlimit, from the system's folders."""
+    """util-linux's setpriv, prlimit and unshare, from the system's folders."""
 
     setpriv: str
     prlimit: str
+    unshare: str
 
     @classmethod
     def find(cls) -> Tools | None:
-        setpriv = shutil.which("setpriv", path=_SYSTEM_PATH)
-        prlimit = shutil.which("prlimit", path=_SYSTEM_PATH)
-        return cls(setpriv, prlimit) if setpriv and prlimit else None
+        names = ("setpriv", "prlimit", "unshare")
+        found = [shutil.which(name, path=_SYSTEM_PATH) for name in names]
+        return None if None in found else cls(*found)  # type: ignore[arg-type]
 
     def prefix(
         self,
@@ -81,19 +101,30 @@ class Tools:
         run_as: tuple[int, int] | None,
         limits: Limits,
         oom_score_adj: int | None,
+        bwrap: bool,
     ) -> list[str]:
         """The argv in front of a program, run with a clean environment, that does
-        what ``setup`` does."""
+        what ``setup`` does; in front of a ``bwrap``, one that also gives it a pid
+        namespace of its own, reports and waits for "go" (see above)."""
         user = [] if run_as is None else [f"--reuid={run_as[0]}", f"--regid={run_as[1]}"]
         if run_as is not None:
             user.append("--clear-groups")
         rlimits = [f"--{_PRLIMIT_NAMES[kind]}={soft}:{hard}" for kind, (soft, hard) in limits]
         adj = "-" if oom_score_adj is None else str(oom_score_adj)
+        join = ("/bin/sh", "-c", _JOIN, "sh", adj, str(len(cgroup_procs)), *cgroup_procs)
+        check = ("/bin/sh", "-c", _CHECK, "sh", str(os.getpid()))
+        prlimit = (self.prlimit, *rlimits, "--")
+        if not bwrap:
+            return [*join, self.setpriv, *user, "--pdeathsig=KILL", "--", *check, *prlimit]
+        # A user namespace of its own lets a caller that is not root make the pid one.
+        own_user = [] if os.geteuid() == 0 else ["--user", "--map-current-user"]
         return [
-            *("/bin/sh", "-c", _JOIN, "sh", adj, str(len(cgroup_procs)), *cgroup_procs),
+            *join,
+            *(self.setpriv, "--pdeathsig=KILL", "--", *check),
+            *(self.unshare, *own_user, "--pid", "--kill-child=KILL", "--"),
             *(self.setpriv, *user, "--pdeathsig=KILL", "--"),
-            *("/bin/sh", "-c", _CHECK, "sh", str(os.getpid())),
-            *(self.prlimit, *rlimits, "--"),
+            *("/bin/sh", "-c", _GATE, "sh"),
+            *prlimit,
         ]
 
 

@@ -43,13 +43,38 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
     return None
 
 
-def read_child_pid(popen: subprocess.Popen[bytes], info_fd: int) -> int:
-    """The host pid of bwrap's child, the sandbox's init, from --info-fd (closed here)."""
+def _read_line(fd: int, deadline: float) -> bytes:
+    """What a process wrote on ``fd`` up to its first newline (it writes nothing more
+    until told to go), or up to its end."""
+    data = b""
+    while not data.endswith(b"\n") and time.monotonic() < deadline:
+        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
+    """The host pid to kill to end everything a sandbox's bwrap started, once it is
+    safe to tell it "go" (child.py): the pid the launch chain reports on stderr, or
+    with ``info_fd`` (closed here) bwrap's child, the sandbox's init, from --info-fd.
+    Either way the process started by this program must be alive still: its child
+    armed its parent-death signal while its parent was the one tied to this program."""
+    deadline = time.monotonic() + 30
     try:
-        info = _read_info(info_fd, time.monotonic() + 30)
-        if info is None:
-            raise _failed(popen, None)
-        return int(info["child-pid"])
+        if info_fd is None:
+            said = _read_line(popen.stderr.fileno(), deadline)  # type: ignore[union-attr]
+            pid = int(said) if said.strip().isdigit() else None
+        else:
+            said = b""
+            info = _read_info(info_fd, deadline)
+            pid = None if info is None else int(info["child-pid"])
+        if pid is None or popen.poll() is not None:
+            raise _failed(popen, pid, said)
+        return pid
     except BaseException:
         kill(popen, None)
         raise
@@ -68,7 +93,8 @@ def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
 
 
 def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
-    """SIGKILL a sandbox's init (ending its pid namespace) and bwrap, and reap bwrap."""
+    """SIGKILL the init of a sandbox's pid namespace (ending it) and the process this
+    program started, and reap that."""
     for pid in (child_pid, popen.pid):
         if pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -76,9 +102,10 @@ def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
     popen.wait()
 
 
-def _failed(popen: subprocess.Popen[bytes], child_pid: int | None) -> InternalError:
+def _failed(popen: subprocess.Popen[bytes], child_pid: int | None, said: bytes) -> InternalError:
     kill(popen, child_pid)
-    message = popen.stderr.read().decode(errors="replace").strip()  # type: ignore[union-attr]
+    said += popen.stderr.read()  # type: ignore[union-attr]
+    message = said.decode(errors="replace").strip()
     said = message or f"it exited with {popen.returncode} and said nothing"
     return InternalError(
         f"bubblewrap failed to start the sandbox: {said}; `corral doctor` checks what "
@@ -99,6 +126,7 @@ class Process:
         popen_kwargs: dict[str, Any],
         info_fd: int | None = None,
     ) -> None:
+        """With ``info_fd``, bwrap's --info-fd (the child's end, closed here)."""
         self.sink = sink
         self._stdin = stdin
         self.child_pid: int | None = None
@@ -115,10 +143,10 @@ class Process:
             if info_fd is not None:  # the child's end; the parent must not hold it
                 os.close(info_fd)
 
-    def read_bwrap_info(self, info_fd: int) -> None:
-        """Learn the pid of the sandbox's init, to kill its namespace at the end."""
+    def await_start(self, info_fd: int | None) -> None:
+        """Learn the pid that ends everything bwrap started (``await_start``)."""
         try:
-            self.child_pid = read_child_pid(self.popen, info_fd)
+            self.child_pid = await_start(self.popen, info_fd)
         except BaseException:  # it never ran: nothing will drain or close its pipes
             for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
                 if pipe is not None:
@@ -126,7 +154,8 @@ class Process:
             raise
 
     def kill(self) -> None:
-        """SIGKILL the sandbox's init (ending its pid namespace) and the host process."""
+        """SIGKILL the init of the sandbox's pid namespace (ending it) and the host
+        process."""
         kill(self.popen, self.child_pid)
 
     def supervise(self, timeout: float | None, kill_tree: Callable[[], None]) -> ExecStatus:
