@@ -242,7 +242,12 @@ sb.exec(["sleep", sys.argv[2]])
 
 
 @pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)], indirect=True)
-def test_t32_a_local_exec_dies_with_a_caller_that_was_killed(backend, backend_settings, state_dir):
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.01, 0.03, 0.3], ids=lambda d: f"{d * 1000:g}ms")
+def test_t32_a_local_exec_dies_with_a_caller_that_was_killed(
+    backend, backend_settings, state_dir, delay
+):
+    # Killed at moments through the start of the exec's bwrap (its launch appears at 0):
+    # bubblewrap's own --die-with-parent leaves a window there (bubblewrap#633).
     n = unique_sleep()
     caller = subprocess.Popen(
         [sys.executable, "-c", _CALLER, str(state_dir), n],
@@ -253,8 +258,9 @@ def test_t32_a_local_exec_dies_with_a_caller_that_was_killed(backend, backend_se
         sandbox_id = caller.stdout.readline().decode().strip()  # type: ignore[union-attr]
         deadline = time.monotonic() + 60
         while not host_processes(n) and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.001)
         assert host_processes(n), "the caller's exec never started"
+        time.sleep(delay)
     finally:
         caller.kill()
         caller.wait()
