@@ -265,6 +265,7 @@ def test_t32_a_local_exec_dies_with_a_caller_that_was_killed(
         caller.kill()
         caller.wait()
         caller.stdout.close()  # type: ignore[union-attr]
-    assert gone(lambda: host_processes(n)) == [], "the exec outlived its caller"
-    # What stays is the sandbox's folder, for the next create's sweep or `corral gc`.
-    corral.attach(sandbox_id, backend="local", settings=backend_settings).close()
+    try:
+        assert gone(lambda: host_processes(n)) == [], "the exec outlived its caller"
+    finally:  # what stays is the sandbox's folder, for the next create's sweep or gc
+        corral.attach(sandbox_id, backend="local", settings=backend_settings).close()
