@@ -166,6 +166,7 @@ class LocalBackend(Backend):
         self._lock = threading.Lock()
         self._root_ready = False
         self._tools = child.Tools.find()
+        self._pid_namespaces = self._root_user and child.can_make_pid_namespaces()
 
     # -- what this host allows ------------------------------------------------------
 
@@ -183,12 +184,12 @@ class LocalBackend(Backend):
                     "set backends.local.state_dir to a folder whose parents others may pass",
                 )
         problem = self._bwrap_problem()
-        if problem is None and self._tools is None:
+        if problem is None and not self._pid_namespaces:
             return Availability(
                 True,
-                f"isolated with {self._bwrap}, but without util-linux's setpriv, prlimit and "
-                "unshare in the system's folders: a caller killed while a bwrap starts may "
-                "leave it running (bubblewrap#633); install util-linux",
+                f"isolated with {self._bwrap}, but this program may not make pid "
+                "namespaces (as root with CAP_SYS_ADMIN): a caller killed while a bwrap "
+                "starts may leave it running (bubblewrap#633)",
             )
         if problem is None:
             return Availability(True, f"isolated with {self._bwrap}")
@@ -535,20 +536,24 @@ class LocalBackend(Backend):
 
     def _launch(
         self, state: _State, *, bwrap: bool, agent: bool = False
-    ) -> tuple[list[str], Callable[[], None] | None]:
+    ) -> tuple[list[str], Callable[[], None] | None, bool]:
         """How a sandbox's process starts (see child.py): an argv prefix, run with the
         environment {"PATH": _PATH}, or where util-linux's tools are missing a
-        ``preexec_fn``. The agent keeps no CPU-time limit (each exec's script sets its
-        own) and the host's OOM score, so an OOM kill takes an exec's processes first."""
+        ``preexec_fn``; and whether it is to start as the init of a pid namespace of
+        its own and wait for "go" (a ``bwrap``, where this program may make one). The
+        agent keeps no CPU-time limit (each exec's script sets its own) and the host's
+        OOM score, so an OOM kill takes an exec's processes first."""
+        gate = bwrap and self._pid_namespaces
         how = {
             "cgroup_procs": state.cgroup.procs_files() if state.cgroup else [],
             "run_as": self._run_as,
             "limits": self._rlimits(state.spec, cputime=not agent),
             "oom_score_adj": None if agent else sweep.EXEC_OOM_SCORE_ADJ,
+            "gate": gate,
         }
         if self._tools is not None:
-            return self._tools.prefix(**how, bwrap=bwrap), None  # type: ignore[arg-type]
-        return [], child.setup(**how)  # type: ignore[arg-type]
+            return self._tools.prefix(**how), None, gate  # type: ignore[arg-type]
+        return list(child.GATE if gate else ()), child.setup(**how), gate  # type: ignore[arg-type]
 
     def _agent(self, state: _State) -> Agent:
         with state.agent_lock:
@@ -558,8 +563,8 @@ class LocalBackend(Backend):
                 state.agent.stop()
             spec = state.spec
             uid, gid = spec.uid_gid()  # type: ignore[misc]
-            prefix, preexec_fn = self._launch(state, bwrap=True, agent=True)
-            gate = () if prefix else bwrap.GATED
+            prefix, preexec_fn, gated = self._launch(state, bwrap=True, agent=True)
+            gate = () if gated else bwrap.GATED
             state.agent = Agent(
                 lambda info_fd: [
                     *prefix,
@@ -576,6 +581,7 @@ class LocalBackend(Backend):
                 ],
                 env={"PATH": _PATH},
                 preexec_fn=preexec_fn,
+                gated=gated,
                 run_folder=state.layout.run,
                 owner=self._owner(),
             )
@@ -591,10 +597,10 @@ class LocalBackend(Backend):
         ids: tuple[int, int],
     ) -> ExecStatus:
         spec = state.spec
-        prefix, preexec_fn = self._launch(state, bwrap=True)
-        # The launch chain reports and waits for "go" before bwrap; without it, bwrap
-        # reports on --info-fd and its program waits (child.py).
-        info_r, info_w = (None, None) if prefix else os.pipe()
+        prefix, preexec_fn, gated = self._launch(state, bwrap=True)
+        # It says "armed" and waits for "go" before bwrap; or bwrap reports its child on
+        # --info-fd and its program waits (child.py).
+        info_r, info_w = (None, None) if gated else os.pipe()
         try:
             argv = bwrap.command_line(
                 self._bwrap,
@@ -604,7 +610,7 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
-                program=(*(() if prefix else bwrap.GATED), "/usr/bin/env", "--"),
+                program=(*(() if gated else bwrap.GATED), "/usr/bin/env", "--"),
                 env=env,
             )
             process = Process(
@@ -617,6 +623,7 @@ class LocalBackend(Backend):
                     "preexec_fn": preexec_fn,
                 },
                 info_fd=info_w,
+                own_pid_namespace=gated,
             )
         except BaseException:
             if info_r is not None:
@@ -647,7 +654,7 @@ class LocalBackend(Backend):
             _MARKER: marker,
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
-        prefix, preexec_fn = self._launch(state, bwrap=False)
+        prefix, preexec_fn, _ = self._launch(state, bwrap=False)
         argv = list(request.argv)
         if prefix:  # env(1) brings the command's environment in after the root shell
             assignments = [f"{name}={value}" for name, value in env.items()]

@@ -49,8 +49,7 @@ AGENT = (
     "exec >/dev/null 2>&1; while IFS= read -r name; do ( "
     f'{sweep.MARKER}="$name" /bin/sh "{AGENT_DIR}/$name.sh" </dev/null & ); done'
 )
-# What a sandbox with an agent holds between execs: bwrap, its init in the sandbox and
-# sh, and where util-linux starts it, unshare in front (child.py).
+# What a sandbox with an agent holds between execs: bwrap, its init in the sandbox, sh.
 AGENT_PROCESSES = 3
 # First in each exec's script: its processes go before the agent's for the OOM killer.
 _RANK_FIRST_FOR_OOM = (
@@ -135,25 +134,28 @@ class Agent:
         *,
         env: dict[str, str],
         preexec_fn: Callable[[], None] | None,
+        gated: bool,
         run_folder: str,
         owner: tuple[int, int] | None,
     ) -> None:
         """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT, in
         the sandbox's cgroups and user (by its argv or ``preexec_fn``: see child.py).
-        By argv, the launch chain reports and waits for "go" (``info_fd`` is None);
-        by ``preexec_fn``, bwrap reports on ``info_fd`` and its program must wait."""
+        ``gated``: it starts as the init of a pid namespace of its own, says "armed"
+        and waits for "go" (``info_fd`` is None); else bwrap reports its child on
+        ``info_fd`` and its program must wait for "go"."""
         self._run = run_folder
         self._owner = owner
         self._lock = threading.Lock()
         self._running = 0  # execs of this program in flight
         self._machine: set[int] | None = None
-        info_r, info_w = os.pipe() if preexec_fn is not None else (None, None)
+        info_r, info_w = (None, None) if gated else os.pipe()
         requests, self._requests = os.pipe()
         argv = command_line(info_w)
         try:
             self.popen: subprocess.Popen[bytes] = _spawner.run(
                 lambda: popen(
                     argv,
+                    own_pid_namespace=gated,
                     stdin=requests,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,  # the launch's report, and bwrap's complaints
@@ -214,8 +216,8 @@ class Agent:
         return found
 
     def _machinery(self) -> set[int]:
-        """Host pids of the inits of the pid namespaces (bwrap's, and the launch's
-        around it: child.py) and of the agent (pid 2 in the sandbox's)."""
+        """Host pids of the inits of the pid namespaces (bwrap's own, and bwrap in its
+        own: child.py) and of the agent (pid 2 in the sandbox's)."""
         if self._machine is None:
             inner = {pid: _innermost_pid(pid) for pid in self.pids()}
             found = {pid for pid, inside in inner.items() if inside in (1, 2)}

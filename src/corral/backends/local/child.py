@@ -23,29 +23,39 @@ inside a container often lacks.
 bwrap's own --die-with-parent cannot carry that guarantee into the sandbox
 (bubblewrap#633): its child arms the signal only once its setup is done, and never
 checks that bwrap is still there, so a caller killed meanwhile leaves the child
-waiting forever for bwrap, or running the command as an orphan. So before a bwrap,
-``Tools.prefix`` puts util-linux's unshare, which starts bwrap as the init of a pid
-namespace of its own: when that init dies, the kernel kills every process bwrap made.
-The init tells the caller its host pid (one line on stderr) once its parent-death
-signal is armed, and runs bwrap only when the caller answers "go" on stdin; the
-caller answers only if unshare is still alive then, which proves the init armed it
-while its parent was unshare, itself tied to the caller. Without util-linux
-(``setup``), bwrap's program waits for "go" instead (``bwrap.GATED``), which leaves
-bubblewrap's window open: ``corral doctor`` says so.
+waiting forever for bwrap, or running the command as an orphan. So a bwrap is started
+as the init of a pid namespace of its own (``own_pid_namespace``): when that init dies,
+the kernel kills every process bwrap made, at whatever stage. That init is the
+caller's own child; it says "armed" on stderr once its parent-death signal is, and
+runs bwrap only when the caller answers "go" on stdin. A caller still there to read
+"armed" was there when the signal was armed, so none is lost. (Inside the namespace
+``getppid()`` is 0: the caller's answer replaces the check of the parent.) Making a
+pid namespace takes CAP_SYS_ADMIN; without it, bwrap's own program waits for "go"
+instead (``bwrap.GATED``), which leaves bubblewrap's window open: ``corral doctor``
+says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import attrs
 
-__all__ = ["Limits", "Tools", "setup"]
+__all__ = [
+    "ARMED",
+    "GATE",
+    "Limits",
+    "Tools",
+    "can_make_pid_namespaces",
+    "own_pid_namespace",
+    "setup",
+]
 
 Limits = list[tuple[int, tuple[int, int]]]  # (resource.RLIMIT_*, (soft, hard))
 
@@ -59,12 +69,14 @@ _JOIN = (
 # After setpriv armed the parent-death signal: $PPID is read at start, so it is still
 # the caller only if the caller outlived the arming.
 _CHECK = '[ "$PPID" = "$1" ] || exit 126; shift; exec "$@"'
-# The init of a sandbox's pid namespace, as the host user, once its parent-death signal
-# is armed: its host pid for the caller (/proc is the host's here), then the caller's go.
-_GATE = (
-    'read -r pid _ </proc/self/stat || exit 126; echo "$pid" >&2; '
-    'IFS= read -r go; [ "$go" = go ] || exit 126; exec "$@"'
+# The same, for the init of a pid namespace of its own: the caller answers instead.
+GATE = (
+    "/bin/sh",
+    "-c",
+    'echo armed >&2; IFS= read -r go; [ "$go" = go ] || exit 126; exec "$@"',
+    "sh",
 )
+ARMED = b"armed\n"
 _PRLIMIT_NAMES = {
     resource.RLIMIT_NOFILE: "nofile",
     resource.RLIMIT_CORE: "core",
@@ -82,17 +94,16 @@ _SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
 @attrs.frozen
 class Tools:
-    """util-linux's setpriv, prlimit and unshare, from the system's folders."""
+    """util-linux's setpriv and prlimit, from the system's folders."""
 
     setpriv: str
     prlimit: str
-    unshare: str
 
     @classmethod
     def find(cls) -> Tools | None:
-        names = ("setpriv", "prlimit", "unshare")
-        found = [shutil.which(name, path=_SYSTEM_PATH) for name in names]
-        return None if None in found else cls(*found)  # type: ignore[arg-type]
+        setpriv = shutil.which("setpriv", path=_SYSTEM_PATH)
+        prlimit = shutil.which("prlimit", path=_SYSTEM_PATH)
+        return cls(setpriv, prlimit) if setpriv and prlimit else None
 
     def prefix(
         self,
@@ -101,30 +112,21 @@ class Tools:
         run_as: tuple[int, int] | None,
         limits: Limits,
         oom_score_adj: int | None,
-        bwrap: bool,
+        gate: bool,
     ) -> list[str]:
         """The argv in front of a program, run with a clean environment, that does
-        what ``setup`` does; in front of a ``bwrap``, one that also gives it a pid
-        namespace of its own, reports and waits for "go" (see above)."""
+        what ``setup`` does."""
         user = [] if run_as is None else [f"--reuid={run_as[0]}", f"--regid={run_as[1]}"]
         if run_as is not None:
             user.append("--clear-groups")
         rlimits = [f"--{_PRLIMIT_NAMES[kind]}={soft}:{hard}" for kind, (soft, hard) in limits]
         adj = "-" if oom_score_adj is None else str(oom_score_adj)
-        join = ("/bin/sh", "-c", _JOIN, "sh", adj, str(len(cgroup_procs)), *cgroup_procs)
-        check = ("/bin/sh", "-c", _CHECK, "sh", str(os.getpid()))
-        prlimit = (self.prlimit, *rlimits, "--")
-        if not bwrap:
-            return [*join, self.setpriv, *user, "--pdeathsig=KILL", "--", *check, *prlimit]
-        # A user namespace of its own lets a caller that is not root make the pid one.
-        own_user = [] if os.geteuid() == 0 else ["--user", "--map-current-user"]
+        check = GATE if gate else ("/bin/sh", "-c", _CHECK, "sh", str(os.getpid()))
         return [
-            *join,
-            *(self.setpriv, "--pdeathsig=KILL", "--", *check),
-            *(self.unshare, *own_user, "--pid", "--kill-child=KILL", "--"),
+            *("/bin/sh", "-c", _JOIN, "sh", adj, str(len(cgroup_procs)), *cgroup_procs),
             *(self.setpriv, *user, "--pdeathsig=KILL", "--"),
-            *("/bin/sh", "-c", _GATE, "sh"),
-            *prlimit,
+            *check,
+            *(self.prlimit, *rlimits, "--"),
         ]
 
 
@@ -138,10 +140,13 @@ def setup(
     run_as: tuple[int, int] | None,
     limits: Limits,
     oom_score_adj: int | None,
+    gate: bool,
 ) -> Callable[[], None]:
     """A ``preexec_fn``: into the cgroups whose ``cgroup.procs`` files are given, then
     ``oom_score_adj`` (None leaves it; raising it needs no privilege), then user
-    ``run_as`` (uid, gid; None stays), then ``limits``."""
+    ``run_as`` (uid, gid; None stays), then ``limits``. With ``gate``, the program
+    must start with ``GATE`` (which cannot wait here: Popen returns only once the
+    child has run its program)."""
     parent = os.getpid()
     procs = [os.fsencode(path) for path in cgroup_procs]
 
@@ -157,10 +162,10 @@ def setup(
             os.setuid(run_as[0])
         for kind, value in limits:
             resource.setrlimit(kind, value)
-        # Last: a change of user clears it. exec keeps it (bwrap is not setuid), and
-        # bwrap's --die-with-parent sets it again for its own child.
+        # Last: a change of user clears it. exec keeps it (bwrap is not setuid).
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the caller died before that
+        # With a gate (``GATE`` in front of the program), the caller answers instead.
+        if not gate and os.getppid() != parent:  # the caller died before that
             os._exit(1)
 
     return in_the_child
@@ -172,3 +177,32 @@ def _write(path: bytes, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+_CLONE_NEWPID = 0x20000000
+
+
+def can_make_pid_namespaces() -> bool:
+    """Whether this program may make pid namespaces (CAP_SYS_ADMIN): tried once."""
+    try:
+        with own_pid_namespace():
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def own_pid_namespace() -> Iterator[None]:
+    """The first process the calling thread starts meanwhile is the init of a new pid
+    namespace (the thread's own setting, unshare(2): other threads are unaffected)."""
+    home = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # to come back to
+    try:
+        if _libc.unshare(_CLONE_NEWPID) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID) failed")
+        try:
+            yield
+        finally:
+            if _libc.setns(home, _CLONE_NEWPID) != 0:  # else this thread could start nothing
+                raise OSError(ctypes.get_errno(), "setns back to this program's pid namespace")
+    finally:
+        os.close(home)

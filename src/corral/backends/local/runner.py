@@ -16,6 +16,7 @@ from typing import IO, Any, Protocol
 from ...core.backend import ExecStatus
 from ...core.errors import InternalError
 from ...core.output import OutputSink
+from . import child
 
 _READ = 64 * 1024
 _POLL = 0.05  # how often a waiting exec looks at its cancel flag
@@ -59,20 +60,18 @@ def _read_line(fd: int, deadline: float) -> bytes:
 
 def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
     """The host pid to kill to end everything a sandbox's bwrap started, once it is
-    safe to tell it "go" (child.py): the pid the launch chain reports on stderr, or
-    with ``info_fd`` (closed here) bwrap's child, the sandbox's init, from --info-fd.
-    Either way the process started by this program must be alive still: its child
-    armed its parent-death signal while its parent was the one tied to this program."""
+    safe to tell it "go" (child.py): the process itself once it says it is armed, or
+    with ``info_fd`` (closed here) bwrap's child, the sandbox's init, from --info-fd."""
     deadline = time.monotonic() + 30
     try:
         if info_fd is None:
             said = _read_line(popen.stderr.fileno(), deadline)  # type: ignore[union-attr]
-            pid = int(said) if said.strip().isdigit() else None
+            pid = popen.pid if said == child.ARMED else None
         else:
             said = b""
             info = _read_info(info_fd, deadline)
             pid = None if info is None else int(info["child-pid"])
-        if pid is None or popen.poll() is not None:
+        if pid is None:
             raise _failed(popen, pid, said)
         return pid
     except BaseException:
@@ -80,10 +79,16 @@ def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
         raise
 
 
-def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen``, with a failed child setup (see child.py) said plainly."""
+def popen(
+    argv: list[str], *, own_pid_namespace: bool = False, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen``, with a failed child setup (see child.py) said plainly; with
+    ``own_pid_namespace``, the process is the init of a pid namespace of its own."""
     try:
-        return subprocess.Popen(argv, close_fds=True, **kwargs)
+        if not own_pid_namespace:
+            return subprocess.Popen(argv, close_fds=True, **kwargs)
+        with child.own_pid_namespace():
+            return subprocess.Popen(argv, close_fds=True, **kwargs)
     except subprocess.SubprocessError as e:  # the preexec_fn raised; its errno is lost
         raise InternalError(
             "the sandbox's process could not join its cgroups, take its host user or "
@@ -125,6 +130,7 @@ class Process:
         sink: OutputSink,
         popen_kwargs: dict[str, Any],
         info_fd: int | None = None,
+        own_pid_namespace: bool = False,
     ) -> None:
         """With ``info_fd``, bwrap's --info-fd (the child's end, closed here)."""
         self.sink = sink
@@ -133,6 +139,7 @@ class Process:
         try:
             self.popen = popen(
                 argv,
+                own_pid_namespace=own_pid_namespace,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
