@@ -183,7 +183,7 @@ _CLONE_NEWPID = 0x20000000
 
 
 def can_make_pid_namespaces() -> bool:
-    """Whether this program may make pid namespaces (CAP_SYS_ADMIN): tried once."""
+    """Whether this program may make pid namespaces (CAP_SYS_ADMIN), by making one."""
     try:
         with own_pid_namespace():
             return True

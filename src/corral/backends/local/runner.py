@@ -48,8 +48,10 @@ def _read_line(fd: int, deadline: float) -> bytes:
     """What a process wrote on ``fd`` up to its first newline (it writes nothing more
     until told to go), or up to its end."""
     data = b""
+    poller = select.poll()  # not select(): a busy program's fds pass 1024
+    poller.register(fd, select.POLLIN)
     while not data.endswith(b"\n") and time.monotonic() < deadline:
-        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
             break
         chunk = os.read(fd, 4096)
         if not chunk:
