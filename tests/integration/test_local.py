@@ -688,3 +688,18 @@ def test_init_reaps_zombies(make):
     assert result.exit_code == 0
     assert result.text.count(") ") >= 2  # it did read the process table
     assert ") Z " not in result.text
+
+
+def test_a_pid_namespace_of_its_own_is_for_the_calling_threads_next_child_only():
+    def pid_of_a_shell() -> bytes:
+        return subprocess.run(["sh", "-c", "echo $$"], capture_output=True, check=True).stdout
+
+    go, other_thread = threading.Event(), []
+    worker = threading.Thread(target=lambda: go.wait() and other_thread.append(pid_of_a_shell()))
+    worker.start()  # before: meanwhile this thread can start no thread (clone(2), EINVAL)
+    with child.own_pid_namespace():
+        go.set()
+        worker.join()
+        inside = pid_of_a_shell()
+    assert inside == b"1\n"  # the init of a namespace of its own
+    assert other_thread[0] != b"1\n" and pid_of_a_shell() != b"1\n"

@@ -194,7 +194,8 @@ def can_make_pid_namespaces() -> bool:
 @contextlib.contextmanager
 def own_pid_namespace() -> Iterator[None]:
     """The first process the calling thread starts meanwhile is the init of a new pid
-    namespace (the thread's own setting, unshare(2): other threads are unaffected)."""
+    namespace (the thread's own setting, unshare(2): other threads are unaffected).
+    Meanwhile the thread can start no thread (clone(2) refuses)."""
     home = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)  # to come back to
     try:
         if _libc.unshare(_CLONE_NEWPID) != 0:
