@@ -64,3 +64,23 @@ def test_doctor_explains_a_service_that_is_not_running(tmp_path):
     assert "podman:" in done.stdout
     assert "not-running.sock" in done.stdout
     assert "podman system service --time=0" in done.stdout
+
+
+def test_the_init_is_found_by_the_runtimes_pid_file_and_checked(
+    engine_settings, engine_client, tmp_path
+):
+    # One inspect fewer per sandbox; a pid file that names another process (here this
+    # one) falls back to the inspect, never to a wrong process.
+    fake = tmp_path / "pidfile"
+    fake.write_text(str(os.getpid()))
+    with corral.create(backend="podman", settings=engine_settings) as sb:
+        backend = sb.backend
+        assert sb.id in backend._pidfiles, "the create's inspect named no pid file"
+        with corral.create(backend="podman", settings=engine_settings) as other:
+            container_id, _ = other.backend._pidfiles[other.id]
+            other.backend._pidfiles[other.id] = (container_id, str(fake))
+            for each in (sb, other):
+                assert each.exec(["true"]).ok
+                pid = engine_client.inspect_container(f"corral-{each.id}")["State"]["Pid"]
+                assert each.backend._views[each.id].init_pid == pid
+                assert each.id not in each.backend._pidfiles
