@@ -30,27 +30,13 @@ def _feed(pipe: IO[bytes], data: bytes) -> None:
         pipe.close()
 
 
-def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
-    """bwrap's --info-fd JSON, or None when bwrap exits before writing it."""
-    data = b""
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        while time.monotonic() < deadline:
-            chunk = f.read(4096)
-            if not chunk:
-                break
-            data += chunk
-            with contextlib.suppress(ValueError):
-                return json.loads(data)
-    return None
-
-
-def _read_line(fd: int, deadline: float) -> bytes:
-    """What a process wrote on ``fd`` up to its first newline (it writes nothing more
-    until told to go), or up to its end."""
+def _read_until(fd: int, deadline: float, complete: Callable[[bytes], bool]) -> bytes:
+    """What a process wrote on ``fd`` until ``complete`` says it is all there (it
+    writes nothing more until told to go), its end, or ``deadline``."""
     data = b""
     poller = select.poll()  # not select(): a busy program's fds pass 1024
     poller.register(fd, select.POLLIN)
-    while not data.endswith(b"\n") and time.monotonic() < deadline:
+    while not complete(data) and time.monotonic() < deadline:
         if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
             break
         chunk = os.read(fd, 4096)
@@ -60,6 +46,22 @@ def _read_line(fd: int, deadline: float) -> bytes:
     return data
 
 
+def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
+    """bwrap's --info-fd JSON (the fd closed here), or None when bwrap exits first."""
+    try:
+        data = _read_until(fd, deadline, lambda d: _json(d) is not None)
+    finally:
+        os.close(fd)
+    return _json(data)
+
+
+def _json(data: bytes) -> dict[str, Any] | None:
+    try:
+        return json.loads(data)  # type: ignore[no-any-return]
+    except ValueError:
+        return None
+
+
 def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
     """The host pid to kill to end everything a sandbox's bwrap started, once it is
     safe to tell it "go" (child.py): the process itself once it says it is armed, or
@@ -67,14 +69,15 @@ def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
     deadline = time.monotonic() + 30
     try:
         if info_fd is None:
-            said = _read_line(popen.stderr.fileno(), deadline)  # type: ignore[union-attr]
+            stderr = popen.stderr.fileno()  # type: ignore[union-attr]
+            said = _read_until(stderr, deadline, lambda d: d.endswith(b"\n"))
             pid = popen.pid if said == child.ARMED else None
         else:
             said = b""
             info = _read_info(info_fd, deadline)
             pid = None if info is None else int(info["child-pid"])
         if pid is None:
-            raise _failed(popen, pid, said)
+            raise _failed(popen, said)
         return pid
     except BaseException:
         kill(popen, None)
@@ -109,8 +112,8 @@ def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
     popen.wait()
 
 
-def _failed(popen: subprocess.Popen[bytes], child_pid: int | None, said: bytes) -> InternalError:
-    kill(popen, child_pid)
+def _failed(popen: subprocess.Popen[bytes], said: bytes) -> InternalError:
+    kill(popen, None)
     said += popen.stderr.read()  # type: ignore[union-attr]
     message = said.decode(errors="replace").strip()
     said = message or f"it exited with {popen.returncode} and said nothing"
