@@ -37,9 +37,10 @@ def _host_processes_with(token: str) -> list[psutil.Process]:
 @pytest.fixture(params=["util-linux", "preexec_fn", "no-pid-namespaces"])
 def launch(request: pytest.FixtureRequest, make, monkeypatch: pytest.MonkeyPatch):
     """``make``, with the sandbox's processes started one way or another (child.py):
-    through setpriv and prlimit, or by a preexec_fn where those are missing; a bwrap as
-    the init of a pid namespace of its own, or where this program may not make one,
-    with bwrap's program waiting for "go"."""
+    through setpriv and prlimit, or by a preexec_fn where those are missing; a bwrap
+    as the init of a pid namespace of its own, put in its cgroups by this program
+    while it waits, or where this program may not make one, with bwrap's program
+    waiting for "go"."""
 
     def _launch(**keywords: object) -> corral.Sandbox:
         sb = make(**keywords)

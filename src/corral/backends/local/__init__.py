@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO, Any
 
 import attrs
@@ -534,26 +534,37 @@ class LocalBackend(Backend):
                 return self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
         raise AssertionError("unreachable")
 
-    def _launch(
-        self, state: _State, *, bwrap: bool, agent: bool = False
-    ) -> tuple[list[str], Callable[[], None] | None, bool]:
-        """How a sandbox's process starts (see child.py): an argv prefix, run with the
-        environment {"PATH": _PATH}, or where util-linux's tools are missing a
-        ``preexec_fn``; and whether it is to start as the init of a pid namespace of
-        its own and wait for "go" (a ``bwrap``, where this program may make one). The
-        agent keeps no CPU-time limit (each exec's script sets its own) and the host's
-        OOM score, so an OOM kill takes an exec's processes first."""
+    def _launch(self, state: _State, *, bwrap: bool, agent: bool = False) -> child.Launch:
+        """How a sandbox's process starts (see child.py), run with the environment
+        {"PATH": _PATH}: through util-linux's tools, or a ``preexec_fn`` where they are
+        missing; a bwrap as the init of a pid namespace of its own that waits for
+        "go", where this program may make one. The agent keeps no CPU-time limit (each
+        exec's script sets its own) and the host's OOM score, so an OOM kill takes an
+        exec's processes first."""
         gate = bwrap and self._pid_namespaces
-        how = {
-            "cgroup_procs": state.cgroup.procs_files() if state.cgroup else [],
-            "run_as": self._run_as,
-            "limits": self._rlimits(state.spec, cputime=not agent),
-            "oom_score_adj": None if agent else sweep.EXEC_OOM_SCORE_ADJ,
-            "gate": gate,
-        }
-        if self._tools is not None:
-            return self._tools.prefix(**how), None, gate  # type: ignore[arg-type]
-        return list(child.GATE if gate else ()), child.setup(**how), gate  # type: ignore[arg-type]
+        cgroup_procs = state.cgroup.procs_files() if state.cgroup else []
+        limits = self._rlimits(state.spec, cputime=not agent)
+        adj = None if agent else sweep.EXEC_OOM_SCORE_ADJ
+        if self._tools is None:
+            preexec_fn = child.setup(
+                cgroup_procs=cgroup_procs,
+                run_as=self._run_as,
+                limits=limits,
+                oom_score_adj=adj,
+                gate=gate,
+            )
+            return child.Launch(list(child.GATE if gate else ()), preexec_fn, gate)
+        if not gate:
+            prefix = self._tools.prefix(
+                cgroup_procs=cgroup_procs, run_as=self._run_as, limits=limits, oom_score_adj=adj
+            )
+            return child.Launch(prefix, None, False)
+        return child.Launch(
+            self._tools.gated_prefix(run_as=self._run_as, limits=limits),
+            None,
+            True,
+            functools.partial(child.enter, cgroup_procs=cgroup_procs, oom_score_adj=adj),
+        )
 
     def _agent(self, state: _State) -> Agent:
         with state.agent_lock:
@@ -563,11 +574,11 @@ class LocalBackend(Backend):
                 state.agent.stop()
             spec = state.spec
             uid, gid = spec.uid_gid()  # type: ignore[misc]
-            prefix, preexec_fn, gated = self._launch(state, bwrap=True, agent=True)
-            gate = () if gated else bwrap.GATED
+            launch = self._launch(state, bwrap=True, agent=True)
+            gate = () if launch.gated else bwrap.GATED
             state.agent = Agent(
                 lambda info_fd: [
-                    *prefix,
+                    *launch.prefix,
                     *bwrap.command_line(
                         self._bwrap,  # type: ignore[arg-type]
                         spec,
@@ -580,8 +591,7 @@ class LocalBackend(Backend):
                     ),
                 ],
                 env={"PATH": _PATH},
-                preexec_fn=preexec_fn,
-                gated=gated,
+                launch=launch,
                 run_folder=state.layout.run,
                 owner=self._owner(),
             )
@@ -597,10 +607,10 @@ class LocalBackend(Backend):
         ids: tuple[int, int],
     ) -> ExecStatus:
         spec = state.spec
-        prefix, preexec_fn, gated = self._launch(state, bwrap=True)
+        launch = self._launch(state, bwrap=True)
         # It says "armed" and waits for "go" before bwrap; or bwrap reports its child on
         # --info-fd and its program waits (child.py).
-        info_r, info_w = (None, None) if gated else os.pipe()
+        info_r, info_w = (None, None) if launch.gated else os.pipe()
         try:
             argv = bwrap.command_line(
                 self._bwrap,
@@ -610,20 +620,20 @@ class LocalBackend(Backend):
                 ids[1],  # type: ignore[arg-type]
                 workdir,
                 info_w,
-                program=(*(() if gated else bwrap.GATED), "/usr/bin/env", "--"),
+                program=(*(() if launch.gated else bwrap.GATED), "/usr/bin/env", "--"),
                 env=env,
             )
             process = Process(
-                [*prefix, *argv, *request.argv],
+                [*launch.prefix, *argv, *request.argv],
                 env={"PATH": _PATH},
                 stdin=bwrap.GO + (request.stdin or b""),  # fed once it is safe to go
                 sink=sink,
                 popen_kwargs={
                     "pass_fds": () if info_w is None else (info_w,),
-                    "preexec_fn": preexec_fn,
+                    "preexec_fn": launch.preexec_fn,
                 },
                 info_fd=info_w,
-                own_pid_namespace=gated,
+                own_pid_namespace=launch.gated,
             )
         except BaseException:
             if info_r is not None:
@@ -631,7 +641,7 @@ class LocalBackend(Backend):
             raise
         state.running.add(process)
         try:
-            process.await_start(info_r)
+            process.await_start(info_r, launch.enter)
             return process.supervise(request.timeout, lambda: None)
         finally:
             state.running.discard(process)
@@ -654,11 +664,11 @@ class LocalBackend(Backend):
             _MARKER: marker,
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
-        prefix, preexec_fn, _ = self._launch(state, bwrap=False)
+        launch = self._launch(state, bwrap=False)
         argv = list(request.argv)
-        if prefix:  # env(1) brings the command's environment in after the root shell
+        if launch.prefix:  # env(1) brings the command's environment in after the root shell
             assignments = [f"{name}={value}" for name, value in env.items()]
-            argv = [*prefix, "/usr/bin/env", "-i", "--", *assignments, *argv]
+            argv = [*launch.prefix, "/usr/bin/env", "-i", "--", *assignments, *argv]
             env = {"PATH": _PATH}
         try:
             process = Process(
@@ -666,7 +676,11 @@ class LocalBackend(Backend):
                 env=env,
                 stdin=request.stdin,
                 sink=sink,
-                popen_kwargs={"cwd": cwd, "start_new_session": True, "preexec_fn": preexec_fn},
+                popen_kwargs={
+                    "cwd": cwd,
+                    "start_new_session": True,
+                    "preexec_fn": launch.preexec_fn,
+                },
             )
         except FileNotFoundError as e:
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())

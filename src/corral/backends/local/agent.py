@@ -39,6 +39,7 @@ from ...core.errors import InternalError
 from ...core.output import OutputSink
 from .. import sweep
 from .bwrap import AGENT_DIR, GO
+from .child import Launch
 from .runner import await_start, kill, popen, pump
 
 # The agent itself: each line on its stdin names an exec, whose script runs in the
@@ -133,35 +134,34 @@ class Agent:
         command_line: Callable[[int | None], list[str]],
         *,
         env: dict[str, str],
-        preexec_fn: Callable[[], None] | None,
-        gated: bool,
+        launch: Launch,
         run_folder: str,
         owner: tuple[int, int] | None,
     ) -> None:
-        """Start bwrap with ``command_line(info_fd)``, whose command must be AGENT, in
-        the sandbox's cgroups and user (by its argv or ``preexec_fn``: see child.py).
-        ``gated``: it starts as the init of a pid namespace of its own, says "armed"
-        and waits for "go" (``info_fd`` is None); else bwrap reports its child on
-        ``info_fd`` and its program must wait for "go"."""
+        """Start ``command_line(info_fd)``, ``launch.prefix`` then a bwrap whose command
+        must be AGENT, in the sandbox's cgroups and user (see child.py). When
+        ``launch.gated``, it starts as the init of a pid namespace of its own, says
+        "armed" and waits for "go" (``info_fd`` is None); else bwrap reports its child
+        on ``info_fd`` and its program must wait for "go"."""
         self._run = run_folder
         self._owner = owner
         self._lock = threading.Lock()
         self._running = 0  # execs of this program in flight
         self._machine: set[int] | None = None
-        info_r, info_w = (None, None) if gated else os.pipe()
+        info_r, info_w = (None, None) if launch.gated else os.pipe()
         requests, self._requests = os.pipe()
         argv = command_line(info_w)
         try:
             self.popen: subprocess.Popen[bytes] = _spawner.run(
                 lambda: popen(
                     argv,
-                    own_pid_namespace=gated,
+                    own_pid_namespace=launch.gated,
                     stdin=requests,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE,  # the launch's report, and bwrap's complaints
                     env=env,
                     pass_fds=() if info_w is None else (info_w,),
-                    preexec_fn=preexec_fn,
+                    preexec_fn=launch.preexec_fn,
                 )
             )
         except BaseException:
@@ -174,7 +174,7 @@ class Agent:
                 if fd is not None:
                     os.close(fd)  # the child's ends
         try:
-            self.init_pid = await_start(self.popen, info_r)
+            self.init_pid = await_start(self.popen, info_r, launch.enter)
             os.write(self._requests, GO)
         except BaseException:
             os.close(self._requests)

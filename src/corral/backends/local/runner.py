@@ -62,16 +62,23 @@ def _json(data: bytes) -> dict[str, Any] | None:
         return None
 
 
-def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
+def await_start(
+    popen: subprocess.Popen[bytes],
+    info_fd: int | None,
+    enter: Callable[[int], None] | None = None,
+) -> int:
     """The host pid to kill to end everything a sandbox's bwrap started, once it is
-    safe to tell it "go" (child.py): the process itself once it says it is armed, or
-    with ``info_fd`` (closed here) bwrap's child, the sandbox's init, from --info-fd."""
+    safe to tell it "go" (child.py): the process itself once it says it is armed (and
+    ``enter`` did its part for it), or with ``info_fd`` (closed here) bwrap's child,
+    the sandbox's init, from --info-fd."""
     deadline = time.monotonic() + 30
     try:
         if info_fd is None:
             stderr = popen.stderr.fileno()  # type: ignore[union-attr]
             said = _read_until(stderr, deadline, lambda d: d.endswith(b"\n"))
             pid = popen.pid if said == child.ARMED else None
+            if pid is not None and enter is not None:
+                _enter(enter, pid)
         else:
             said = b""
             info = _read_info(info_fd, deadline)
@@ -82,6 +89,21 @@ def await_start(popen: subprocess.Popen[bytes], info_fd: int | None) -> int:
     except BaseException:
         kill(popen, None)
         raise
+
+
+def _enter(enter: Callable[[int], None], pid: int) -> None:
+    try:
+        enter(pid)
+    except OSError as e:
+        raise _cannot_set_up(e) from e
+
+
+def _cannot_set_up(e: Exception) -> InternalError:
+    return InternalError(
+        "the sandbox's process could not join its cgroups, take its host user or "
+        f"lower its limits before starting ({e}); `corral doctor` checks the cgroups "
+        "and backends.local.host_user, and a sandbox closed meanwhile has no cgroups"
+    )
 
 
 def popen(
@@ -95,11 +117,7 @@ def popen(
         with child.own_pid_namespace():
             return subprocess.Popen(argv, close_fds=True, **kwargs)
     except subprocess.SubprocessError as e:  # the preexec_fn raised; its errno is lost
-        raise InternalError(
-            "the sandbox's process could not join its cgroups, take its host user or "
-            f"lower its limits before starting ({e}); `corral doctor` checks the cgroups "
-            "and backends.local.host_user, and a sandbox closed meanwhile has no cgroups"
-        ) from e
+        raise _cannot_set_up(e) from e
 
 
 def kill(popen: subprocess.Popen[bytes], child_pid: int | None) -> None:
@@ -155,10 +173,10 @@ class Process:
             if info_fd is not None:  # the child's end; the parent must not hold it
                 os.close(info_fd)
 
-    def await_start(self, info_fd: int | None) -> None:
+    def await_start(self, info_fd: int | None, enter: Callable[[int], None] | None = None) -> None:
         """Learn the pid that ends everything bwrap started (``await_start``)."""
         try:
-            self.child_pid = await_start(self.popen, info_fd)
+            self.child_pid = await_start(self.popen, info_fd, enter)
         except BaseException:  # it never ran: nothing will drain or close its pipes
             for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
                 if pipe is not None:
