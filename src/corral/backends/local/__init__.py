@@ -52,6 +52,7 @@ __all__ = ["LocalBackend", "LocalSettings"]
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MARKER = "CORRAL_EXEC_MARKER"
+_SWEEP_EVERY = 1.0  # seconds between two sweeps of expired sandboxes by one program
 
 
 @attrs.frozen
@@ -165,6 +166,8 @@ class LocalBackend(Backend):
         self._states: dict[str, _State] = {}
         self._lock = threading.Lock()
         self._root_ready = False
+        self._swept = -math.inf  # when the last sweep of expired sandboxes started
+        self._sweeping = threading.Lock()
         self._tools = child.Tools.find()
         self._pid_namespaces = self._root_user and child.can_make_pid_namespaces()
 
@@ -409,12 +412,29 @@ class LocalBackend(Backend):
     def _remove_folder(self, folder: str) -> None:
         if self._root_user:
             disk.unmount(folder)
-        shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows links
+        try:
+            os.rmdir(folder)  # empty once its tmpfs is gone: far cheaper than rmtree
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows links
 
     def _sweep_expired(self) -> None:
         """Destroy every program's expired sandboxes, and leftovers a minute old: a local
-        sandbox has no process of its own that ends with its lifetime. Each create asks,
-        so a known sandbox costs a lookup here, not a read of its folder."""
+        sandbox has no process of its own that ends with its lifetime. A create asks,
+        once a second at most and one thread at a time: a hundred creates at once would
+        each read the metadata of the others in flight (which this program does not
+        know yet), for an expired sandbox that can wait a second longer."""
+        started = time.monotonic()
+        if started - self._swept < _SWEEP_EVERY or not self._sweeping.acquire(blocking=False):
+            return
+        try:
+            self._swept = started
+            self._sweep_expired_now()
+        finally:
+            self._sweeping.release()
+
+    def _sweep_expired_now(self) -> None:
         now = time.time()
         try:
             names = os.listdir(self.root)
