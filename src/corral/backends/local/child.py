@@ -15,10 +15,10 @@ Three ways to the same outcome:
 - ``setup``: a ``preexec_fn`` that does the same in the forked child, where setpriv or
   prlimit is missing.
 
-Either way it all happens before bwrap runs, so bwrap and everything it starts are
-inside the limits from their first instruction. The parent-death signal is armed after the
-change of user (which clears it), then the caller is checked to be still there: a
-caller that dies at any moment takes the process with it. (Handing a started bwrap its
+Each way it all happens before bwrap runs, so bwrap and everything it starts are
+inside the limits from their first instruction. The parent-death signal is armed
+after the change of user (which clears it), then the caller is checked to be still
+there: a caller that dies at any moment takes the process with it. (Handing a started bwrap its
 cgroups through --block-fd left a window: bwrap takes EOF there for a release, so a
 caller dying then let the command run unconfined.) Lowering one's own rlimits needs
 no privilege, where prlimit on another process needs CAP_SYS_RESOURCE, which a root
@@ -181,8 +181,8 @@ def _user_options(run_as: tuple[int, int] | None) -> list[str]:
 def enter(pid: int, *, cgroup_procs: Sequence[str], oom_score_adj: int | None) -> None:
     """From the caller, for its child waiting at ``GATE`` (after its change of user, so
     the OOM rank cannot be lowered back there): into the cgroups and the OOM rank,
-    before it runs bwrap. OSError when the cgroups are gone. (The limits stay with
-    prlimit: setting another user's takes CAP_SYS_RESOURCE, which a root in a container
+    before it runs bwrap. OSError when the cgroups are gone. (The child sets its own
+    limits: setting another user's takes CAP_SYS_RESOURCE, which a root in a container
     often lacks, as here.)"""
     me = str(pid).encode()
     for path in cgroup_procs:
