@@ -68,6 +68,17 @@ def test_exit_codes_are_the_commands_own(launch):
     assert sb.exec(["/etc"]).exit_code == 126
 
 
+def test_a_command_whose_name_holds_an_equals_sign_is_run_not_read_as_a_setting(launch):
+    # env(1), which runs every command, takes NAME=VALUE for an assignment.
+    for sb in (launch(), launch(security=UNSAFE_LOCAL)):
+        for _ in ("own bwrap", "agent"):
+            missing = sb.exec(["x=y"])
+            assert (missing.exit_code, missing.stdout) == (127, b"")
+        script = "printf '#!/bin/sh\\necho ran \"$@\"\\n' >a=b && chmod +x a=b"
+        assert sb.exec(["sh", "-c", script]).exit_code == 0
+        assert sb.exec(["./a=b", "c=d"]).text == "ran c=d\n"
+
+
 def test_argv_is_never_a_shell(make):
     sb = make()
     args = ["$(touch /tmp/pwned)", "`id`", "; rm -rf ~", "a|b>c", "*", "$HOME"]

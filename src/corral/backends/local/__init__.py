@@ -644,7 +644,7 @@ class LocalBackend(Backend):
                 env=env,
             )
             process = Process(
-                [*launch.prefix, *argv, *request.argv],
+                [*launch.prefix, *argv, *bwrap.after_env(request.argv)],
                 env={"PATH": _PATH},
                 stdin=bwrap.GO + (request.stdin or b""),  # fed once it is safe to go
                 sink=sink,
@@ -688,7 +688,8 @@ class LocalBackend(Backend):
         argv = list(request.argv)
         if launch.prefix:  # env(1) brings the command's environment in after the root shell
             assignments = [f"{name}={value}" for name, value in env.items()]
-            argv = [*launch.prefix, "/usr/bin/env", "-i", "--", *assignments, *argv]
+            command = bwrap.after_env(argv)
+            argv = [*launch.prefix, "/usr/bin/env", "-i", "--", *assignments, *command]
             env = {"PATH": _PATH}
         try:
             process = Process(

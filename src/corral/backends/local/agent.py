@@ -38,7 +38,7 @@ from ...core.backend import ExecStatus
 from ...core.errors import InternalError
 from ...core.output import OutputSink
 from .. import sweep
-from .bwrap import AGENT_DIR, GO
+from .bwrap import AGENT_DIR, GO, after_env
 from .child import Launch
 from .runner import await_start, kill, popen, pump
 
@@ -73,7 +73,7 @@ def exec_script(
     q = shlex.quote
     limit = f"ulimit -S -t {cputime} && ulimit -H -t {cputime + 1} || exit 1; " if cputime else ""
     assignments = " ".join(q(f"{k}={v}") for k, v in {**env, sweep.MARKER: name}.items())
-    command = " ".join(q(a) for a in argv)
+    command = " ".join(q(a) for a in after_env(argv))
     source = f"{at}.in" if stdin else "/dev/null"
     # The status FIFO and output are opened first, so the host hears of every failure;
     # the command itself holds neither the status FIFO nor anything of the agent's.

@@ -166,6 +166,17 @@ def command_line(
     return [*args, "--", *program]
 
 
+# env(1) takes every NAME=VALUE before the command for an assignment, even after "--",
+# so a command whose name holds "=" goes to it through sh, which runs a name as it is
+# (and says 127 or 126 as env does).
+_AS_IS = ("/bin/sh", "-c", 'exec "$@"', "sh")
+
+
+def after_env(argv: Sequence[str]) -> list[str]:
+    """``argv`` as env(1) must be given it to run it, never to read it as a setting."""
+    return [*_AS_IS, *argv] if "=" in argv[0] else list(argv)
+
+
 # Where the launch chain cannot wait for "go" before bwrap (child.py), bwrap's program
 # waits for it, first thing on stdin (sh reads a pipe byte by byte: the rest is the
 # command's). A caller that dies before then leaves nothing running, but one killed
