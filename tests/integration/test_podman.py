@@ -67,7 +67,7 @@ def test_doctor_explains_a_service_that_is_not_running(tmp_path):
 
 
 def test_the_init_is_found_by_the_runtimes_pid_file_and_checked(
-    engine_settings, engine_client, tmp_path
+    engine_settings, engine_client, tmp_path, monkeypatch
 ):
     # One inspect fewer per sandbox; a pid file that names another process (here this
     # one) falls back to the inspect, never to a wrong process.
@@ -79,8 +79,15 @@ def test_the_init_is_found_by_the_runtimes_pid_file_and_checked(
         with corral.create(backend="podman", settings=engine_settings) as other:
             container_id, _ = other.backend._pidfiles[other.id]
             other.backend._pidfiles[other.id] = (container_id, str(fake))
+            inspected: list[str] = []
+            for one in {id(b): b for b in (sb.backend, other.backend)}.values():
+                inspect = one._inspect
+                monkeypatch.setattr(
+                    one, "_inspect", lambda i, f=inspect: inspected.append(i) or f(i)
+                )
             for each in (sb, other):
                 assert each.exec(["true"]).ok
                 pid = engine_client.inspect_container(f"corral-{each.id}")["State"]["Pid"]
                 assert each.backend._views[each.id].init_pid == pid
                 assert each.id not in each.backend._pidfiles
+            assert inspected == [other.id]  # the pid file spared sb's, not the fake one

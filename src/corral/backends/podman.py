@@ -541,9 +541,12 @@ class PodmanBackend(Backend):
         host: one inspect call fewer per sandbox, which under load takes most of a
         second. None when the file is not here (a remote service) or names a process
         outside the container's cgroups."""
-        container_id, pidfile = self._pidfiles.pop(sandbox_id, ("", ""))
+        made = self._pidfiles.pop(sandbox_id, None)
+        if made is None:
+            return None
+        container_id, pidfile = made
         try:
-            pid = int(Path(pidfile).read_text()) if pidfile else 0
+            pid = int(Path(pidfile).read_text())
         except (OSError, ValueError):
             return None
         view = HostView.find(container_id, pid)

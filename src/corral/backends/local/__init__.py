@@ -53,6 +53,14 @@ __all__ = ["LocalBackend", "LocalSettings"]
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MARKER = "CORRAL_EXEC_MARKER"
 _SWEEP_EVERY = 1.0  # seconds between two sweeps of expired sandboxes by one program
+# The spec's field behind each rlimit a sandbox's process sets (a core size is 0).
+_LIMIT_FIELDS = {
+    resource.RLIMIT_NOFILE: "nofile",
+    resource.RLIMIT_NPROC: "nproc",
+    resource.RLIMIT_AS: "memory",
+    resource.RLIMIT_CPU: "cputime",
+    resource.RLIMIT_FSIZE: "file_size",
+}
 
 
 @attrs.frozen
@@ -564,6 +572,7 @@ class LocalBackend(Backend):
         gate = bwrap and self._pid_namespaces
         cgroup_procs = state.cgroup.procs_files() if state.cgroup else []
         limits = self._rlimits(state.spec, cputime=not agent)
+        _check_within_own_limits(state.id, limits)
         adj = None if agent else sweep.EXEC_OOM_SCORE_ADJ
         if self._tools is None:
             preexec_fn = child.setup(
@@ -788,6 +797,22 @@ class LocalBackend(Backend):
             pids=count,
             timestamp=time.time(),
         )
+
+
+def _check_within_own_limits(sandbox_id: str, limits: child.Limits) -> None:
+    """A sandbox's process sets its limits as the host user (child.py), so it cannot
+    raise a hard limit past this program's: refused before anything starts, with the
+    field to change, rather than as a failed start."""
+    for kind, (_, hard) in limits:
+        ceiling = resource.getrlimit(kind)[1]
+        if ceiling != resource.RLIM_INFINITY and hard > ceiling:
+            raise InternalError(
+                f"sandbox.limits.{_LIMIT_FIELDS[kind]} needs a hard limit of {hard}, above "
+                f"this program's own ({ceiling}), which the sandbox's process cannot raise: "
+                f"ask for less, or raise this program's hard limit (ulimit -H)",
+                backend="local",
+                sandbox_id=sandbox_id,
+            )
 
 
 def _user_ids(user: str) -> tuple[int, int]:

@@ -18,11 +18,12 @@ Three ways to the same outcome:
 Each way it all happens before bwrap runs, so bwrap and everything it starts are
 inside the limits from their first instruction. The parent-death signal is armed
 after the change of user (which clears it), then the caller is checked to be still
-there: a caller that dies at any moment takes the process with it. (Handing a started bwrap its
-cgroups through --block-fd left a window: bwrap takes EOF there for a release, so a
-caller dying then let the command run unconfined.) Lowering one's own rlimits needs
-no privilege, where prlimit on another process needs CAP_SYS_RESOURCE, which a root
-inside a container often lacks.
+there: a caller that dies at any moment takes the process with it. (Handing a started
+bwrap its cgroups through --block-fd left a window: bwrap takes EOF there for a
+release, so a caller dying then let the command run unconfined.) Lowering one's own
+rlimits needs no privilege, where prlimit on another process needs CAP_SYS_RESOURCE,
+which a root inside a container often lacks; as the host user, a process cannot
+raise its hard limits past the caller's either (``LocalBackend`` says so first).
 
 bwrap's own --die-with-parent cannot carry that guarantee into the sandbox
 (bubblewrap#633): its child arms the signal only once its setup is done, and never
