@@ -81,13 +81,14 @@ def test_the_init_is_found_by_the_runtimes_pid_file_and_checked(
             other.backend._pidfiles[other.id] = (container_id, str(fake))
             inspected: list[str] = []
             for one in {id(b): b for b in (sb.backend, other.backend)}.values():
-                inspect = one._inspect
+                inspect = one.engine.inspect
                 monkeypatch.setattr(
-                    one, "_inspect", lambda i, f=inspect: inspected.append(i) or f(i)
+                    one.engine, "inspect", lambda i, f=inspect: inspected.append(i) or f(i)
                 )
             for each in (sb, other):
                 assert each.exec(["true"]).ok
                 pid = engine_client.inspect_container(f"corral-{each.id}")["State"]["Pid"]
                 assert each.backend._views[each.id].init_pid == pid
                 assert each.id not in each.backend._pidfiles
-            assert inspected == [other.id]  # the pid file spared sb's, not the fake one
+            # the pid file spared sb's inspect, not the fake one's
+            assert inspected == [f"corral-{other.id}"]

@@ -34,6 +34,9 @@ class SandboxError(Exception):
         retryable: whether trying the same call again later may succeed.
         backend: the backend's name, where known.
         sandbox_id: the sandbox's id, where known.
+        fix: what the user can do about it, where known (``pip install
+            'corral[docker]'``); shown after the message, and read by ``corral doctor``
+            and ``corral backends`` as it is, never parsed back from the message.
     """
 
     category: ClassVar[str] = "internal"
@@ -46,18 +49,21 @@ class SandboxError(Exception):
         backend: str | None = None,
         sandbox_id: str | None = None,
         retryable: bool | None = None,
+        fix: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.backend = backend
         self.sandbox_id = sandbox_id
         self.retryable = self.default_retryable if retryable is None else retryable
+        self.fix = fix
 
     def __str__(self) -> str:
         where = [
             f"{k}={v}" for k, v in (("backend", self.backend), ("sandbox", self.sandbox_id)) if v
         ]
-        return f"{self.message} ({', '.join(where)})" if where else self.message
+        text = f"{self.message} ({', '.join(where)})" if where else self.message
+        return f"{text}; fix: {self.fix}" if self.fix else text
 
 
 class ConfigError(SandboxError, ValueError):

@@ -140,22 +140,22 @@ def test_t73_no_network_by_inspect(sandbox, backend, raw_client_of):
 def _engine_request(backend: str, settings: corral.Settings, spec: corral.SandboxSpec) -> dict:
     """What corral asks the engine for; ``network`` is the network the container joins."""
     from corral.backends import containers
-    from corral.backends.docker import DockerBackend, DockerSettings
-    from corral.backends.podman import PodmanBackend, PodmanSettings
+    from corral.backends.docker import DockerEngine, DockerSettings
+    from corral.backends.podman import PodmanEngine, PodmanSettings
 
     labels = {"corral.sandbox": "t74request"}
     if backend == "docker":
-        engine = DockerBackend(structure(settings.backends["docker"], DockerSettings))
+        engine = DockerEngine(structure(settings.backends["docker"], DockerSettings))
         try:
             plan = containers.plan(spec, labels, image="x", workspace_size=1024**3)
-            kwargs = engine._create_kwargs(plan)
+            kwargs = engine.create_kwargs(plan)
             network = "none" if kwargs["network_disabled"] else kwargs["host_config"]["NetworkMode"]
             return {**kwargs["host_config"], "network": network}
         finally:
             engine.close()
-    engine = PodmanBackend(structure(settings.backends["podman"], PodmanSettings))
+    engine = PodmanEngine(structure(settings.backends["podman"], PodmanSettings))
     plan = containers.plan(spec, labels, image="x", workspace_size=1024**3)
-    request = engine._libpod_spec(plan)
+    request = engine.libpod_spec(plan)
     # nsmode "bridge" joins the networks named, else Podman's default one ("podman").
     network = request["netns"]["nsmode"]
     if network == "bridge":
@@ -334,16 +334,16 @@ def test_t74_a_network_podman_stopped_isolating_is_refused(
     """Podman 4.3 drops ``isolate`` from its copy of a network that a Docker-API client
     inspects: a sandbox started then would be reachable. corral asks again once the
     container runs, and refuses the sandbox."""
-    from corral.backends.podman import PodmanBackend
+    from corral.backends.podman import PodmanEngine
 
-    make_network = PodmanBackend._create_network
+    make_network = PodmanEngine.create_network
 
     def and_inspect_it(self, name, labels):
         make_network(self, name, labels)
         with _client(backend, raw_client_of) as client:
             client.inspect_network(name)  # another program, through the Docker API
 
-    monkeypatch.setattr(PodmanBackend, "_create_network", and_inspect_it)
+    monkeypatch.setattr(PodmanEngine, "create_network", and_inspect_it)
     with creates_seen() as ids, pytest.raises(corral.PolicyError, match="did not isolate"):
         corral.create(backend=backend, settings=backend_settings, network="bridge")
     (refused,) = ids

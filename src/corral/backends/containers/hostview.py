@@ -1,0 +1,178 @@
+"""The container seen from the host: its cgroups and processes, for a local engine."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+from ...core.results import ResourceUsage
+from .. import sweep
+from ..cgroupfs import read_int, read_keyed
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@attrs.define
+class HostView:
+    """A local engine's container as the host sees it: its cgroups and processes.
+
+    Reading cgroup files takes microseconds where the engines' stats calls take up to
+    seconds; killing exec processes from the host works on images with no tools at
+    all. ``HostView.find`` returns None for a remote engine (no such process here).
+    """
+
+    init_pid: int
+    folders: dict[str, Path]
+
+    @classmethod
+    def find(cls, container_id: str, init_pid: int) -> HostView | None:
+        if not init_pid:
+            return None
+        try:
+            lines = Path(f"/proc/{init_pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        folders: dict[str, Path] = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else ["unified"]:
+                folder = _locate(controller, path, container_id)
+                if folder is not None:
+                    folders[controller] = folder
+        return cls(init_pid, folders)
+
+    def _file(self, controller: str, name: str) -> Path | None:
+        folder = self.folders.get(controller)
+        return None if folder is None else folder / name
+
+    def pids(self) -> list[int]:
+        for controller in ("pids", "memory", "unified", "cpuacct"):
+            path = self._file(controller, "cgroup.procs")
+            if path is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    return [int(p) for p in path.read_text().split()]
+        return []
+
+    def running(self) -> bool:
+        """Whether the container still runs, unpaused: its init is in its cgroup (a removed
+        container's cgroup is gone, and a reused pid would be elsewhere) and not frozen."""
+        if self.init_pid not in self.pids():
+            return False
+        freezer = self._file("freezer", "freezer.state")
+        if freezer is not None:
+            with contextlib.suppress(OSError):
+                return freezer.read_text().strip() == "THAWED"
+        frozen = self._file("unified", "cgroup.freeze")
+        if frozen is not None:
+            with contextlib.suppress(OSError):
+                return frozen.read_text().strip() == "0"
+        return True
+
+    def spare_keepalive(self) -> None:
+        """Take the container's init and its children (``sleep``, or the spec's
+        ``timeout``) back to OOM score adjustment 0, below the execs' (the engine gives
+        every process of the container sweep.EXEC_OOM_SCORE_ADJ). The init goes first,
+        so that a child it forks meanwhile inherits 0. Exec processes are never its
+        children (the engine's shim or conmon starts them). Without the right to
+        (another user's processes), the keep-alive stays level with the execs."""
+        for pid in [self.init_pid, *sweep.children(self.init_pid)]:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/oom_score_adj").write_text("0")
+
+    def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
+        """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``;
+        its init is spared."""
+        return sweep.kill_marked(self.pids, marker, spare={self.init_pid}, also=also)
+
+    def oom_kills(self) -> int:
+        path = self._file("memory", "memory.oom_control") or self._file("unified", "memory.events")
+        return read_keyed(path).get("oom_kill", 0) if path else 0
+
+    def usage(self, memory_limit: int) -> ResourceUsage:
+        memory = self._file("memory", "memory.usage_in_bytes") or self._file(
+            "unified", "memory.current"
+        )
+        peak = self._file("memory", "memory.max_usage_in_bytes") or self._file(
+            "unified", "memory.peak"
+        )
+        cpu_ns = self._file("cpuacct", "cpuacct.usage")
+        cpu = read_int(cpu_ns) / 1e9 if cpu_ns and read_int(cpu_ns) is not None else None  # type: ignore[operator]
+        if cpu is None and (stat := self._file("unified", "cpu.stat")):
+            usec = read_keyed(stat).get("usage_usec")
+            cpu = None if usec is None else usec / 1e6
+        pids = self._file("pids", "pids.current")
+        rx, tx = _net_bytes(self.init_pid)
+        read, write = self._block_io()
+        return ResourceUsage(
+            cpu_seconds=cpu,
+            memory_bytes=read_int(memory) if memory else None,
+            memory_peak_bytes=read_int(peak) if peak else None,
+            memory_limit_bytes=memory_limit,
+            pids=read_int(pids) if pids else len(self.pids()),
+            net_rx_bytes=rx,
+            net_tx_bytes=tx,
+            block_read_bytes=read,
+            block_write_bytes=write,
+            timestamp=time.time(),
+        )
+
+    def _block_io(self) -> tuple[int | None, int | None]:
+        path = self._file("blkio", "blkio.throttle.io_service_bytes")
+        if path is None:
+            return None, None
+        read = write = 0
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[1] == "Read":
+                    read += int(parts[2])
+                elif len(parts) == 3 and parts[1] == "Write":
+                    write += int(parts[2])
+        return read, write
+
+
+def _locate(controller: str, path: str, container_id: str) -> Path | None:
+    """The host folder of a cgroup named in /proc/PID/cgroup, even from a nested host."""
+    base = (
+        _CGROUP_ROOT
+        if controller == "unified" and (_CGROUP_ROOT / "cgroup.controllers").exists()
+        else None
+    )
+    if base is None:
+        name = controller.removeprefix("name=")
+        base = _CGROUP_ROOT / ("unified" if controller == "unified" else name)
+    direct = base / path.lstrip("/")
+    if ".." not in path and direct.is_dir():
+        return direct
+    # Seen from inside another container, paths can read "/../../docker/ID": look
+    # for the container's own folder by its id instead.
+    tail = path.rstrip("/").rsplit("/", 1)[-1]
+    if container_id[:12] not in tail:
+        return None
+    for candidate in (
+        base / "docker" / tail,
+        base / "system.slice" / tail,
+        base / "machine.slice" / tail,
+        base / "libpod_parent" / tail,
+    ):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _net_bytes(pid: int) -> tuple[int | None, int | None]:
+    try:
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return None, None
+    rx = tx = 0
+    for line in lines:
+        _, data = line.split(":", 1)
+        fields = data.split()
+        rx += int(fields[0])
+        tx += int(fields[8])
+    return rx, tx
