@@ -310,6 +310,59 @@ def test_read_write_mount(box, mount_root):
     assert (out / "r").read_text() == "made\n"
 
 
+def _project(root: Path) -> Path:
+    """A small project with a test suite of its own (shell: the test image has no Python)."""
+    project = root / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "greet.sh").write_text('echo "hello, $1"\n')
+    (project / "run-tests.sh").write_text(
+        textwrap.dedent(
+            """\
+            set -e
+            test "$(pwd)" = /src
+            test "$(sh src/greet.sh corral)" = "hello, corral"
+            echo "1 passed"
+            """
+        )
+    )
+    return project
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_project_mounted_at_the_workdir_runs_its_tests_there(
+    box, engine, engine_settings, mount_root, read_only
+):
+    # Mounting a project and working in it is what users do most: the workspace is the
+    # mount then (the engines refused two mounts at one target: "duplicate mount point").
+    project = _project(mount_root)
+    os.chmod(project, 0o777)
+    unsafe = {} if read_only else {"security": {"allow_unsafe": ["unbounded_rw_mounts"]}}
+    sb = box(
+        mounts=[corral.Mount(str(project), "/src", read_only=read_only)], workdir="/src", **unsafe
+    )
+    result = sb.exec(["sh", "run-tests.sh"])
+    assert (result.exit_code, result.text) == (0, "1 passed\n"), result.stderr
+    wrote = sb.exec(["sh", "-c", "echo made > /src/out.txt"])
+    assert (wrote.exit_code == 0) is (not read_only)
+    assert (project / "out.txt").exists() is (not read_only)
+    assert (
+        corral.run(
+            ["sh", "run-tests.sh"],
+            backend=engine,
+            settings=engine_settings,
+            mounts=[corral.Mount(str(project), "/src")],
+            workdir="/src",
+        ).text
+        == "1 passed\n"
+    )
+
+
+def test_a_workdir_inside_a_mount_is_the_mounts_folder(box, mount_root):
+    project = _project(mount_root)
+    sb = box(mounts=[corral.Mount(str(project), "/src")], workdir="/src/src")
+    assert sb.exec(["sh", "greet.sh", "you"]).text == "hello, you\n"
+
+
 def test_engine_socket_is_never_mounted(box, engine_url):
     socket_path = engine_url.removeprefix("unix://")
     with pytest.raises(corral.PolicyError):
