@@ -23,6 +23,7 @@ from .core.errors import (
 
 TYPE_CHECKING = False  # typing itself costs `import corral` milliseconds
 if TYPE_CHECKING:
+    import builtins
     from typing import Any
 
     from .core.archive import ArchiveLimits
@@ -144,5 +145,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def __dir__() -> list[str]:
+def __dir__() -> builtins.list[str]:  # `list` here is corral.list
     return sorted({*globals(), *_LAZY})

@@ -23,7 +23,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .core import lifecycle
 from .core.archive import ArchiveLimits
@@ -33,6 +33,12 @@ from .core.pool import PoolStats
 from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .core.sandbox import Sandbox
 from .core.settings import Settings
+from .core.spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .core.options import SandboxOptions
 
 __all__ = ["AsyncSandbox", "Pool", "attach", "create", "gc", "list", "run"]
 
@@ -340,26 +346,68 @@ async def _obtain(
     return sandbox
 
 
-async def create(image: str | None = None, **keywords: Any) -> AsyncSandbox:
+async def create(
+    image: str | None = None,
+    *,
+    backend: str | None = None,
+    spec: SandboxSpec | None = None,
+    settings: Settings | None = None,
+    **options: Unpack[SandboxOptions],
+) -> AsyncSandbox:
     """Create and start a sandbox; the keywords are those of ``corral.create``.
 
     Use the result with ``async with``. If the awaiting task is cancelled, the creation
     finishes in its thread and the new sandbox is closed, not leaked.
     """
-    sandbox = await _obtain(lifecycle.create, Sandbox.close, image, **keywords)
+    sandbox = await _obtain(
+        lifecycle.create,
+        Sandbox.close,
+        image,
+        backend=backend,
+        spec=spec,
+        settings=settings,
+        **options,
+    )
     return AsyncSandbox(sandbox)
 
 
-async def run(argv: Sequence[str], image: str | None = None, **keywords: Any) -> ExecResult:
-    """Run ``argv`` in a fresh sandbox and remove it; see ``corral.run`` (same keywords).
+async def run(
+    argv: Sequence[str],
+    image: str | None = None,
+    *,
+    timeout: float | str | None = None,
+    stdin: bytes | str | None = None,
+    max_output: int | str | None = None,
+    on_chunk: Callable[[OutputChunk], None] | None = None,
+    backend: str | None = None,
+    spec: SandboxSpec | None = None,
+    settings: Settings | None = None,
+    **options: Unpack[SandboxOptions],
+) -> ExecResult:
+    """Run ``argv`` in a fresh sandbox and remove it; see ``corral.run`` (same keywords,
+    but for ``cancel``).
 
     Cancelling the awaiting task stops the command, and the CancelledError arrives once
     the sandbox is gone.
     """
-    if keywords.get("cancel") is not None:
+    if "cancel" in options:
         raise TypeError("corral.aio.run is stopped by cancelling its task, not by an event")
     cancel = threading.Event()
-    return await _call(lifecycle.run, argv, image, cancel=cancel, on_cancel=cancel.set, **keywords)
+    return await _call(
+        lifecycle.run,
+        argv,
+        image,
+        timeout=timeout,
+        stdin=stdin,
+        max_output=max_output,
+        on_chunk=on_chunk,
+        cancel=cancel,
+        backend=backend,
+        spec=spec,
+        settings=settings,
+        on_cancel=cancel.set,
+        **options,
+    )
 
 
 class Pool:
@@ -372,9 +420,28 @@ class Pool:
     a sandbox takes none: one handed over too late goes back to be destroyed.
     """
 
-    def __init__(self, size: int = 1, **keywords: Any) -> None:
+    def __init__(
+        self,
+        size: int = 1,
+        *,
+        backend: str | None = None,
+        settings: Settings | None = None,
+        on_empty: Literal["wait", "fail"] = "wait",
+        acquire_timeout: float = 30.0,
+        image: str | None = None,
+        spec: SandboxSpec | None = None,
+        **options: Unpack[SandboxOptions],
+    ) -> None:
         self.size = size
-        self._keywords = keywords
+        self._keywords: dict[str, Any] = {
+            "backend": backend,
+            "settings": settings,
+            "on_empty": on_empty,
+            "acquire_timeout": acquire_timeout,
+            "image": image,
+            "spec": spec,
+            **options,
+        }
         self.sync: SyncPool | None = None
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import attrs
 
 import corral
+from corral.core import options as option_table
 from corral.core import settings as settings_module
 from corral.core.backend import Availability
 from corral.core.lifecycle import select_backend_name
@@ -114,33 +115,85 @@ def _exit_status(result: corral.ExecResult) -> int:
     return min(result.exit_code, 255)
 
 
-def _env_pairs(items: Sequence[str] | None) -> dict[str, str] | None:
-    """``--env K=V`` options as a mapping; the core checks the names themselves."""
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
+    """Repeated ``K=V`` options as a mapping; the core checks the names themselves."""
     if not items:
         return None
-    env = {}
+    pairs = {}
     for item in items:
         key, equals, value = item.partition("=")
         if not equals or not key:
-            raise corral.ConfigError("--env", f"{item!r} is not K=V")
-        env[key] = value
-    return env
+            raise corral.ConfigError(flag, f"{item!r} is not K=V")
+        pairs[key] = value
+    return pairs
+
+
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+
+
+def _add_flags(
+    parser: argparse.ArgumentParser, table: Sequence[option_table.Option], skip: Sequence[str] = ()
+) -> None:
+    """The flags of the options in ``table`` that have one (options.py), but ``skip``."""
+    for option in table:
+        flag = option.flag
+        if flag is None or option.name in skip:
+            continue
+        kwargs: dict[str, Any] = {"dest": flag.dest, "help": option.help}
+        if flag.metavar is not None:
+            kwargs["metavar"] = flag.metavar
+        if flag.choices is not None:
+            kwargs["choices"] = flag.choices
+        if flag.kind in ("list", "pairs"):
+            kwargs["action"] = "append"
+        elif flag.kind == "switch":
+            kwargs["action"] = "store_true"
+        elif flag.kind in _FLAG_TYPES:
+            kwargs["type"] = _FLAG_TYPES[flag.kind]
+        parser.add_argument(*flag.names, **kwargs)
+
+
+def _flag_values(
+    args: Args, table: Sequence[option_table.Option], skip: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The keywords the flags of ``table`` give (None where absent), as ``_add_flags``
+    added them. ``--interactive`` reads our standard input to its end."""
+    values: dict[str, Any] = {}
+    for option in table:
+        flag = option.flag
+        if flag is None or option.name in skip:
+            continue
+        value = getattr(args, flag.dest)
+        if flag.kind == "pairs":
+            value = _pairs(value, flag.names[0])
+        elif flag.kind == "switch":
+            value = sys.stdin.buffer.read() if value and option.name == "stdin" else None
+        values[option.name] = value
+    return values
 
 
 def _exec_options(args: Args, *, for_exec: bool) -> dict[str, Any]:
-    """The keywords of ``Sandbox.exec`` and ``Sandbox.stream`` that the options set."""
-    options: dict[str, Any] = {"timeout": args.timeout}
-    if args.interactive:
-        options["stdin"] = sys.stdin.buffer.read()
-    if for_exec:  # `run` puts these on the sandbox itself instead
-        options.update(env=_env_pairs(args.env), workdir=args.workdir, user=args.user)
-    return options
+    """The keywords of ``Sandbox.exec`` and ``Sandbox.stream`` that the options set;
+    for `run`, those the sandbox does not take instead (its env, workdir and user)."""
+    skip = () if for_exec else option_table.names(option_table.CREATE)
+    return _flag_values(args, option_table.EXEC, skip)
+
+
+def _sandbox_options(args: Args, settings: corral.Settings) -> dict[str, Any]:
+    """The keywords of ``corral.create`` that `run`'s options set."""
+    values = _flag_values(args, option_table.CREATE)
+    values["security"] = _allowing(settings, values["security"])
+    return values
 
 
 def _check_command(args: Args) -> None:
-    # The command and timeout are checked by the same model the core uses, before a
-    # sandbox is made for a command that could never run.
-    ExecRequest(argv=args.command, timeout=args.timeout)  # type: ignore[arg-type]
+    # The command, timeout and output cap are checked by the same model the core uses,
+    # before a sandbox is made for a command that could never run.
+    ExecRequest(
+        argv=args.command,
+        timeout=args.timeout,
+        **({} if args.max_output is None else {"max_output": args.max_output}),
+    )
 
 
 def _stream(
@@ -208,16 +261,7 @@ def cmd_run(args: Args) -> int:
     options = _exec_options(args, for_exec=False)
     sandbox_keywords: dict[str, Any] = {
         "backend": args.backend,
-        "env": _env_pairs(args.env),
-        "workdir": args.workdir,
-        "user": args.user,
-        "mounts": args.mount,
-        "memory": args.memory,
-        "cpus": args.cpus,
-        "pids": args.pids,
-        "lifetime": args.lifetime,
-        "network": args.network,
-        "security": _allowing(settings, args.allow_unsafe),
+        **_sandbox_options(args, settings),
         "settings": settings,
     }
     if not args.keep:
@@ -225,13 +269,13 @@ def cmd_run(args: Args) -> int:
         # command ends, Ctrl-C included.
         _progress("running in a fresh sandbox")
         if args.json:
-            result = corral.run(args.command, args.image, **options, **sandbox_keywords)
+            result = corral.run(args.command, **options, **sandbox_keywords)
             _print_json(_result_json(result, backend=_backend_name(args, settings)))
         else:
             result = _run_streaming(args, options, sandbox_keywords)
         return _finish(result, args)
     _progress("creating a sandbox")
-    sandbox = corral.create(args.image, **sandbox_keywords)
+    sandbox = corral.create(**sandbox_keywords)
     _detach(sandbox)
     try:
         return _run_in(sandbox, args, options)
@@ -268,9 +312,7 @@ def _run_streaming(
             except BrokenPipeError:
                 stop.set()
 
-    result = corral.run(
-        args.command, args.image, on_chunk=show, cancel=stop, **options, **sandbox_keywords
-    )
+    result = corral.run(args.command, on_chunk=show, cancel=stop, **options, **sandbox_keywords)
     if stop.is_set():
         raise BrokenPipeError
     return result
@@ -373,10 +415,16 @@ def _usage_text(name: str, value: float | None) -> str:
 def _availability(name: str, settings: corral.Settings | None) -> Availability:
     if settings is None:
         return Availability(False, "the settings cannot be read", "fix them (see corral config)")
-    try:
-        return get_host().availability(name, settings)
-    except Exception as e:  # one broken plugin must not hide the other backends
-        return Availability(False, f"its check failed: {e}", "report it to the plugin's authors")
+    # Never raises: the host's error boundary turns a broken backend, or a missing client
+    # library, into an unavailable one with the error's own fix.
+    return get_host().availability(name, settings)
+
+
+def _notes(available: Availability) -> str:
+    """What `corral backends` says beside a backend: why not, or its warnings."""
+    if not available.ok:
+        return str(available)
+    return "; ".join(f"warning: {w}" for w in available.warnings)
 
 
 def _provenance(distribution: str | None, version: str | None) -> str:
@@ -384,7 +432,9 @@ def _provenance(distribution: str | None, version: str | None) -> str:
 
 
 def cmd_backends(args: Args) -> int:
-    """List the installed backends, where they come from and whether they can run here."""
+    """List the installed backends, where they come from, whether they can run here (why
+    not, and the fix), and what to know about those that can (an engine release older
+    than a security fix)."""
     settings = corral.load_settings()
     found = []
     for name, record in sorted(get_host().backends().items()):
@@ -402,6 +452,8 @@ def cmd_backends(args: Args) -> int:
                     "available": available.ok,
                     "reason": available.reason,
                     "fix": available.fix,
+                    "warnings": list(available.warnings),
+                    "refused": record.refused,
                 }
                 for name, record, available in found
             ]
@@ -411,12 +463,12 @@ def cmd_backends(args: Args) -> int:
         (
             name,
             _provenance(record.distribution, record.version),
-            "yes" if available.ok else "no",
-            "" if available.ok else str(available),
+            "yes" if available.ok else ("refused" if record.refused else "no"),
+            _notes(available),
         )
         for name, record, available in found
     ]
-    _print_table(("NAME", "DISTRIBUTION", "AVAILABLE", "WHY NOT"), rows)
+    _print_table(("NAME", "DISTRIBUTION", "AVAILABLE", "NOTES"), rows)
     return 0
 
 
@@ -451,12 +503,24 @@ def _doctor_backends(settings: corral.Settings | None) -> dict[str, Availability
     for name, status in statuses.items():
         if status.ok:
             print(f"  {name}: {status}")
+            for warning in status.warnings:
+                print(f"    warning: {warning}")
+            for fact in _diagnosis(name, settings):
+                print(f"    {fact}")
             continue
         print(f"  {name}: not available")
         print(f"    why: {status.reason or 'no reason given'}")
         if status.fix:
             print(f"    fix: {status.fix}")
     return statuses
+
+
+def _diagnosis(name: str, settings: corral.Settings | None) -> list[str]:
+    """What an available backend says of itself beyond its check (Podman's init)."""
+    try:
+        return get_host().backend(name, settings or corral.Settings()).diagnose()
+    except corral.SandboxError as e:
+        return [f"could not look further: {e}"]
 
 
 def cmd_doctor(args: Args) -> int:
@@ -569,22 +633,7 @@ def _add_command(
     return parser
 
 
-def _command_options(parser: argparse.ArgumentParser) -> None:
-    """Options that `run` and `exec` share: how the one command runs."""
-    parser.add_argument(
-        "--timeout", metavar="T", help="stop the command after T (seconds, or 30s, 5m); exit 124"
-    )
-    parser.add_argument(
-        "--env", "-e", action="append", metavar="K=V", help="set a variable (repeatable)"
-    )
-    parser.add_argument("--workdir", "-w", metavar="DIR", help="folder to run in")
-    parser.add_argument("--user", "-u", metavar="UID[:GID]", help="user to run as")
-    parser.add_argument(
-        "--interactive",
-        "-i",
-        action="store_true",
-        help="send our standard input to the command (read to its end first)",
-    )
+def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         action="store_true",
@@ -620,37 +669,23 @@ def build_parser() -> argparse.ArgumentParser:
     run = _add_command(
         commands, "run", cmd_run, [common, backend], usage="corral run [options] -- CMD..."
     )
-    run.add_argument("--image", help="image to start from (container backends)")
-    run.add_argument("--memory", "-m", metavar="SIZE", help="memory limit (512MiB, 1g)")
-    run.add_argument("--cpus", type=float, help="CPU limit, in CPUs (0.5, 2)")
-    run.add_argument("--pids", type=int, help="limit on the number of processes")
-    run.add_argument("--network", choices=("none", "bridge"), help="network (default: none)")
-    run.add_argument(
-        "--mount",
-        action="append",
-        metavar="SRC:DST[:ro|rw]",
-        help="bind a host folder; read-only unless :rw, which needs "
-        "--allow-unsafe unbounded_rw_mounts (repeatable)",
-    )
-    run.add_argument(
-        "--allow-unsafe",
-        action="append",
-        metavar="NAME",
-        help="allow one loosening by name, as sandbox.security.allow_unsafe does (repeatable)",
-    )
-    run.add_argument("--lifetime", metavar="T", help="remove the sandbox after T at the latest")
+    # The sandbox's options, then the command's (options.py); env, workdir and user
+    # are the sandbox's here.
+    _add_flags(run, option_table.CREATE)
     run.add_argument(
         "--keep",
         action="store_true",
         help="keep the sandbox afterwards and print its id (to stderr)",
     )
-    _command_options(run)
+    _add_flags(run, option_table.EXEC, skip=option_table.names(option_table.CREATE))
+    _json_option(run)
 
     exec_ = _add_command(
         commands, "exec", cmd_exec, [common, backend], usage="corral exec ID [options] -- CMD..."
     )
     exec_.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
-    _command_options(exec_)
+    _add_flags(exec_, option_table.EXEC)
+    _json_option(exec_)
 
     _add_command(commands, "ls", cmd_ls, [common, backend, as_json])
     rm = _add_command(commands, "rm", cmd_rm, [common, backend])
@@ -704,8 +739,8 @@ class _LogFormatter(logging.Formatter):
         if error is not None and not self.debug:
             message = f"{message}: {error}"
         line = f"corral: {record.levelname.lower()}: {message}"
-        if error is not None and self.debug:
-            line += "\n" + self.formatException(record.exc_info)  # type: ignore[arg-type]
+        if error is not None and record.exc_info and self.debug:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 

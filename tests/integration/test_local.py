@@ -693,6 +693,34 @@ def test_unisolated_mode_still_limits_and_kills(no_bwrap_settings, state_dir, mo
     assert not any((state_dir / "local").iterdir())
 
 
+def test_what_an_unisolated_exec_forks_while_it_is_killed_dies_too(make):
+    """Its processes are stopped as found and killed together, in rounds until none is
+    new (sweep.kill_marked): a single pass kills a forking loop too late, after it made
+    children the pass no longer sees. A second exec runs meanwhile, so the sandbox's
+    cgroup is not killed whole, and it is spared."""
+    sb = make(security=UNSAFE_LOCAL)
+    seconds = str(900_000 + uuid.uuid4().int % 99_999)  # names this test's sleeps
+    pause = "j=0; while [ $j -lt 300 ]; do j=$((j+1)); done"  # a builtin's ~1 ms
+
+    def forked() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", seconds]
+        ]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(sb.exec, ["sh", "-c", "echo up; sleep 4; echo spared"])
+        deadline = time.monotonic() + 10
+        while not _host_processes_with("sleep 4") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        looper = f"while :; do sleep {seconds} & {pause}; done"
+        sb.exec(["sh", "-c", f"setsid sh -c '{looper}' & sleep 0.2"], timeout=20)
+        deadline = time.monotonic() + 2
+        while forked() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert forked() == [], "children forked during the kill outlived their exec"
+        assert other.result(timeout=20).text == "up\nspared\n"
+
+
 # -- load -----------------------------------------------------------------------------------
 
 

@@ -234,8 +234,10 @@ def test_a_failed_created_hook_gives_its_slot_back(
     get_host().pm.register(refuser)
     try:
         for _ in range(3):
-            with pytest.raises(RuntimeError):
+            # A plugin's bug reaches the caller as corral's InternalError, chained.
+            with pytest.raises(corral.InternalError) as failed:
                 corral.create(backend="fake", settings=settings)
+            assert isinstance(failed.value.__cause__, RuntimeError)
     finally:
         get_host().pm.unregister(refuser)
     corral.create(backend="fake", settings=settings).close()

@@ -1,8 +1,11 @@
 """The engine and runtime version gate (THREATS T72), case by case."""
 
+import logging
+
 import pytest
 
-from corral.backends.engine_versions import judge, parse, runtime_version
+from corral.backends import engine_versions
+from corral.backends.engine_versions import judge, judge_report, parse, runtime_version
 
 
 @pytest.mark.parametrize(
@@ -42,3 +45,22 @@ def test_versions_are_read_from_what_engines_print():
     assert runtime_version([{"Name": "Engine"}, {"Name": "runc", "Version": "1.1.5"}]) == "1.1.5"
     assert runtime_version([{"Name": "OCI Runtime (runc)", "Version": "runc version 1.2"}])
     assert runtime_version([]) is None
+
+
+def test_a_reports_warnings_are_logged_once_per_process_below_warning_level(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never printed at every call: `corral doctor` and `corral backends` show them, and a
+    program that wants them in its log gets each one once, at INFO."""
+    monkeypatch.setattr(engine_versions, "_logged", set(), raising=False)
+    report = {
+        "Version": "4.3.1",
+        "Components": [{"Name": "OCI Runtime (runc)", "Version": "runc version 1.1.5+ds1"}],
+    }
+    with caplog.at_level(logging.DEBUG, logger="corral"):
+        first = judge_report("podman", report)
+        again = judge_report("podman", report)
+    assert first == again and len(first.warnings) == 3
+    records = [r for r in caplog.records if r.name == "corral"]
+    assert [r.getMessage() for r in records] == list(first.warnings)
+    assert {r.levelno for r in records} == {logging.INFO}

@@ -18,11 +18,19 @@ import pytest
 import corral
 from corral.core import hookspecs
 from corral.core.convert import structure
+from corral.core.hookcalls import RULES, Rule
 from corral.core.plugins import PluginHost
 from corral.core.settings import Settings, load_settings
+from corral.core.transfer import FileTransfer, Transferred
 
 BACKEND = "subprocess-test"
 NOT_ISOLATED = corral.Security(isolate=False, allow_unsafe=("isolate",))
+
+RULE_PHRASES = {
+    Rule.REFUSE: "(may-refuse rule)",
+    Rule.OBSERVE: "(observer rule)",
+    Rule.REGISTER: "(registration rule)",
+}
 
 HOOKS_IN_ORDER = [
     "corral_configure",
@@ -33,8 +41,11 @@ HOOKS_IN_ORDER = [
     "corral_sandbox_creating",
     "corral_sandbox_created",
     "corral_exec",
+    "corral_transfer",
+    "corral_transfer",
     "corral_usage",
     "corral_usage_sampled",
+    "corral_health",
     "corral_sandbox_destroying",
     "corral_sandbox_destroyed",
 ]
@@ -130,8 +141,16 @@ class Recorder:
         self._record("corral_exec", sandbox=sandbox, request=request)
 
     @corral.hookimpl
+    def corral_transfer(self, sandbox: corral.Sandbox, transfer: FileTransfer) -> None:
+        self._record("corral_transfer", sandbox=sandbox, transfer=transfer)
+
+    @corral.hookimpl
     def corral_usage(self, sandbox: corral.Sandbox) -> None:
         self._record("corral_usage", sandbox=sandbox)
+
+    @corral.hookimpl
+    def corral_health(self, sandbox: corral.Sandbox) -> None:
+        self._record("corral_health", sandbox=sandbox)
 
     @corral.hookimpl
     def corral_usage_sampled(self, sandbox: corral.Sandbox, usage: corral.ResourceUsage) -> None:
@@ -155,7 +174,10 @@ def test_every_hook_is_called_in_order(
     global_host.register(recorder, "recorder")
     sandbox = make(env={"GREETING": "hello"})
     result = sandbox.exec(["sh", "-c", 'echo "$GREETING"; echo oops >&2; exit 3'])
+    sandbox.write_file("/note.txt", b"noted")
+    assert sandbox.read_file("/note.txt") == b"noted"
     usage = sandbox.usage()
+    assert sandbox.health() == corral.Health(status="none")
     sandbox.close()
 
     assert recorder.names() == HOOKS_IN_ORDER
@@ -168,6 +190,11 @@ def test_every_hook_is_called_in_order(
     assert calls["corral_sandbox_created"]["sandbox"] is sandbox
     assert calls["corral_exec"]["request"].argv[0] == "sh"
     assert calls["corral_usage_sampled"]["usage"] is usage
+    transfers = [c["transfer"] for n, c in recorder.calls if n == "corral_transfer"]
+    assert [(t.operation, t.path, t.direction) for t in transfers] == [
+        ("write_file", "/note.txt", "in"),
+        ("read_file", "/note.txt", "out"),
+    ]
     assert calls["corral_sandbox_destroying"] == {"sandbox": sandbox, "closed": False}
     assert calls["corral_sandbox_destroyed"] == {
         "sandbox_id": sandbox.id,
@@ -392,6 +419,86 @@ def test_corral_usage_can_be_answered_by_a_plugin_and_corral_usage_sampled_expor
     assert agent.exported == [Agent.sample]
 
 
+# -- file transfers and health --------------------------------------------------------
+
+
+class TransferLog:
+    """A wrapper=True corral_transfer, as an audit plugin would write it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, int]] = []
+
+    @corral.hookimpl(wrapper=True)
+    def corral_transfer(self, sandbox: Any, transfer: FileTransfer) -> Any:
+        done: Transferred = yield
+        self.seen.append((transfer.operation, transfer.direction, transfer.path, done.size))
+        return done
+
+
+def test_every_file_transfer_goes_through_corral_transfer_with_its_bytes(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox], tmp_path: Path
+) -> None:
+    log = TransferLog()
+    global_host.register(log, "transfers")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "a.txt").write_bytes(b"x" * 1000)
+    sandbox = make()
+    sandbox.write_file("/hello.txt", "hello")
+    assert sandbox.read_file("/hello.txt") == b"hello"
+    sandbox.upload(tmp_path / "project", "/")
+    copied = sandbox.download("/project", tmp_path / "back")
+    assert (copied / "a.txt").read_bytes() == b"x" * 1000
+    operations = [(op, way, path) for op, way, path, _ in log.seen]
+    assert operations == [
+        ("write_file", "in", "/hello.txt"),
+        ("read_file", "out", "/hello.txt"),
+        ("upload", "in", "/"),
+        ("download", "out", "/project"),
+    ]
+    sizes = [size for *_, size in log.seen]
+    assert sizes[:2] == [5, 5]  # the file's content
+    assert all(size >= 1000 and size % 512 == 0 for size in sizes[2:])  # the tar stream
+
+
+class ReadOnlyEtc:
+    """A policy corral_transfer: nothing may be copied into /etc."""
+
+    @corral.hookimpl(tryfirst=True)
+    def corral_transfer(self, sandbox: Any, transfer: FileTransfer) -> None:
+        if transfer.direction == "in" and transfer.path.startswith("/etc/"):
+            raise corral.PolicyError(f"{transfer.path}: not writable by policy")
+
+
+def test_corral_transfer_can_refuse_a_copy_before_anything_is_written(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox]
+) -> None:
+    global_host.register(ReadOnlyEtc(), "read-only-etc")
+    sandbox = make()
+    sandbox.exec(["mkdir", "-p", "etc"])
+    with pytest.raises(corral.PolicyError, match="/etc/motd: not writable by policy"):
+        sandbox.write_file("/etc/motd", "hi")
+    with pytest.raises(corral.NotFoundError):
+        sandbox.read_file("/etc/motd")
+    sandbox.write_file("/motd", "hi")  # elsewhere, the core answers as before
+
+
+class HealthProbe:
+    """Answers corral_health first, from a probe of its own."""
+
+    @corral.hookimpl(tryfirst=True)
+    def corral_health(self, sandbox: Any) -> corral.Health:
+        return corral.Health(status="unhealthy", failing_streak=3, last_output="probe says no")
+
+
+def test_corral_health_can_be_answered_by_a_plugin(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox]
+) -> None:
+    sandbox = make()
+    assert sandbox.health().status == "none"  # the core's answer, from the backend
+    global_host.register(HealthProbe(), "probe")
+    assert sandbox.health() == corral.Health("unhealthy", 3, "probe says no")
+
+
 # -- contributions and checks at create ------------------------------------------------
 
 
@@ -529,10 +636,41 @@ def test_a_raising_observer_does_not_break_close_or_usage(
     assert sandbox.closed
     assert existing(settings) == []
     logged = caplog.text
-    assert "a plugin failed in corral_sandbox_destroyed" in logged
-    assert "a plugin failed in corral_sandbox_destroying" in logged
+    assert "plugin 'broken' failed in corral_sandbox_destroyed" in logged
+    assert "plugin 'broken' failed in corral_sandbox_destroying" in logged
     with pytest.raises(corral.SandboxClosedError):
         sandbox.exec(["true"])
+
+
+class Tally:
+    """A well-behaved observer of the same hooks as BrokenObserver."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @corral.hookimpl
+    def corral_sandbox_destroying(self, sandbox: Any) -> None:
+        self.seen.append("destroying")
+
+    @corral.hookimpl
+    def corral_sandbox_destroyed(self, sandbox_id: str, backend: str, error: Any) -> None:
+        self.seen.append("destroyed")
+
+    @corral.hookimpl
+    def corral_usage_sampled(self, sandbox: Any, usage: Any) -> None:
+        self.seen.append("usage_sampled")
+
+
+def test_a_raising_observer_does_not_keep_the_others_from_being_told(
+    global_host: PluginHost, make: Callable[..., corral.Sandbox]
+) -> None:
+    tally = Tally()
+    global_host.register(tally, "tally")
+    global_host.register(BrokenObserver(), "broken")  # registered last: called first
+    sandbox = make()
+    sandbox.usage()
+    sandbox.close()
+    assert tally.seen == ["usage_sampled", "destroying", "destroyed"]
 
 
 class FailingCreated:
@@ -546,9 +684,16 @@ def test_a_failing_corral_sandbox_created_destroys_the_sandbox(
     global_host: PluginHost, make: Callable[..., corral.Sandbox], settings: Settings
 ) -> None:
     failing = FailingCreated()
-    global_host.register(failing, "failing")
-    with pytest.raises(RuntimeError, match="registry is down"):
+    global_host.register(failing, "failing", "failing-dist")
+    # A plugin's bug (not a SandboxError) reaches the caller as an InternalError that
+    # names the plugin and its distribution, chained to what it raised.
+    with pytest.raises(corral.InternalError) as raised:
         make()
+    error = raised.value
+    assert "plugin 'failing' from failing-dist failed in corral_sandbox_created" in str(error)
+    assert "RuntimeError: registry is down" in str(error)
+    assert error.fix == "report it to the authors of failing-dist"
+    assert isinstance(error.__cause__, RuntimeError)
     assert failing.sandbox.closed
     assert existing(settings) == []
 
@@ -581,7 +726,7 @@ def test_without_opting_out_of_isolation_the_test_backend_is_refused(
 
 def test_every_hookspec_is_tested_and_documented() -> None:
     names = hookspec_names()
-    assert names == sorted(HOOKS_IN_ORDER)
+    assert names == sorted(set(HOOKS_IN_ORDER))
     source = Path(__file__).read_text()
     for name in names:
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
@@ -589,3 +734,6 @@ def test_every_hookspec_is_tested_and_documented() -> None:
         assert "Example" in doc, f"{name} has no example"
         uses = source.count(f"def {name}(")
         assert uses >= 2, f"{name} is implemented by fewer than two test plugins here"
+        # Its error rule is stated once, in RULES, and said in its docstring.
+        phrase = RULE_PHRASES[RULES[name]]
+        assert "May raise:" in doc and phrase in doc, f"{name} does not say: {phrase}"

@@ -181,6 +181,36 @@ def test_a_refused_exec_is_recorded_with_its_error(
     assert "exit_code" not in refused
 
 
+def test_file_transfers_are_recorded_with_path_direction_and_bytes(
+    make: Callable[..., corral.Sandbox], trail: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "main.py").write_text("print('hi')\n")
+    sandbox = make()
+    sandbox.write_file("/notes.txt", "twelve bytes")
+    sandbox.read_file("/notes.txt")
+    sandbox.upload(tmp_path / "src", "/")
+    sandbox.download("/src", tmp_path / "back")
+    with pytest.raises(corral.NotFoundError):
+        sandbox.read_file("/missing.txt")
+    sandbox.close()
+
+    transfers = [e for e in read_lines(trail) if e["event"] == "transfer"]
+    assert [(e["operation"], e["direction"], e["path"]) for e in transfers] == [
+        ("write_file", "in", "/notes.txt"),
+        ("read_file", "out", "/notes.txt"),
+        ("upload", "in", "/"),
+        ("download", "out", "/src"),
+        ("read_file", "out", "/missing.txt"),
+    ]
+    assert [e["bytes"] for e in transfers[:2]] == [12, 12]
+    assert transfers[2]["host_path"] == str(tmp_path / "src")
+    assert transfers[3]["host_path"] == str(tmp_path / "back")
+    assert all(e["bytes"] > 12 for e in transfers[2:4])  # the tar streams
+    assert transfers[4]["error"].startswith("NotFoundError")
+    assert {e["sandbox"] for e in transfers} == {sandbox.id}
+
+
 def test_usage_samples_are_left_out_unless_asked_for(
     make: Callable[..., corral.Sandbox], trail: Path
 ) -> None:

@@ -114,6 +114,19 @@ def test_gauges_follow_the_latest_sample_and_go_with_the_sandbox(
     assert gauge(registry, "corral_sandbox_pids", other) == 3
 
 
+def test_file_transfers_are_counted_in_bytes_each_way(
+    make: Callable[..., corral.Sandbox], registry: CollectorRegistry
+) -> None:
+    sandbox = make({"prometheus": True})
+    sandbox.write_file("/a.txt", b"x" * 100)
+    sandbox.write_file("/b.txt", b"y" * 20)
+    sandbox.read_file("/a.txt")
+    assert gauge(registry, "corral_sandbox_transfer_in_bytes", sandbox) == 120
+    assert gauge(registry, "corral_sandbox_transfer_out_bytes", sandbox) == 100
+    sandbox.close()
+    assert gauge(registry, "corral_sandbox_transfer_in_bytes", sandbox) is None
+
+
 def test_prometheus_without_the_client_names_the_fix(
     metrics_host: PluginHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

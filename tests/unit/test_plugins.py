@@ -51,7 +51,12 @@ def test_the_test_backend_says_it_does_not_isolate(host: PluginHost) -> None:
 def test_corrals_own_plugins_are_registered(host: PluginHost) -> None:
     records = {p.name: p for p in host.plugins()}
     assert records["corral.core"].distribution == "corral"
-    assert set(records["corral.core"].hooks) == {"corral_exec", "corral_usage"}
+    assert set(records["corral.core"].hooks) == {
+        "corral_exec",
+        "corral_health",
+        "corral_transfer",
+        "corral_usage",
+    }
     assert records["local"].distribution == "corral"
     assert records["local"].version == corral.__version__
 

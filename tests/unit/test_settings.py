@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral.core.lifecycle import build_spec
+from corral.core.lifecycle import build_spec, select_backend_name
 from corral.core.settings import Settings, load_settings
 
 GiB = 1024**3
@@ -135,6 +135,21 @@ def test_explicit_overrides_win(project: Path) -> None:
     )
     assert settings.backend == "from-arguments"
     assert memory(settings) == 4 * GiB
+
+
+def test_the_backend_is_chosen_through_the_settings_alone(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CORRAL_BACKEND is read once, as one source of the settings, in its place."""
+    monkeypatch.setenv("CORRAL_BACKEND", "from-process")
+    explicit = load_settings({"backend": "from-arguments"}, cwd=project, environ={})
+    assert select_backend_name(None, explicit) == "from-arguments"
+    assert select_backend_name(None, load_settings(cwd=project, environ={})) == "local"
+    assert select_backend_name(None, Settings(backend="given")) == "given"
+    # Read from the environment given, and weaker than arguments as documented.
+    given = load_settings(cwd=project, environ={"CORRAL_BACKEND": "from-variable"})
+    assert select_backend_name(None, given) == "from-variable"
+    assert select_backend_name("from-caller", given) == "from-caller"
 
 
 def test_control_variables_are_not_settings(project: Path) -> None:

@@ -303,3 +303,115 @@ def test_exec_request_is_validated() -> None:
         corral.ExecRequest(argv=["ls"], timeout=0)
     request = corral.ExecRequest(argv=["cat"], stdin="hé", timeout="2s")
     assert (request.argv, request.stdin, request.timeout) == (("cat",), "hé".encode(), 2.0)
+
+
+# -- users -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "ids"),
+    [("1000", (1000, 1000)), ("7:8", (7, 8)), ("0:0", (0, 0)), ("app", None), ("1000:staff", None)],
+)
+def test_one_parser_reads_every_user(user: str, ids: tuple[int, int] | None) -> None:
+    from corral.core.spec import parse_user
+
+    assert parse_user(user) == ids
+    assert corral.SandboxSpec(user=user).uid_gid() == ids
+    assert corral.ExecRequest(argv=["id"], user=user).user == user
+
+
+@pytest.mark.parametrize(
+    ("user", "reason"),
+    [
+        ("", "'' is not 'user' or 'user:group'"),
+        ("1000:", "'1000:' is not 'user' or 'user:group'"),
+        ("a:b:c", "'a:b:c' is not 'user' or 'user:group'"),
+        ("\uff14\uff12", "'\uff14\uff12' is not 'user' or 'user:group'"),  # not ASCII digits
+        ("4294967295", "'4294967295': 4294967295 is above 4294967294"),
+        ("1:99999999999", "'1:99999999999': 99999999999 is above 4294967294"),
+    ],
+)
+def test_a_bad_user_is_refused_naming_its_field(
+    user: str, reason: str, clean_settings: Settings
+) -> None:
+    with pytest.raises(corral.ConfigError, match=f"^sandbox\\.user: {reason}$"):
+        from_keywords(clean_settings, user=user)
+    with pytest.raises(corral.ConfigError, match=f"^user: {reason}$"):
+        corral.ExecRequest(argv=["id"], user=user)
+
+
+def test_names_are_refused_where_numbers_are_needed() -> None:
+    from corral.core.spec import parse_user
+
+    assert parse_user("7", "backends.local.host_user", numbers_for="the local backend") == (7, 7)
+    with pytest.raises(
+        corral.ConfigError,
+        match=r"^backends\.local\.host_user: 'nobody': the local backend needs 'uid:gid'",
+    ):
+        parse_user("nobody", "backends.local.host_user", numbers_for="the local backend")
+
+
+def test_the_local_backend_refuses_a_host_user_it_cannot_use() -> None:
+    import os
+
+    from corral.backends.local import LocalBackend, LocalSettings
+
+    if os.geteuid() != 0:
+        pytest.skip("the host user is used (and read) as root only")
+    for bad in ("nobody", "1:99999999999"):
+        with pytest.raises(corral.ConfigError, match=r"^backends\.local\.host_user: "):
+            LocalBackend(LocalSettings(host_user=bad))
+
+
+# -- the kernel's limits on a command ----------------------------------------------------
+
+MAX_STRING = 131072 - 1  # MAX_ARG_STRLEN less its NUL
+
+
+def test_a_variable_the_kernel_would_refuse_is_refused_by_name(clean_settings: Settings) -> None:
+    at_most = "x" * (MAX_STRING - len("BIG="))
+    assert from_keywords(clean_settings, env={"BIG": at_most}).env["BIG"] == at_most
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.env\.BIG: 131072 bytes is over"):
+        from_keywords(clean_settings, env={"BIG": at_most + "x"})
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.env\.BIG: .*MAX_ARG_STRLEN"):
+        from_data({"env": {"BIG": "é" * 70000}})  # bytes count, not characters
+    with pytest.raises(corral.ConfigError, match=r"^env\.BIG: 131072 bytes is over"):
+        corral.ExecRequest(argv=["true"], env={"BIG": at_most + "x"})
+
+
+def test_an_argument_the_kernel_would_refuse_is_refused_by_index(clean_settings: Settings) -> None:
+    fits = "x" * MAX_STRING
+    assert corral.ExecRequest(argv=["echo", fits]).argv[1] == fits
+    with pytest.raises(corral.ConfigError, match=r"^argv\[3\]: 131072 bytes is over"):
+        corral.ExecRequest(argv=["echo", "a", "b", fits + "x"])
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.command\[1\]: 131072 bytes is over"):
+        from_keywords(clean_settings, command=["sleep", fits + "x"])
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.healthcheck\.test\[0\]: 131072"):
+        from_data({"healthcheck": {"test": [fits + "x"]}})
+
+
+def test_arguments_and_environment_over_arg_max_are_refused(clean_settings: Settings) -> None:
+    from corral.core.arglimits import arg_max
+
+    piece = "x" * 100_000
+    count = arg_max() // 100_000 + 1  # each fits; together they pass ARG_MAX
+    many = {f"V{i}": piece for i in range(count)}
+    with pytest.raises(corral.ConfigError, match=r"^env: the command's arguments .*ARG_MAX"):
+        corral.ExecRequest(argv=["true"], env=many)
+    with pytest.raises(corral.ConfigError, match=r"^argv: the command's arguments .*ARG_MAX"):
+        corral.ExecRequest(argv=["echo", *[piece] * count])
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.env: the command's arguments"):
+        from_keywords(clean_settings, env=many)
+    with pytest.raises(corral.ConfigError, match=r"^sandbox\.command: the command's arguments"):
+        from_keywords(clean_settings, command=["echo", *[piece] * count])
+    half = {f"V{i}": piece for i in range(count // 2)}
+    assert len(corral.ExecRequest(argv=["true"], env=half).env) == count // 2
+
+
+def test_arg_max_follows_the_stack_limit_within_the_kernels_ceiling() -> None:
+    import os
+
+    from corral.core.arglimits import arg_max
+
+    assert 131072 <= arg_max() <= 6 * 1024**2
+    assert arg_max() == min(os.sysconf("SC_ARG_MAX"), 6 * 1024**2)

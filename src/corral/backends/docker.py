@@ -136,34 +136,30 @@ class DockerEngine(Engine):
             probe.close()
         return docker.APIClient(version=version, max_pool_size=CONNECTION_POOL_SIZE, **options)
 
-    @contextlib.contextmanager
-    def translate(self, sandbox_id: str | None) -> Iterator[None]:
+    def client_errors(self) -> tuple[type[BaseException], ...]:
         try:
             import docker.errors
             import requests.exceptions
         except ImportError:
             raise self.missing_client() from None
-        try:
-            yield
-        except SandboxError:
-            raise
-        except docker.errors.ImageNotFound as e:
-            raise NotFoundError(
-                f"image not found ({e.explanation}); pull policy is {self.settings.pull!r}"
-            ) from e
-        except docker.errors.APIError as e:
-            raise error_for(
-                e.status_code or 500,
-                str(e.explanation or e),
-                backend=self.name,
-                sandbox_id=sandbox_id,
-                rules=_RULES,
-            ) from e
-        except requests.exceptions.Timeout as e:
-            raise CorralTimeoutError(f"{self.title} at {self.url} did not answer in time") from e
-        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as e:
-            release_frames(e)
-            raise self.unavailable(e, sandbox_id) from e
+        return (docker.errors.DockerException, requests.exceptions.RequestException)
+
+    def error_of(self, error: BaseException, sandbox_id: str | None) -> SandboxError:
+        import docker.errors
+        import requests.exceptions
+
+        if isinstance(error, docker.errors.ImageNotFound):
+            return NotFoundError(
+                f"image not found ({error.explanation}); pull policy is {self.settings.pull!r}"
+            )
+        if isinstance(error, docker.errors.APIError):
+            text = str(error.explanation or error)
+            status = error.status_code or 500
+            return error_for(status, text, backend=self.name, sandbox_id=sandbox_id, rules=_RULES)
+        if isinstance(error, requests.exceptions.Timeout):
+            return CorralTimeoutError(f"{self.title} at {self.url} did not answer in time")
+        release_frames(error)
+        return self.unavailable(error, sandbox_id)
 
     def ping(self) -> None:
         self.api().ping()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -88,7 +90,7 @@ def _older(name: str, version: Version, fixes: Iterable[tuple[Version, str]]) ->
     ]
 
 
-def runtime_version(components: Iterable[dict]) -> str | None:
+def runtime_version(components: Iterable[dict[str, Any]]) -> str | None:
     """The runc version text among an engine's ``/version`` components, if listed."""
     for component in components:
         if "runc" in str(component.get("Name", "")).lower():
@@ -96,11 +98,26 @@ def runtime_version(components: Iterable[dict]) -> str | None:
     return None
 
 
-def judge_report(engine: str, report: dict) -> Verdict:
+# The warnings logged so far in this process: each once, whatever the number of backend
+# instances, CLI calls or checks that judge the same engine.
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def judge_report(engine: str, report: dict[str, Any]) -> Verdict:
     """The verdict on an engine from its ``/version`` answer (Docker's and Podman's have
-    the same shape), its warnings logged: a backend asks this once."""
+    the same shape).
+
+    Its warnings are logged at INFO on the ``corral`` logger, each at most once per
+    process, and never printed: they belong in ``Availability.warnings``, which ``corral
+    doctor`` and ``corral backends`` show. A distribution's backported fix does not
+    change the version, so on most hosts the warning is noise at every call.
+    """
     runtime = runtime_version(report.get("Components") or [])
     verdict = judge(engine, report.get("Version", ""), runtime)
-    for warning in verdict.warnings:
-        log.warning("%s", warning)
+    with _logged_lock:
+        fresh = [w for w in verdict.warnings if w not in _logged]
+        _logged.update(fresh)
+    for warning in fresh:
+        log.info("%s", warning)
     return verdict

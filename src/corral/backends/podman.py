@@ -11,8 +11,10 @@ import base64
 import contextlib
 import json
 import os
+import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 from urllib.parse import quote
@@ -60,11 +62,14 @@ _LIBPOD = "/v4.0.0/libpod"  # the hijacked streams are sent by hand; 4.x and 5.x
 _MANAGED = json.dumps({"label": ["corral.managed=true", "corral.backend=podman"]})
 # Inits Podman can run as a container's PID 1 when its own (catatonit) is missing: Debian's
 # podman only recommends one, and where docker.io came first its tini satisfied that.
+# Only static ones: the engine runs it inside the image, which may have no libc (a
+# dynamic tini there exits at once, "exec /run/podman-init: no such file or directory").
 _HOST_INITS = (
+    "/usr/libexec/podman/catatonit",
     "/usr/bin/catatonit",
     "/usr/bin/tini-static",
-    "/usr/bin/tini",
     "/usr/bin/docker-init",
+    "/usr/bin/dumb-init",
 )
 _NO_INIT = "container-init binary not found"
 
@@ -194,32 +199,35 @@ class PodmanEngine(Engine):
     def _done(self, method: str, path: str, **kwargs: Any) -> None:
         self._call(method, path, **kwargs).close()
 
-    @contextlib.contextmanager
-    def translate(self, sandbox_id: str | None) -> Iterator[None]:
+    def client_errors(self) -> tuple[type[BaseException], ...]:
         try:
             import podman.errors
             import requests.exceptions
         except ImportError:
             raise self.missing_client() from None
-        try:
-            yield
-        except SandboxError:
-            raise
-        except (_Failed, http.Refused) as e:
-            raise error_for(
-                e.status, e.text, backend=self.name, sandbox_id=sandbox_id, rules=_RULES
-            ) from e
-        except (requests.exceptions.RequestException, podman.errors.PodmanError, OSError) as e:
-            release_frames(e)
-            # podman-py wraps a read timeout in its own APIError: the cause tells.
-            if isinstance(e, requests.exceptions.Timeout) or isinstance(
-                e.__cause__, requests.exceptions.Timeout
-            ):
-                self._drop_connections()
-                raise CorralTimeoutError(
-                    f"{self.title} at {self.url} did not answer in time"
-                ) from e
-            raise self.unavailable(e, sandbox_id) from e
+        return (
+            _Failed,
+            http.Refused,
+            requests.exceptions.RequestException,
+            podman.errors.PodmanError,
+            OSError,
+        )
+
+    def error_of(self, error: BaseException, sandbox_id: str | None) -> SandboxError:
+        import requests.exceptions
+
+        if isinstance(error, (_Failed, http.Refused)):
+            return error_for(
+                error.status, error.text, backend=self.name, sandbox_id=sandbox_id, rules=_RULES
+            )
+        release_frames(error)
+        # podman-py wraps a read timeout in its own APIError: the cause tells.
+        if isinstance(error, requests.exceptions.Timeout) or isinstance(
+            error.__cause__, requests.exceptions.Timeout
+        ):
+            self._drop_connections()
+            return CorralTimeoutError(f"{self.title} at {self.url} did not answer in time")
+        return self.unavailable(error, sandbox_id)
 
     def _drop_connections(self) -> None:
         """Start over with new connections after a timeout: podman-py puts the one that
@@ -245,14 +253,6 @@ class PodmanEngine(Engine):
         if security.get("selinuxEnabled"):
             caps |= Capability.SELINUX
         return caps
-
-    def describe(self) -> str:
-        inits = {
-            None: "",
-            "engine": "; init: catatonit (the engine's)",
-            "own": "; init: corral's own PID 1 (no init binary found)",
-        }
-        return super().describe() + inits.get(self.init, f"; init: {self.init}")
 
     def close(self) -> None:
         if self._client is not None:
@@ -280,16 +280,18 @@ class PodmanEngine(Engine):
     # -- containers ---------------------------------------------------------------
 
     def create(self, plan: ContainerPlan) -> str:
-        """Create the container with the init this service has: its own (catatonit),
-        else one of this host's, else corral's own PID 1 (found at the first create, and
-        kept: ``corral doctor`` says which)."""
-        spec = self.libpod_spec(plan)
-        inits = [self.init] if self.init else ["engine", *filter(os.path.exists, _HOST_INITS)]
+        return self._create_with_init(self.libpod_spec(plan), plan.command)
+
+    def _create_with_init(self, spec: dict[str, Any], command: list[str]) -> str:
+        """Create with the init this service has: its own (catatonit), else a static one
+        of this host's (the service may see fewer than corral does: tried in turn), else
+        corral's own PID 1. Found at the first create, and kept."""
+        inits = [self.init] if self.init else ["engine", *filter(_static, _HOST_INITS)]
         for init in [*inits, "own"]:
             if init == "engine":
                 request = spec
             elif init == "own":
-                request = {**spec, "init": False, "command": reaper_command(plan.command)}
+                request = {**spec, "init": False, "command": reaper_command(command)}
             else:
                 request = {**spec, "init_path": init}
             try:
@@ -301,6 +303,30 @@ class PodmanEngine(Engine):
             self.init = init
             return str(made["Id"])
         raise AssertionError("unreachable: corral's own PID 1 needs no init binary")
+
+    def diagnose(self) -> list[str]:
+        if self.init is None:
+            self._probe_init()
+        words = {
+            None: "not known until the first sandbox (no image here to probe with)",
+            "engine": "catatonit (the engine's)",
+            "own": "corral's own PID 1 (the service has no init binary; install catatonit)",
+        }
+        return [f"init: {words.get(self.init, self.init)}"]
+
+    def _probe_init(self) -> None:
+        """Find the init by creating (never starting) a container that ends at once."""
+        images = self._json("get", "/images/json") or []
+        image = self.settings.default_image or next(
+            (tag for i in images for tag in i.get("Names") or i.get("RepoTags") or []), None
+        )
+        if image is None:
+            return
+        name = f"corral-probe-{uuid.uuid4().hex[:12]}"
+        labels = {"corral.managed": "true", "corral.backend": self.name, "corral.probe": "init"}
+        spec = {"name": name, "image": image, "command": ["true"], "init": True, "labels": labels}
+        self._create_with_init(spec, ["true"])
+        self.remove(name)
 
     def libpod_spec(self, plan: ContainerPlan) -> dict[str, Any]:
         """The libpod create request for ``plan``."""
@@ -416,7 +442,16 @@ class PodmanEngine(Engine):
         return dict(self._json("get", f"/containers/{name}/json"))
 
     def start(self, container_id: str) -> None:
-        self._done("post", f"/containers/{container_id}/start")
+        try:
+            self._done("post", f"/containers/{container_id}/start")
+        except _Failed as e:
+            if self.init == "own" and "executable file not found" in e.text:
+                raise CapabilityError(
+                    f"the Podman service has no init binary, and corral's own PID 1 needs "
+                    f"a shell (sh) in the image: {e.text}",
+                    fix="install catatonit (or tini-static) on the engine's host",
+                ) from e
+            raise
 
     def kill(self, container_id: str) -> None:
         self._done("post", f"/containers/{container_id}/kill", params={"signal": "KILL"})
@@ -606,6 +641,28 @@ class PodmanEngine(Engine):
             block_write_bytes=entry.get("BlockOutput"),
             timestamp=time.time(),
         )
+
+
+def _static(path: str) -> bool:
+    """Whether ``path`` is a static ELF executable (no program interpreter)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:5] != b"\x7fELF\x02":  # 64-bit ELF
+                return False
+            order = "<" if head[5] == 1 else ">"
+            phoff, phsize, phnum = (
+                struct.unpack_from(order + "Q", head, 0x20)[0],
+                *struct.unpack_from(order + "HH", head, 0x36),
+            )
+            f.seek(phoff)
+            table = f.read(phsize * phnum)
+    except (OSError, struct.error):
+        return False
+    pt_interp = 3
+    return all(
+        struct.unpack_from(order + "I", table, i * phsize)[0] != pt_interp for i in range(phnum)
+    )
 
 
 def _stat_header(response: Any) -> dict[str, Any]:

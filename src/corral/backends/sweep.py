@@ -34,6 +34,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def host_pids() -> list[int]:
+    """Every process of this host (of this program's pid namespace)."""
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)

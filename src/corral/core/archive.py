@@ -15,7 +15,7 @@ import posixpath
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 import attrs
 
@@ -27,6 +27,8 @@ from .errors import ArchiveError, ConfigError, ConflictError, PathSecurityError,
 if TYPE_CHECKING:
     import tarfile
     from pathlib import Path
+
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "ArchiveLimits",
@@ -78,7 +80,7 @@ def check_host_path(path: str | os.PathLike[str], field: str) -> Path:
     text = os.fspath(path)
     if "\0" in (text.decode(errors="replace") if isinstance(text, bytes) else text):
         raise PathSecurityError(f"{field}: {text!r} contains a NUL byte")
-    return Path(text)  # type: ignore[arg-type]
+    return Path(text)
 
 
 def _safe_mode(mode: int, is_dir: bool) -> int:
@@ -179,14 +181,15 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
+    def readinto(self, target: WriteableBuffer) -> int:
         while not self._buffer:
             try:
                 self._buffer = next(self._chunks)
             except StopIteration:
                 return 0
-        n = min(len(target), len(self._buffer))
-        target[:n] = self._buffer[:n]
+        view = memoryview(target).cast("B")
+        n = min(len(view), len(self._buffer))
+        view[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
         return n
 
@@ -209,9 +212,10 @@ class _MemberData(io.RawIOBase):
         except tarfile.TarError as e:
             raise ArchiveError(f"broken tar archive: {e}") from None
 
-    def readinto(self, target: bytearray) -> int:  # type: ignore[override]
-        chunk = self.read(len(target))
-        target[: len(chunk)] = chunk
+    def readinto(self, target: WriteableBuffer) -> int:
+        view = memoryview(target).cast("B")
+        chunk = self.read(len(view))
+        view[: len(chunk)] = chunk
         return len(chunk)
 
 
@@ -238,10 +242,15 @@ def iter_members(
     """
     import tarfile
 
-    fileobj = chunks if hasattr(chunks, "read") else io.BufferedReader(_ChunkReader(chunks))
+    # A file is told from an iterable of chunks by its read method (a response body, a
+    # pipe and an open file all have one; none is one class).
+    if hasattr(chunks, "read"):
+        fileobj = cast("IO[bytes]", chunks)
+    else:
+        fileobj = io.BufferedReader(_ChunkReader(chunks))
     total = members = 0
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|")  # type: ignore[arg-type]  # noqa: SIM115
+        tar = tarfile.open(fileobj=fileobj, mode="r|")  # noqa: SIM115
     except tarfile.TarError as e:
         raise ArchiveError(f"not a tar archive: {e}") from None
     with tar:
@@ -270,7 +279,10 @@ def iter_members(
                     raise ResourceLimitError(
                         f"the archive holds more than {limits.max_bytes} bytes"
                     )
-                yield name, member, _MemberData(tar.extractfile(member))  # type: ignore[arg-type]
+                data = tar.extractfile(member)
+                if data is None:  # tarfile gives None only for what is not a file
+                    raise ArchiveError(f"archive member {member.name!r} has no data")
+                yield name, member, io.BufferedReader(_MemberData(data))
         except tarfile.TarError as e:
             raise ArchiveError(f"broken tar archive: {e}") from None
 

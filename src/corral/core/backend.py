@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+import builtins
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import attrs
@@ -110,13 +111,24 @@ def required_capabilities(spec: SandboxSpec) -> dict[Capability, str]:
     return need
 
 
+def _string_tuple(items: Iterable[str]) -> tuple[str, ...]:
+    # Named, not `converter=tuple`: mypy cannot solve tuple's type variable there.
+    return tuple(items)
+
+
 @attrs.frozen
 class Availability:
-    """Whether a backend can run here; when not, why and how to fix it."""
+    """Whether a backend can run here; when not, why and how to fix it.
+
+    ``warnings`` are things the user should know that do not stop the backend (an
+    engine release older than a security fix the distribution may have backported):
+    ``corral doctor`` and ``corral backends`` show them, and nothing else prints them.
+    """
 
     ok: bool
     reason: str = ""
     fix: str = ""
+    warnings: tuple[str, ...] = attrs.field(default=(), converter=_string_tuple)
 
     def __str__(self) -> str:
         if self.ok:
@@ -242,6 +254,11 @@ class Backend(abc.ABC):
     def capability_hint(self, missing: Capability) -> str:
         """Why this host lacks ``missing`` and how to fix it, for the refusal message."""
         return ""
+
+    def diagnose(self) -> builtins.list[str]:  # `list` in this class is the method
+        """Facts ``corral doctor`` shows under an available backend (``"init: ..."``),
+        beyond ``check``; may probe, so it is never called on the way to a create."""
+        return []
 
     def health(self, sandbox_id: str) -> Health:
         """The healthcheck's state; backends that run healthchecks override this."""

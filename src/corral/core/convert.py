@@ -46,7 +46,7 @@ def _converter() -> cattrs.Converter:
 
     converter = cattrs.Converter(forbid_extra_keys=True, prefer_attrib_converters=True)
 
-    def model_hook(cls: type) -> Any:
+    def model_hook(cls: type[Any]) -> Any:
         generated = make_dict_structure_fn(
             cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_prefer_attrib_converters=True
         )
@@ -65,9 +65,13 @@ def _converter() -> cattrs.Converter:
     # Hooks registered later win, so this catch-all comes first.
     converter.register_structure_hook_func(lambda t: not _is_model(t), lambda value, _: value)
     converter.register_structure_hook_factory(_is_model, model_hook)
+
+    def structure_optional(value: Any, t: Any) -> Any:
+        model = _optional_model(t)
+        return None if value is None or model is None else converter.structure(value, model)
+
     converter.register_structure_hook_func(
-        lambda t: _optional_model(t) is not None,
-        lambda value, t: None if value is None else converter.structure(value, _optional_model(t)),
+        lambda t: _optional_model(t) is not None, structure_optional
     )
     for cls in (Mount, Tmpfs, Volume):
         converter.register_unstructure_hook(cls, _unstructure_mount)
@@ -110,10 +114,10 @@ def _problems(exc: BaseException, path: str) -> Any:
         for sub in without:
             yield from _problems(sub, path)
     elif isinstance(exc, IterableValidationError):
-        with_notes, without = exc.group_exceptions()
-        for sub, note in with_notes:
-            yield from _problems(sub, f"{path}[{note.index}]")
-        for sub in without:
+        indexed, unindexed = exc.group_exceptions()
+        for sub, item in indexed:
+            yield from _problems(sub, f"{path}[{item.index}]")
+        for sub in unindexed:
             yield from _problems(sub, path)
     elif isinstance(exc, KeyError):
         yield path, "a required setting is missing"

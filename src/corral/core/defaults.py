@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING
 
 from .hookspecs import hookimpl
 from .results import ExecResult, ResourceUsage
+from .transfer import perform
 
 if TYPE_CHECKING:
     from .output import OutputSink
+    from .results import Health
     from .sandbox import Sandbox
     from .spec import ExecRequest
+    from .transfer import FileTransfer, Transferred
 
 
 @hookimpl(trylast=True)
@@ -38,3 +41,13 @@ def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> Exe
 @hookimpl(trylast=True)
 def corral_usage(sandbox: Sandbox) -> ResourceUsage:
     return sandbox.backend.usage(sandbox.id)
+
+
+@hookimpl(trylast=True)
+def corral_transfer(sandbox: Sandbox, transfer: FileTransfer) -> Transferred:
+    return perform(sandbox, transfer)
+
+
+@hookimpl(trylast=True)
+def corral_health(sandbox: Sandbox) -> Health:
+    return sandbox.backend.health(sandbox.id)

@@ -75,11 +75,26 @@ class ConfigError(SandboxError, ValueError):
 
     category = "config"
 
-    def __init__(self, path: str, reason: str, **kwargs: object) -> None:
+    def __init__(
+        self,
+        path: str,
+        reason: str,
+        *,
+        backend: str | None = None,
+        sandbox_id: str | None = None,
+        retryable: bool | None = None,
+        fix: str | None = None,
+    ) -> None:
         self.path = path
         self.reason = reason
         self.problems: list[tuple[str, str]] = [(path, reason)]
-        super().__init__(f"{path}: {reason}" if path else reason, **kwargs)  # type: ignore[arg-type]
+        super().__init__(
+            f"{path}: {reason}" if path else reason,
+            backend=backend,
+            sandbox_id=sandbox_id,
+            retryable=retryable,
+            fix=fix,
+        )
 
     @classmethod
     def many(cls, problems: list[tuple[str, str]]) -> ConfigError:

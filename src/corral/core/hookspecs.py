@@ -4,6 +4,18 @@ Kinds, by name: registration and contribution hooks are plural nouns
 (``corral_backends``, ``corral_extra_mounts``); notifications are a subject and an
 event (``corral_sandbox_created``); dispatch points are verbs (``corral_exec``,
 ``corral_usage``), answered first by plugins and last by the core's own default.
+
+Each hook follows one error rule (``corral.core.hookcalls.RULES``), said under "May
+raise" in its docstring:
+
+- *may refuse*: a SandboxError a plugin raises (PolicyError, ConfigError, a backend's
+  error passing through) reaches the caller as it is; anything else is a bug of the
+  plugin's and reaches the caller as an InternalError naming the plugin and its
+  distribution, chained to the original exception.
+- *observer*: must not raise. Each observer is called on its own; what one raises is
+  logged on the ``corral`` logger naming the plugin and dropped, and the others are
+  still called.
+- *registration* (``corral_backends``): anything raised is a PluginError naming the plugin.
 """
 
 from __future__ import annotations
@@ -15,10 +27,11 @@ import pluggy
 if TYPE_CHECKING:
     from .backend import BackendInfo
     from .output import OutputSink
-    from .results import ExecResult, ResourceUsage
+    from .results import ExecResult, Health, ResourceUsage
     from .sandbox import Sandbox
     from .settings import Settings
     from .spec import ExecRequest, MountLike, SandboxSpec
+    from .transfer import FileTransfer, Transferred
 
 PROJECT = "corral"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -40,7 +53,12 @@ def corral_backends() -> list[BackendInfo]:
     Returns:
         A list of BackendInfo (may be empty).
 
-    May raise: no; an exception here is reported as a PluginError naming the plugin.
+    A class that cannot be instantiated (abstract methods left unimplemented) is refused
+    here, naming the plugin: ``corral backends`` and ``corral doctor`` list it as
+    refused, and selecting it is a PluginError.
+
+    May raise: no (registration rule); an exception here is reported as a PluginError
+    naming the plugin.
 
     Added in 0.1.
 
@@ -73,8 +91,8 @@ def corral_configure(settings: Settings) -> None:
             ``corral.core.convert.structure(table, Cls, "plugins.NAME")`` so that a
             typo is a ConfigError naming its path.
 
-    May raise: ConfigError for a bad table. The create or attach that brought the
-    settings fails with it before anything is made, and the next one given the same
+    May raise: ConfigError for a bad table (may-refuse rule). The create or attach that
+    brought the settings fails with it before anything is made, and the next one given the same
     settings calls this hook again. Raised while replaying to a plugin being
     registered, it fails that registration (PluginError).
 
@@ -108,7 +126,7 @@ def corral_extra_mounts(spec: SandboxSpec, backend: str) -> list[MountLike]:
     Returns:
         A list of Mount, Tmpfs or Volume (may be empty).
 
-    May raise: ConfigError or PolicyError to refuse the sandbox.
+    May raise: ConfigError or PolicyError to refuse the sandbox (may-refuse rule).
 
     Added in 0.1.
 
@@ -134,7 +152,7 @@ def corral_extra_env(spec: SandboxSpec, backend: str) -> dict[str, str]:
     Returns:
         A mapping of names to values (may be empty).
 
-    May raise: ConfigError or PolicyError to refuse the sandbox.
+    May raise: ConfigError or PolicyError to refuse the sandbox (may-refuse rule).
 
     Added in 0.1.
 
@@ -158,7 +176,7 @@ def corral_check_spec(spec: SandboxSpec, backend: str) -> None:
         spec: the final spec.
         backend: the name of the chosen backend.
 
-    May raise: PolicyError (or ConfigError) to refuse the sandbox.
+    May raise: PolicyError (or ConfigError) to refuse the sandbox (may-refuse rule).
 
     Added in 0.1.
 
@@ -178,13 +196,15 @@ def corral_check_spec(spec: SandboxSpec, backend: str) -> None:
 def corral_sandbox_creating(spec: SandboxSpec, sandbox_id: str, backend: str) -> None:
     """Notification: a sandbox is about to be created (the spec passed every check).
 
-    Called once, just before ``Backend.create``. Raising aborts the create (nothing has
-    been made yet) and the exception reaches the caller.
+    Called once, just before ``Backend.create``.
 
     Args:
         spec: the final spec.
         sandbox_id: the id the sandbox will have.
         backend: the backend's name.
+
+    May raise: a SandboxError (a PolicyError for a quota) aborts the create, nothing
+    made yet (may-refuse rule).
 
     Added in 0.1.
 
@@ -200,12 +220,15 @@ def corral_sandbox_creating(spec: SandboxSpec, sandbox_id: str, backend: str) ->
 def corral_sandbox_created(sandbox: Sandbox) -> None:
     """Notification: a sandbox is created and started.
 
-    Called once per sandbox, after ``Backend.create`` returned. If an implementation
-    raises, the sandbox is destroyed and the exception reaches the caller of
-    ``corral.create``, so nothing leaks.
+    Called once per sandbox, after ``Backend.create`` returned (for ``corral.run``'s
+    sandbox, before the backend makes it: ``sandbox.info.status`` is ``pending``).
 
     Args:
         sandbox: the new sandbox.
+
+    May raise: a SandboxError to refuse the sandbox (may-refuse rule): the sandbox is
+    closed (observers see it go) and the error reaches the caller of ``corral.create``,
+    so nothing leaks.
 
     Added in 0.1.
 
@@ -222,11 +245,13 @@ def corral_sandbox_destroying(sandbox: Sandbox) -> None:
     """Notification: a sandbox is about to be destroyed (``close()`` was called).
 
     Called once per sandbox, before ``Backend.destroy``, while the sandbox can still be
-    used (to collect logs or files). Exceptions are logged and ignored: a plugin can
-    never keep a sandbox alive.
+    used (to collect logs or files).
 
     Args:
         sandbox: the sandbox being closed.
+
+    May raise: no (observer rule): what it raises is logged and dropped, so a plugin can
+    never keep a sandbox alive.
 
     Added in 0.1.
 
@@ -242,12 +267,14 @@ def corral_sandbox_destroying(sandbox: Sandbox) -> None:
 def corral_sandbox_destroyed(sandbox_id: str, backend: str, error: BaseException | None) -> None:
     """Notification: a sandbox is gone (or its removal failed, with ``error``).
 
-    Called once per sandbox after ``Backend.destroy``. Exceptions are logged and ignored.
+    Called once per sandbox after ``Backend.destroy``.
 
     Args:
         sandbox_id: the id the sandbox had.
         backend: the backend's name.
         error: the removal's error, or None when it succeeded.
+
+    May raise: no (observer rule): what it raises is logged and dropped.
 
     Added in 0.1.
 
@@ -279,7 +306,8 @@ def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> Exe
     Returns:
         The ExecResult, or None to let the next implementation answer.
 
-    May raise: PolicyError to refuse the command; SandboxError from the backend.
+    May raise: PolicyError to refuse the command; SandboxError from the backend
+    (may-refuse rule).
 
     Added in 0.1.
 
@@ -307,6 +335,8 @@ def corral_usage(sandbox: Sandbox) -> ResourceUsage | None:
     Returns:
         A ResourceUsage, or None to let the next implementation answer.
 
+    May raise: SandboxError from the backend (may-refuse rule).
+
     Added in 0.1.
 
     Example::
@@ -321,12 +351,14 @@ def corral_usage(sandbox: Sandbox) -> ResourceUsage | None:
 def corral_usage_sampled(sandbox: Sandbox, usage: ResourceUsage) -> None:
     """Notification: a usage sample was read; exporters forward it.
 
-    Called after every ``sandbox.usage()``. Exceptions are logged and ignored, so a
-    broken exporter never breaks the caller.
+    Called after every ``sandbox.usage()``.
 
     Args:
         sandbox: the sandbox.
         usage: the sample.
+
+    May raise: no (observer rule): what it raises is logged and dropped, so a broken
+    exporter never breaks the caller.
 
     Added in 0.1.
 
@@ -335,4 +367,71 @@ def corral_usage_sampled(sandbox: Sandbox, usage: ResourceUsage) -> None:
         @corral.hookimpl
         def corral_usage_sampled(sandbox, usage):
             gauge.labels(sandbox.id).set(usage.memory_bytes or 0)
+    """
+
+
+@hookspec(firstresult=True)
+def corral_transfer(sandbox: Sandbox, transfer: FileTransfer) -> Transferred | None:
+    """Copy files into or out of a sandbox: the dispatch point of ``write_file``,
+    ``read_file``, ``upload`` and ``download``.
+
+    Called once per call of those four methods, after the paths are checked and before
+    anything is copied. The core answers last (``trylast``) by asking the backend
+    (``put_archive`` or ``get_archive``). A plugin may wrap the call with
+    ``wrapper=True`` to observe it (audit: path, direction and bytes) or refuse it, or
+    answer first (record/replay).
+
+    Args:
+        sandbox: the sandbox.
+        transfer: a :class:`corral.core.transfer.FileTransfer`: ``operation``, ``path``
+            in the sandbox, ``host_path`` (upload's source, download's destination),
+            ``direction`` (``in`` or ``out``) and write_file's ``data``.
+
+    Returns:
+        A :class:`corral.core.transfer.Transferred` (``size`` in bytes; read_file's
+        ``data``, download's ``local`` path), or None to let the next implementation
+        answer.
+
+    May raise: PolicyError to refuse the transfer; SandboxError from the backend
+    (may-refuse rule).
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl(wrapper=True)
+        def corral_transfer(sandbox, transfer):
+            if transfer.direction == "in" and transfer.path.startswith("/etc/"):
+                raise corral.PolicyError(f"{transfer.path}: not writable by policy")
+            done = yield
+            log.info("%s %s: %d bytes", transfer.operation, transfer.path, done.size)
+            return done
+    """
+
+
+@hookspec(firstresult=True)
+def corral_health(sandbox: Sandbox) -> Health | None:
+    """Read a sandbox's healthcheck state: the dispatch point behind ``sandbox.health()``.
+
+    The core answers last by asking the backend. A plugin may answer first (a health
+    probe of its own) or wrap the call to observe it.
+
+    Args:
+        sandbox: the sandbox.
+
+    Returns:
+        A :class:`corral.Health`, or None to let the next implementation answer.
+
+    May raise: SandboxError from the backend (may-refuse rule).
+
+    Added in 0.1.
+
+    Example::
+
+        @corral.hookimpl(wrapper=True)
+        def corral_health(sandbox):
+            health = yield
+            if health.status == "unhealthy":
+                alert(sandbox.id, health.last_output)
+            return health
     """

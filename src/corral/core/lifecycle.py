@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attrs
-
-from . import capacity
+from . import capacity, options
 from ._log import log
 from .backend import Backend, Capability, required_capabilities
 from .convert import structure, unstructure
@@ -22,60 +19,19 @@ from .sandbox import Sandbox
 from .settings import Settings, _merge, load_settings
 from .spec import ExecRequest, MountLike, SandboxSpec
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
 
-# Keywords of corral.create() that belong to spec.limits rather than the spec itself.
-_LIMIT_KEYWORDS = (
-    "memory",
-    "cpus",
-    "pids",
-    "nofile",
-    "nproc",
-    "cputime",
-    "file_size",
-    "disk",
-    "lifetime",
-)
 # corral.create()'s keywords that describe the sandbox (corral.run takes them too).
-_CREATE_KEYWORDS = (
-    "command",
-    "env",
-    "workdir",
-    "user",
-    "mounts",
-    *_LIMIT_KEYWORDS,
-    "network",
-    "security",
-    "labels",
-    "healthcheck",
-)
+_CREATE_KEYWORDS = options.names(options.CREATE)
 
 
 def select_backend_name(explicit: str | None, settings: Settings) -> str:
-    """The backend to use: the argument, else CORRAL_BACKEND, else the setting, else local."""
-    return explicit or os.environ.get("CORRAL_BACKEND") or settings.backend or "local"
-
-
-def _keyword_layer(kwargs: dict[str, Any]) -> dict[str, Any]:
-    layer: dict[str, Any] = {}
-    limits = {k: kwargs.pop(k) for k in _LIMIT_KEYWORDS if kwargs.get(k) is not None}
-    if limits:
-        layer["limits"] = limits
-    network = kwargs.pop("network", None)
-    if network is not None:
-        layer["network"] = {"mode": network} if isinstance(network, str) else network
-    for key, value in kwargs.items():
-        # A lone string is not iterated into characters: the spec refuses it whole.
-        if key == "mounts" and isinstance(value, (list, tuple)):
-            layer[key] = [_as_data(m) for m in value]
-        elif value is not None:
-            layer[key] = _as_data(value)
-    return layer
-
-
-def _as_data(value: Any) -> Any:
-    """Model objects given as keywords become plain data, so layers can merge."""
-    return unstructure(value) if attrs.has(type(value)) else value
+    """The backend to use: the argument, else the settings' (where ``CORRAL_BACKEND`` was
+    read, once, in its place among the sources), else local."""
+    return explicit or settings.backend or "local"
 
 
 def build_spec(
@@ -87,17 +43,12 @@ def build_spec(
         if not isinstance(spec, SandboxSpec):
             raise ConfigError("spec", f"{type(spec).__name__} is not a SandboxSpec")
         data = _merge(data, unstructure(spec))
-    return structure(_merge(data, _keyword_layer(dict(keywords))), SandboxSpec, "sandbox")
+    return structure(_merge(data, options.keyword_layer(keywords)), SandboxSpec, "sandbox")
 
 
 def _contribute(host: PluginHost, spec: SandboxSpec, backend: str) -> SandboxSpec:
-    hook = host.pm.hook
-    extra_mounts: list[MountLike] = [
-        m for ms in hook.corral_extra_mounts(spec=spec, backend=backend) for m in ms or ()
-    ]
-    extra_env: dict[str, str] = {}
-    for env in hook.corral_extra_env(spec=spec, backend=backend):
-        extra_env.update(env or {})
+    extra_mounts: list[MountLike] = host.hooks.extra_mounts(spec, backend)
+    extra_env = host.hooks.extra_env(spec, backend)
     if not extra_mounts and not extra_env:
         return spec
     return structure(
@@ -154,8 +105,8 @@ def create(
 ) -> Sandbox:
     """Create and start a sandbox; use the result as a context manager.
 
-    The backend is ``backend``, else ``CORRAL_BACKEND``, else the ``backend`` setting,
-    else ``local``. Keywords override ``spec``, which overrides the ``[sandbox]``
+    The backend is ``backend``, else the ``backend`` setting (``CORRAL_BACKEND`` among
+    its sources), else ``local``. Keywords override ``spec``, which overrides the ``[sandbox]``
     defaults of the settings. Nothing is created unless every check passes.
 
     Raises:
@@ -166,7 +117,7 @@ def create(
         CapacityError: ``max_sandboxes`` are open here already (after ``capacity_wait``).
     """
     given = locals()  # the parameters, and nothing else yet
-    keywords = {name: given[name] for name in ("image", *_CREATE_KEYWORDS)}
+    keywords = {name: given[name] for name in _CREATE_KEYWORDS}
     return _open(keywords, backend=backend, spec=spec, settings=settings, pending=False)
 
 
@@ -182,7 +133,7 @@ def run(
     backend: str | None = None,
     spec: SandboxSpec | None = None,
     settings: Settings | None = None,
-    **keywords: Any,
+    **keywords: Unpack[options.SandboxOptions],
 ) -> ExecResult:
     """Run ``argv`` in a fresh sandbox, remove the sandbox, and return how it ended.
 
@@ -209,8 +160,7 @@ def run(
         )
     # The command is checked before any hook sees a sandbox made for it.
     ExecRequest(argv=argv, timeout=timeout, stdin=stdin)  # type: ignore[arg-type]
-    layer = {name: keywords.get(name) for name in _CREATE_KEYWORDS}
-    layer["image"] = image
+    layer: dict[str, Any] = {**keywords, "image": image}
     sandbox = _open(layer, backend=backend, spec=spec, settings=settings, pending=True)
     with sandbox:
         return sandbox._run_once(
@@ -241,7 +191,7 @@ def _open(
     chosen = host.backend(name, settings)
     final = _contribute(host, final, name)
     final = apply_policy(final, settings)
-    host.pm.hook.corral_check_spec(spec=final, backend=name)
+    host.hooks.check_spec(final, name)
     _check_capabilities(chosen, final)
 
     import uuid  # deferred: ~2 ms at `import corral`, needed only once a sandbox is made
@@ -260,7 +210,7 @@ def _open(
     if unsafe:  # recorded on the sandbox, and said out loud
         labels_out["corral.loosened"] = ",".join(unsafe)
         log.warning("sandbox %s loosens: %s", sandbox_id, ", ".join(unsafe))
-    host.pm.hook.corral_sandbox_creating(spec=final, sandbox_id=sandbox_id, backend=name)
+    host.hooks.sandbox_creating(final, sandbox_id, name)
     # T42 capacity: a slot from here until Sandbox.close (CapacityError past the cap).
     capacity.claim(name, sandbox_id, now + final.limits.lifetime, settings)
     if not pending:
@@ -289,7 +239,7 @@ def _open(
         pending=pending,
     )
     try:
-        host.pm.hook.corral_sandbox_created(sandbox=sandbox)
+        host.hooks.sandbox_created(sandbox)
     except BaseException:
         # A full close, so observers that saw it created also see it go.
         try:

@@ -10,9 +10,12 @@ from typing import Any
 
 import attrs
 
+from ._log import log
 from .backend import Availability, Backend, BackendInfo
+from .boundary import Provenance, guard_backend, translate
 from .convert import structure
-from .errors import BackendUnavailableError, ConfigError, PluginError
+from .errors import BackendUnavailableError, ConfigError, PluginError, SandboxError
+from .hookcalls import Hooks
 from .settings import Settings
 
 # deferred: pluggy with the hookspecs (~4 ms) and json (~2 ms) load with the first host,
@@ -36,12 +39,22 @@ class PluginRecord:
 
 @attrs.frozen
 class BackendRecord:
-    """A registered backend with the plugin and distribution that provided it."""
+    """A registered backend with the plugin and distribution that provided it.
+
+    ``refused`` says why the backend cannot be used at all (a class that cannot be
+    instantiated), found when the plugins' backends are collected; None for a usable one.
+    Selecting a refused backend is a PluginError naming its plugin.
+    """
 
     info: BackendInfo
     plugin: str
     distribution: str | None
     version: str | None
+    refused: str | None = None
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(self.plugin, self.distribution, self.version)
 
 
 def _flag(environ: Any, name: str) -> bool:
@@ -68,6 +81,8 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._provenance: dict[str, tuple[str | None, str | None]] = {}
+        #: The typed door the core calls every hook through, each under its rule.
+        self.hooks = Hooks(self.pm, self.provenance)
         self._backends: dict[str, BackendRecord] | None = None
         self._instances: dict[tuple[str, str], Backend] = {}
         self._configured: Settings | None = None
@@ -84,11 +99,8 @@ class PluginHost:
         from . import defaults
 
         self.register(defaults, "corral.core", OWN_DISTRIBUTION)
+        # register() validated each plugin as it came (check_pending), naming it.
         self._load_entry_points(autoload=not _flag(environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD"))
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            raise PluginError(f"plugin {e.plugin_name!r} is invalid: {e}") from e
 
     # -- loading -------------------------------------------------------------------
 
@@ -167,6 +179,16 @@ class PluginHost:
             records.append(PluginRecord(name, dist, version, hooks))
         return records
 
+    def provenance(self, plugin: str) -> Provenance:
+        """Where plugin ``plugin`` came from, for errors that name it."""
+        dist, version = self._provenance.get(plugin, (None, None))
+        obj = self.pm.get_plugin(plugin)
+        if plugin.isdigit() and obj is not None:
+            # Registered without a name (pluggy names it by id): its type says more.
+            kind = obj if isinstance(obj, (ModuleType, type)) else type(obj)
+            plugin = f"{kind.__module__}.{kind.__qualname__}" if kind is not obj else obj.__name__
+        return Provenance(plugin, dist, version)
+
     # -- configuration -------------------------------------------------------------
 
     def configure(self, settings: Settings) -> None:
@@ -180,7 +202,7 @@ class PluginHost:
             last = self._configured
             if last is not None and (settings is last or settings == last):
                 return
-            self.pm.hook.corral_configure.call_historic(kwargs={"settings": settings})
+            self.hooks.configure(settings)
             self._configured = settings
 
     # -- backends ------------------------------------------------------------------
@@ -191,14 +213,14 @@ class PluginHost:
             if self._backends is not None:
                 return self._backends
             found: dict[str, BackendRecord] = {}
-            for impl in self.pm.hook.corral_backends.get_hookimpls():
-                dist, version = self._provenance.get(impl.plugin_name, (None, None))
-                for info in impl.function() or ():
+            for plugin, infos in self.hooks.backends():
+                dist, version = self._provenance.get(plugin, (None, None))
+                for info in infos:
                     if not isinstance(info, BackendInfo) or not (
                         isinstance(info.backend, type) and issubclass(info.backend, Backend)
                     ):
                         raise PluginError(
-                            f"plugin {impl.plugin_name!r} returned {info!r} from "
+                            f"plugin {plugin!r} returned {info!r} from "
                             "corral_backends; expected BackendInfo records of Backend classes"
                         )
                     if info.name in found:
@@ -206,9 +228,10 @@ class PluginHost:
                         raise PluginError(
                             f"backend {info.name!r} is provided twice: by plugin "
                             f"{other.plugin!r} ({other.distribution}) and by "
-                            f"{impl.plugin_name!r} ({dist})"
+                            f"{plugin!r} ({dist})"
                         )
-                    found[info.name] = BackendRecord(info, impl.plugin_name, dist, version)
+                    refused = _uninstantiable(info.backend)
+                    found[info.name] = BackendRecord(info, plugin, dist, version, refused)
             self._backends = found
             return found
 
@@ -228,11 +251,17 @@ class PluginHost:
                 # itself fail as unavailable, without a ping in front of every create.
                 return instance
             instance = self.make_backend(name, settings)
-        availability = instance.check()
+        try:
+            availability = instance.check()
+        except BaseException:
+            instance.close()
+            raise
         if not availability.ok:
             instance.close()
             raise BackendUnavailableError(
-                f"the {name} backend cannot run here: {availability}", backend=name
+                f"the {name} backend cannot run here: {availability.reason}",
+                backend=name,
+                fix=availability.fix or None,
             )
         with self._lock:
             if key in self._instances:  # another thread made and checked one meanwhile
@@ -243,28 +272,59 @@ class PluginHost:
         return instance
 
     def make_backend(self, name: str, settings: Settings) -> Backend:
-        """A new instance of backend ``name`` with its ``[backends.NAME]`` settings."""
+        """A new instance of backend ``name`` with its ``[backends.NAME]`` settings,
+        inside the error boundary (``corral.core.boundary``): whatever but a SandboxError
+        escapes its methods reaches the caller as one naming the backend and its plugin.
+
+        Raises:
+            ConfigError: an unknown backend, or bad ``[backends.NAME]`` settings.
+            PluginError: a backend refused when its plugin was loaded.
+            BackendUnavailableError: its client library is missing (the fix installs it).
+            InternalError: its constructor failed otherwise.
+        """
         records = self.backends()
         if name not in records:
             choices = ", ".join(sorted(records)) or "none are installed"
             raise ConfigError(
                 "backend", f"{name!r} is not a known backend. Choose one of: {choices}"
             )
-        cls = records[name].info.backend
-        own = structure(settings.backends.get(name, {}), cls.Settings, f"backends.{name}")
-        return cls(own)
+        record = records[name]
+        origin = record.provenance
+        if record.refused:
+            raise PluginError(
+                f"the {name} backend of {origin} is refused: {record.refused}",
+                backend=name,
+                fix=origin.report_fix,
+            )
+        cls = record.info.backend
+        own: Any = structure(settings.backends.get(name, {}), cls.Settings, f"backends.{name}")
+        try:
+            instance = cls(own)
+        except SandboxError:
+            raise
+        except Exception as e:
+            raise translate(e, f"the {name} backend ({origin})", "when made", origin, name) from e
+        return guard_backend(instance, name, origin)
 
     def availability(self, name: str, settings: Settings) -> Availability:
         """Whether backend ``name`` can run with these settings (a throwaway instance,
-        closed after the check so that its engine connections do not linger)."""
+        closed after the check so that its engine connections do not linger). Never
+        raises: a broken backend is one that is not available, with its error's fix."""
         try:
             instance = self.make_backend(name, settings)
         except ConfigError as e:
             return Availability(False, str(e), "fix the settings")
+        except SandboxError as e:
+            return Availability(False, e.message, e.fix or "")
         try:
             return instance.check()
+        except SandboxError as e:
+            return Availability(False, e.message, e.fix or "")
         finally:
-            instance.close()
+            try:
+                instance.close()
+            except SandboxError:
+                log.exception("closing a %s backend after its check failed", name)
 
     def close(self) -> None:
         with self._lock:
@@ -272,6 +332,17 @@ class PluginHost:
                 instance.close()
             self._instances.clear()
             self._instance_plugins.clear()
+
+
+def _uninstantiable(cls: type[Backend]) -> str | None:
+    """Why ``cls`` can never be instantiated, or None (its ``__init__`` is not run: a
+    backend may connect to its engine there, and collecting backends must stay cheap)."""
+    import inspect
+
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        return f"its class {cls.__qualname__} leaves abstract methods unimplemented: {missing}"
+    return None
 
 
 _host: PluginHost | None = None

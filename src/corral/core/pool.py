@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import inspect
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from . import options
 from ._log import log
 from .errors import CapacityError, ConfigError, ResourceLimitError, SandboxClosedError, TimeoutError
 from .lifecycle import build_spec, create, select_backend_name
 from .plugins import get_host
 from .sandbox import Sandbox
 from .settings import Settings, load_settings
+from .spec import SandboxSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -37,7 +41,7 @@ _JOIN_TIMEOUT = 60.0
 # The refill thread's longest sleep while full (a lifetime may be longer than a wait allows).
 _MAX_SLEEP = 3600.0
 # The keywords of corral.create() a pool passes through; backend and settings are its own.
-_CREATE_KEYWORDS = frozenset(inspect.signature(create).parameters) - {"backend", "settings"}
+_CREATE_KEYWORDS = frozenset(options.names(options.CREATE))
 
 
 @attrs.frozen
@@ -302,11 +306,14 @@ class Pool:
         settings: Settings | None = None,
         on_empty: Literal["wait", "fail"] = "wait",
         acquire_timeout: float = 30.0,
-        **create_keywords: Any,
+        image: str | None = None,
+        spec: SandboxSpec | None = None,
+        **sandbox_options: Unpack[options.SandboxOptions],
     ) -> None:
-        unknown = sorted(set(create_keywords) - _CREATE_KEYWORDS)
+        unknown = sorted(set(sandbox_options) - _CREATE_KEYWORDS)
         if unknown:
             raise TypeError(f"Pool() got keywords corral.create does not take: {unknown}")
+        create_keywords: dict[str, Any] = {"image": image, "spec": spec, **sandbox_options}
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError("size", f"must be a whole number of at least 1, not {size!r}")
         if on_empty not in ("wait", "fail"):

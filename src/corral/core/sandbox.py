@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
-import posixpath
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -23,12 +23,13 @@ from .plugins import PluginHost
 from .results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .settings import Settings
 from .spec import ExecRequest, SandboxSpec
+from .transfer import FileTransfer, Transferred
 
 # deferred: pathlib costs ~5 ms at `import corral`; only an annotation here.
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["Sandbox"]
+__all__ = ["Sandbox", "SandboxState"]
 
 LABEL_PREFIX = "corral."
 
@@ -39,6 +40,29 @@ def _warn_unclosed(sandbox_id: str) -> None:
         ResourceWarning,
         stacklevel=2,
     )
+
+
+class SandboxState(enum.Enum):
+    """Where a Sandbox handle is in its life. The transitions, all under the handle's lock:
+
+    - PENDING -> RUNNING: first use of ``corral.run``'s sandbox (a plugin's created hook
+      writing a file, say) has the backend make it; ``create``'s start RUNNING.
+    - PENDING -> RUNNING -> SPENT: ``corral.run``'s own command, made, run and removed
+      by the backend in one call (``run_once``).
+    - PENDING, RUNNING or SPENT -> CLOSING: ``close()`` began; observers of
+      ``corral_sandbox_destroying`` may still use a sandbox that was RUNNING.
+    - CLOSING -> CLOSED: the backend is asked to destroy what it holds; the handle
+      refuses every use from here.
+    """
+
+    PENDING = "pending"  # corral.run's: the backend makes it on first use
+    RUNNING = "running"  # the backend holds it: close() destroys it
+    SPENT = "spent"  # run_once made, ran and removed it: nothing left to destroy
+    CLOSING = "closing"  # close() began: usable still, until the destroy
+    CLOSED = "closed"
+
+
+_OPEN = frozenset({SandboxState.PENDING, SandboxState.RUNNING, SandboxState.SPENT})
 
 
 class Sandbox:
@@ -64,15 +88,13 @@ class Sandbox:
         self.info = info
         self._host = host
         self._settings = settings
-        self._closed = False
-        self._closing = False  # close() has begun; the sandbox is usable until destroying ends
-        self._close_lock = threading.Lock()
-        # corral.run's sandbox: the backend makes it with its one command (run_once)
-        # unless something uses it first (a plugin's created hook), which makes it then.
-        self._pending = pending
+        # corral.run's sandbox is PENDING: the backend makes it with its one command
+        # (run_once) unless something uses it first (a plugin's created hook).
+        self._state = SandboxState.PENDING if pending else SandboxState.RUNNING
+        # Held while the state changes, and while the backend makes a pending sandbox,
+        # so that a close() waits for a create in flight instead of racing it.
+        self._lock = threading.RLock()
         self._one_shot: ExecRequest | None = None  # run()'s request, while it runs
-        self._made = not pending  # the backend holds it, so close() must destroy it
-        self._make_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _warn_unclosed, sandbox_id)
 
     # -- identity ----------------------------------------------------------------------
@@ -90,12 +112,16 @@ class Sandbox:
         return self.info.expires
 
     @property
+    def state(self) -> SandboxState:
+        """Where this handle is in its life (see SandboxState for the transitions)."""
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        return self._closed
+        return self._state is SandboxState.CLOSED
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<Sandbox {self.id} on {self.backend_name} ({state})>"
+        return f"<Sandbox {self.id} on {self.backend_name} ({self._state.value})>"
 
     def __enter__(self) -> Sandbox:
         return self
@@ -110,7 +136,7 @@ class Sandbox:
             log.exception("closing sandbox %s failed while handling another error", self.id)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._state is SandboxState.CLOSED:
             raise SandboxClosedError(
                 "this sandbox is closed", backend=self.backend_name, sandbox_id=self.id
             )
@@ -118,27 +144,30 @@ class Sandbox:
     def _ready(self) -> None:
         """Open, and made by the backend (a pending sandbox is made on first use)."""
         self._check_open()
-        if self._pending:
-            with self._make_lock:
-                if self._pending:
-                    self._made = True  # from here, close() destroys whatever was made
-                    self._pending = False
+        if self._state is SandboxState.PENDING:
+            with self._lock:
+                if self._state is SandboxState.PENDING:
+                    # RUNNING first: from here, close() destroys whatever was made.
+                    self._state = SandboxState.RUNNING
                     self.backend.create(self.id, self.spec, self.info.labels)
 
     def _backend_exec(self, request: ExecRequest, sink: OutputSink) -> ExecStatus:
         """The backend's run of one command; the core's ``corral_exec`` calls this."""
-        with self._make_lock:
+        with self._lock:
             # run()'s own command only: another one (a plugin's, in its wrapper) gets
             # the sandbox made and runs as an exec.
-            one_shot = self._pending and request is self._one_shot
+            one_shot = self._state is SandboxState.PENDING and request is self._one_shot
             if one_shot:
-                self._pending = False
-                self._made = True
+                self._state = SandboxState.RUNNING
         if not one_shot:
             self._ready()
             return self.backend.exec(self.id, request, sink)
         status = self.backend.run_once(self.id, self.spec, self.info.labels, request, sink)
-        self._made = False  # run_once removed it
+        # run_once removed it. (When it raised, close() still asks for a destroy: it is
+        # idempotent, and a backend that broke mid-way may have left something.)
+        with self._lock:
+            if self._state is SandboxState.RUNNING:
+                self._state = SandboxState.SPENT
         return status
 
     def _run_once(
@@ -152,11 +181,11 @@ class Sandbox:
         cancel: threading.Event | None,
     ) -> ExecResult:
         """``corral.run``: the one command of a pending sandbox, through ``corral_exec``."""
-        request = self._request(argv, timeout, None, None, None, stdin, max_output)
+        request = self._request(argv, timeout=timeout, stdin=stdin, max_output=max_output)
         sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
         self._one_shot = request
         try:
-            return self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink)
+            return self._host.hooks.exec(self, request, sink)
         finally:
             self._one_shot = None
 
@@ -165,27 +194,33 @@ class Sandbox:
     def _request(
         self,
         argv: Sequence[str],
-        timeout: float | str | None,
-        env: Mapping[str, str] | None,
-        workdir: str | None,
-        user: str | None,
-        stdin: bytes | str | None,
-        max_output: int | str | None,
+        *,
+        timeout: float | str | None = None,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        max_output: int | str | None = None,
     ) -> ExecRequest:
+        """The checked request of one command: exec's options (``options.EXEC``), the
+        sandbox's own variables under the command's, a timeout within its lifetime."""
         self._check_open()
         remaining = self.expires - time.time()
         if remaining <= 0:
             raise SandboxClosedError(
                 "this sandbox's lifetime is over", backend=self.backend_name, sandbox_id=self.id
             )
+        # The ignores: mypy takes a field made by spec's helpers (duration_field,
+        # size_field) for a default of the annotated type, while the converter takes
+        # "30s" and "4MiB" as well.
         request = ExecRequest(
-            argv=argv,  # type: ignore[arg-type]
+            argv=argv,
             env={**self.spec.network.proxy_env(), **self.spec.env, **(env or {})},
             workdir=workdir,
             user=user,
-            stdin=stdin,  # type: ignore[arg-type]
+            stdin=stdin,
             timeout=timeout,  # type: ignore[arg-type]
-            max_output=self._settings.max_output if max_output is None else max_output,
+            max_output=self._settings.max_output if max_output is None else max_output,  # type: ignore[arg-type]
         )
         # A command never outlives its sandbox.
         if request.timeout is None or request.timeout > remaining:
@@ -224,9 +259,17 @@ class Sandbox:
             ConfigError: bad argv, env or paths (nothing ran).
             SandboxClosedError: the sandbox was closed.
         """
-        request = self._request(argv, timeout, env, workdir, user, stdin, max_output)
+        request = self._request(
+            argv,
+            timeout=timeout,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            max_output=max_output,
+        )
         sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
-        return self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink)
+        return self._host.hooks.exec(self, request, sink)
 
     def stream(
         self,
@@ -238,14 +281,22 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
-    ) -> Iterator[OutputChunk | ExecResult]:
+    ) -> Generator[OutputChunk | ExecResult, None, None]:
         """Like ``exec``, but yields OutputChunks as they come, then the ExecResult.
 
         Leaving the loop early stops the command.
         """
         import queue  # deferred: only streaming needs it (~1 ms at `import corral`)
 
-        request = self._request(argv, timeout, env, workdir, user, stdin, max_output)
+        request = self._request(
+            argv,
+            timeout=timeout,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            max_output=max_output,
+        )
         # Bounded: a slow consumer slows the command (as a pipe would) instead of
         # letting output pile up in memory.
         events: queue.Queue[Any] = queue.Queue(maxsize=256)
@@ -254,7 +305,7 @@ class Sandbox:
 
         def run() -> None:
             try:
-                events.put(self._host.pm.hook.corral_exec(sandbox=self, request=request, sink=sink))
+                events.put(self._host.hooks.exec(self, request, sink))
             except BaseException as e:
                 events.put(e)
             finally:
@@ -276,8 +327,9 @@ class Sandbox:
 
     # -- files -------------------------------------------------------------------------
 
-    def _owner(self) -> tuple[int, int]:
-        return self.spec.uid_gid() or (0, 0)
+    def _transfer(self, transfer: FileTransfer) -> Transferred:
+        """A checked transfer through ``corral_transfer``; what it moved."""
+        return self._host.hooks.transfer(self, transfer)
 
     def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` (absolute, inside the sandbox), replacing it."""
@@ -287,15 +339,14 @@ class Sandbox:
             data = data.encode()
         if not isinstance(data, bytes):
             raise ConfigError("data", f"{type(data).__name__} is not bytes or str")
-        folder, name = posixpath.split(path)
-        with archive.build_tar_from_bytes(name, data, mode, self._owner()) as tar:
-            self.backend.put_archive(self.id, folder, tar)
+        self._transfer(FileTransfer("write_file", path, data=data, mode=mode))
 
     def read_file(self, path: str, *, max_size: int = 256 * 1024**2) -> bytes:
         """The content of the file at ``path``; refused past ``max_size`` bytes."""
         self._ready()
         path = archive.check_sandbox_path(path)
-        return archive.read_single_file(self.backend.get_archive(self.id, path), max_size)
+        done = self._transfer(FileTransfer("read_file", path, max_size=max_size))
+        return done.data if done.data is not None else b""
 
     def upload(self, source: str | os.PathLike[str], destination: str) -> None:
         """Copy a local file or folder into the folder ``destination`` of the sandbox.
@@ -306,8 +357,7 @@ class Sandbox:
         self._ready()
         destination = archive.check_sandbox_path(destination, "destination")
         local = archive.check_host_path(source, "source")
-        with archive.build_tar_from_path(local, self._owner()) as tar:
-            self.backend.put_archive(self.id, destination, tar)
+        self._transfer(FileTransfer("upload", destination, host_path=str(local)))
 
     def download(
         self,
@@ -324,22 +374,24 @@ class Sandbox:
         self._ready()
         source = archive.check_sandbox_path(source, "source")
         target = archive.check_host_path(destination, "destination")
-        chunks = self.backend.get_archive(self.id, source)
-        return archive.extract(chunks, target, limits)
+        done = self._transfer(
+            FileTransfer("download", source, host_path=str(target), limits=limits)
+        )
+        return done.local if done.local is not None else target
 
     # -- state -------------------------------------------------------------------------
 
     def usage(self) -> ResourceUsage:
         """What the sandbox uses now (CPU seconds, memory, pids, I/O where known)."""
         self._ready()
-        sample = self._host.pm.hook.corral_usage(sandbox=self)
-        _notify(self._host.pm.hook.corral_usage_sampled, sandbox=self, usage=sample)
+        sample = self._host.hooks.usage(self)
+        self._host.hooks.usage_sampled(self, sample)
         return sample
 
     def health(self) -> Health:
         """The state of the spec's healthcheck (``none`` without one)."""
         self._ready()
-        return self.backend.health(self.id)
+        return self._host.hooks.health(self)
 
     def detach(self) -> None:
         """Stop owning the sandbox: dropping this handle no longer warns, and the sandbox
@@ -352,36 +404,24 @@ class Sandbox:
 
     def close(self) -> None:
         """Destroy the sandbox and everything in it. Idempotent."""
-        with self._close_lock:
-            if self._closing:
+        with self._lock:
+            if self._state not in _OPEN:
                 return
-            self._closing = True
+            # A pending sandbox is never made from here on: there is nothing to destroy.
+            held = self._state is SandboxState.RUNNING
+            self._state = SandboxState.CLOSING
             self._finalizer.detach()
         # Observers may still read files or run commands here (to collect logs).
-        _notify(self._host.pm.hook.corral_sandbox_destroying, sandbox=self)
-        self._closed = True
+        self._host.hooks.sandbox_destroying(self)
+        with self._lock:
+            self._state = SandboxState.CLOSED
         error: BaseException | None = None
         try:
-            with self._make_lock:
-                self._pending = False  # never made from here on
-            if self._made:
+            if held:
                 self.backend.destroy(self.id)
         except BaseException as e:
             error = e
             raise
         finally:
             capacity.release(self.info.backend, self.id)  # T42 capacity: the slot of create
-            _notify(
-                self._host.pm.hook.corral_sandbox_destroyed,
-                sandbox_id=self.id,
-                backend=self.backend_name,
-                error=error,
-            )
-
-
-def _notify(hook: Any, **kwargs: Any) -> None:
-    """Call an observer hook; an observer's failure is logged, never raised."""
-    try:
-        hook(**kwargs)
-    except Exception:
-        log.exception("a plugin failed in %s", hook.name)
+            self._host.hooks.sandbox_destroyed(self.id, self.backend_name, error)

@@ -140,7 +140,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     tomllib = _toml()
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            table: dict[str, Any] = tomllib.load(f)
+            return table
     except OSError as e:
         raise ConfigError(str(path), f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
@@ -207,6 +208,7 @@ def sources(
         table = _read_toml(pyproject).get("tool", {}).get("corral")
         if table is not None:
             found.append((f"{pyproject} [tool.corral]", table))
+    config: Path | None
     if environ.get("CORRAL_CONFIG"):
         config = Path(environ["CORRAL_CONFIG"]).expanduser()
         if not config.is_file():
@@ -244,4 +246,5 @@ def load_settings(
 
 def describe(settings: Settings) -> dict[str, Any]:
     """Plain data for ``corral config``."""
-    return unstructure(settings)
+    data: dict[str, Any] = unstructure(settings)
+    return data

@@ -10,10 +10,11 @@ import math
 import posixpath
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union, overload
 
 import attrs
 
+from .arglimits import check_command_size, check_string
 from .errors import ConfigError
 from .units import parse_duration, parse_size
 
@@ -29,6 +30,7 @@ __all__ = [
     "Security",
     "Tmpfs",
     "Volume",
+    "parse_user",
 ]
 
 # Loosenings that are refused unless named in ``security.allow_unsafe``.
@@ -47,6 +49,7 @@ UNSAFE_OPTIONS = {
 # Destinations that belong to the kernel or the runtime, never to a mount.
 _PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_T = TypeVar("_T")
 
 
 # -- field helpers -------------------------------------------------------------------
@@ -57,12 +60,17 @@ def _check(ok: bool, field: str, reason: str) -> None:
         raise ConfigError(field, reason)
 
 
-def _converted(parse: Callable[[Any, str], Any]) -> attrs.Converter:
-    """An attrs converter that knows its field's name, for errors that name it."""
+def _converted(parse: Callable[[Any, str], Any]) -> attrs.Converter[Any, Any]:
+    """An attrs converter that knows its field's name, for errors that name it.
+
+    mypy's attrs plugin reads only named functions, types and lambdas as converters, so
+    each field that uses one in the class body carries ``type: ignore[misc]``; its
+    ``__init__`` parameter is then Any, which is right: the converter takes anything.
+    """
     return attrs.Converter(lambda value, field: parse(value, field.name), takes_field=True)
 
 
-def _parse(fn: Callable[[Any], Any], value: Any, name: str) -> Any:
+def _parse(fn: Callable[[Any], _T], value: Any, name: str) -> _T:
     try:
         return fn(value)
     except (TypeError, ValueError) as e:
@@ -100,24 +108,24 @@ def count_field(default: int | None, maximum: int) -> Any:
         if value is None:
             _check(default is None, name, "must be set")
             return None
-        _check(type(value) is int, name, f"{value!r} is not a whole number")
+        if type(value) is not int:
+            raise ConfigError(name, f"{value!r} is not a whole number")
         _check(1 <= value <= maximum, name, f"{value!r} is outside 1..{maximum}")
         return value
 
     return attrs.field(default=default, converter=_converted(parse))
 
 
-def _str(value: Any, name: str, *, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    _check(isinstance(value, str), name, f"{value!r} is not a string")
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(name, f"{value!r} is not a string")
     _check("\0" not in value, name, "contains a NUL byte")
     return value
 
 
 def str_field(default: str | None = None, *, required: bool = False) -> Any:
     """A string field; optional (None allowed) unless ``required``."""
-    check = _converted(lambda v, n: _str(v, n, optional=not required))
+    check = _converted(lambda v, n: None if v is None and not required else _str(v, n))
     if required:
         return attrs.field(converter=check)
     return attrs.field(default=default, converter=check)
@@ -148,6 +156,8 @@ def argv(value: Any, name: str) -> tuple[str, ...]:
         )
     items = _strings(value, name)
     _check(len(items) > 0, name, "the command is empty")
+    for i, item in enumerate(items):
+        check_string(item, f"{name}[{i}]")
     return items
 
 
@@ -157,10 +167,10 @@ def _optional_argv(value: Any, name: str) -> tuple[str, ...] | None:
 
 def absolute_path(value: Any, name: str) -> str:
     """An absolute, normalised POSIX path with no ``..`` and no NUL."""
-    _str(value, name)
-    _check(value.startswith("/"), name, f"{value!r} is not an absolute path")
-    _check(".." not in value.split("/"), name, f"{value!r} contains '..'")
-    return posixpath.normpath(value) if value != "/" else value
+    path = _str(value, name)
+    _check(path.startswith("/"), name, f"{path!r} is not an absolute path")
+    _check(".." not in path.split("/"), name, f"{path!r} contains '..'")
+    return posixpath.normpath(path) if path != "/" else path
 
 
 def _workdir(value: Any, name: str) -> str:
@@ -190,6 +200,7 @@ def env_map(value: Any, name: str) -> dict[str, str]:
             f"{key!r} is not a valid variable name (letters, digits and '_', not first a digit)",
         )
         _str(val, f"{name}.{key}")
+        check_string(f"{key}={val}", f"{name}.{key}")
     return dict(value)
 
 
@@ -202,18 +213,54 @@ def _labels(value: Any, name: str) -> dict[str, str]:
     return dict(value)
 
 
+_USER = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)(?::([A-Za-z0-9_][A-Za-z0-9_.-]*))?")
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
+
+
+@overload
+def parse_user(
+    value: Any, field: str = "user", *, numbers_for: None = None
+) -> tuple[int, int] | None: ...
+@overload
+def parse_user(value: Any, field: str = "user", *, numbers_for: str) -> tuple[int, int]: ...
+def parse_user(
+    value: Any, field: str = "user", *, numbers_for: str | None = None
+) -> tuple[int, int] | None:
+    """Check a ``user`` value (``uid``, ``uid:gid``, ``name`` or ``name:group``).
+
+    Args:
+        value: the value as given.
+        field: the field it came from, named by the error.
+        numbers_for: who needs numeric ids (``"the local backend"``); names are
+            then refused.
+
+    Returns:
+        ``(uid, gid)`` when written as numbers (``uid`` alone: its group is the same
+        number), else None.
+
+    Raises:
+        ConfigError: not a user, or names where ``numbers_for`` needs numbers.
+    """
+    match = _USER.fullmatch(_str(value, field))
+    if match is None:
+        raise ConfigError(field, f"{value!r} is not 'user' or 'user:group'")
+    uid, gid = match.group(1), match.group(2) or match.group(1)
+    if not (uid.isdigit() and gid.isdigit()):
+        _check(numbers_for is None, field, f"{value!r}: {numbers_for} needs 'uid:gid' in numbers")
+        return None
+    for number in (uid, gid):
+        _check(int(number) <= _MAX_ID, field, f"{value!r}: {number} is above {_MAX_ID}")
+    return int(uid), int(gid)
+
+
 def _user(value: Any, name: str) -> str:
-    _str(value, name)
-    _check(
-        bool(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?", value)),
-        name,
-        f"{value!r} is not 'user' or 'user:group'",
-    )
-    return value
+    parse_user(value, name)
+    return _str(value, name)
 
 
 def _bool(value: Any, name: str) -> bool:
-    _check(isinstance(value, bool), name, f"{value!r} is not true or false")
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"{value!r} is not true or false")
     return value
 
 
@@ -222,7 +269,8 @@ def bool_field(default: bool) -> Any:
 
 
 def _mode(value: Any, name: str) -> int:
-    _check(type(value) is int and 0 <= value <= 0o1777, name, f"{value!r} is not a mode")
+    if type(value) is not int or not 0 <= value <= 0o1777:
+        raise ConfigError(name, f"{value!r} is not a mode")
     return value
 
 
@@ -237,7 +285,8 @@ def _cpus(value: Any, name: str) -> float | None:
 def _stdin(value: Any, name: str) -> bytes | None:
     if isinstance(value, str):
         return value.encode()
-    _check(value is None or isinstance(value, bytes), name, f"{type(value).__name__} is not bytes")
+    if value is not None and not isinstance(value, bytes):
+        raise ConfigError(name, f"{type(value).__name__} is not bytes")
     return value
 
 
@@ -263,7 +312,7 @@ class Mount:
 
     kind: ClassVar[str] = "bind"
     source: str = str_field(required=True)
-    target: str = attrs.field(converter=_converted(_mount_target))
+    target: str = attrs.field(converter=_converted(_mount_target))  # type: ignore[misc]
     read_only: bool = bool_field(True)
 
     @classmethod
@@ -280,9 +329,9 @@ class Tmpfs:
     """A memory-backed folder with a size cap; never executable unless ``exec=True``."""
 
     kind: ClassVar[str] = "tmpfs"
-    target: str = attrs.field(converter=_converted(_mount_target))
+    target: str = attrs.field(converter=_converted(_mount_target))  # type: ignore[misc]
     size: int = size_field("64MiB", minimum=4096)
-    mode: int = attrs.field(default=0o1777, converter=_converted(_mode))
+    mode: int = attrs.field(default=0o1777, converter=_converted(_mode))  # type: ignore[misc]
     exec: bool = bool_field(False)
 
 
@@ -292,7 +341,7 @@ class Volume:
 
     kind: ClassVar[str] = "volume"
     name: str = str_field(required=True)
-    target: str = attrs.field(converter=_converted(_mount_target))
+    target: str = attrs.field(converter=_converted(_mount_target))  # type: ignore[misc]
     read_only: bool = bool_field(False)
 
     @name.validator
@@ -350,7 +399,7 @@ class Limits:
     """Resource limits. Every sandbox has them; the defaults are deliberately small."""
 
     memory: int = size_field("512MiB", minimum=6 * 1024**2)
-    cpus: float | None = attrs.field(default=None, converter=_converted(_cpus))
+    cpus: float | None = attrs.field(default=None, converter=_converted(_cpus))  # type: ignore[misc]
     pids: int = count_field(256, maximum=1_000_000)
     nofile: int = count_field(1024, maximum=1_048_576)
     nproc: int = count_field(512, maximum=1_000_000)
@@ -366,7 +415,8 @@ class Network:
     on a network of the sandbox's own that no other sandbox reaches)."""
 
     mode: Literal["none", "bridge"] = attrs.field(
-        default="none", converter=_converted(_one_of(("none", "bridge")))
+        default="none",
+        converter=_converted(_one_of(("none", "bridge"))),  # type: ignore[misc]
     )
     dns: tuple[str, ...] = strings_field()
     http_proxy: str | None = str_field()
@@ -435,13 +485,13 @@ class Security:
 class Healthcheck:
     """A command run periodically inside the sandbox; exit 0 means healthy."""
 
-    test: tuple[str, ...] = attrs.field(converter=_converted(argv))
+    test: tuple[str, ...] = attrs.field(converter=_converted(argv))  # type: ignore[misc]
     interval: float = duration_field("30s")
     timeout: float = duration_field("30s")
     retries: int = count_field(3, maximum=1000)
     start_period: float = attrs.field(
         default=0.0,
-        converter=_converted(lambda v, n: 0.0 if v in (0, "0") else _parse(parse_duration, v, n)),
+        converter=_converted(lambda v, n: 0.0 if v in (0, "0") else _parse(parse_duration, v, n)),  # type: ignore[misc]
     )
 
 
@@ -451,38 +501,44 @@ class SandboxSpec:
 
     image: str | None = str_field()
     command: tuple[str, ...] | None = attrs.field(
-        default=None, converter=_converted(_optional_argv)
+        default=None,
+        converter=_converted(_optional_argv),  # type: ignore[misc]
     )
-    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))
-    workdir: str = attrs.field(default="/workspace", converter=_converted(_workdir))
-    user: str = attrs.field(default="1000:1000", converter=_converted(_user))
-    mounts: tuple[MountLike, ...] = attrs.field(factory=tuple, converter=_converted(_mounts))
+    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))  # type: ignore[misc]
+    workdir: str = attrs.field(default="/workspace", converter=_converted(_workdir))  # type: ignore[misc]
+    user: str = attrs.field(default="1000:1000", converter=_converted(_user))  # type: ignore[misc]
+    mounts: tuple[MountLike, ...] = attrs.field(factory=tuple, converter=_converted(_mounts))  # type: ignore[misc]
     limits: Limits = attrs.field(factory=Limits)
     network: Network = attrs.field(factory=Network)
     security: Security = attrs.field(factory=Security)
-    labels: dict[str, str] = attrs.field(factory=dict, converter=_converted(_labels))
+    labels: dict[str, str] = attrs.field(factory=dict, converter=_converted(_labels))  # type: ignore[misc]
     healthcheck: Healthcheck | None = None
+
+    def __attrs_post_init__(self) -> None:
+        check_command_size(self.command or (), self.env, "command", "env")
 
     def uid_gid(self) -> tuple[int, int] | None:
         """The numeric user and group, when ``user`` is written as numbers."""
-        uid, _, gid = self.user.partition(":")
-        if uid.isdigit() and (gid or uid).isdigit():
-            return int(uid), int(gid or uid)
-        return None
+        return parse_user(self.user)
 
 
 @attrs.frozen
 class ExecRequest:
     """One command to run in a sandbox, as the core hands it to ``corral_exec``."""
 
-    argv: tuple[str, ...] = attrs.field(converter=_converted(argv))
-    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))
+    argv: tuple[str, ...] = attrs.field(converter=_converted(argv))  # type: ignore[misc]
+    env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))  # type: ignore[misc]
     workdir: str | None = attrs.field(
-        default=None, converter=_converted(lambda v, n: None if v is None else _workdir(v, n))
+        default=None,
+        converter=_converted(lambda v, n: None if v is None else _workdir(v, n)),  # type: ignore[misc]
     )
     user: str | None = attrs.field(
-        default=None, converter=_converted(lambda v, n: None if v is None else _user(v, n))
+        default=None,
+        converter=_converted(lambda v, n: None if v is None else _user(v, n)),  # type: ignore[misc]
     )
-    stdin: bytes | None = attrs.field(default=None, converter=_converted(_stdin))
+    stdin: bytes | None = attrs.field(default=None, converter=_converted(_stdin))  # type: ignore[misc]
     timeout: float | None = duration_field(None, maximum=30 * 86400)
     max_output: int = size_field("4MiB", minimum=0)
+
+    def __attrs_post_init__(self) -> None:
+        check_command_size(self.argv, self.env, "argv", "env")

@@ -1,10 +1,11 @@
 """The audit plugin: a JSON-lines trail of what happened to each sandbox, and who did it.
 
 Configured by ``[plugins.audit]``; without a ``path`` it records nothing. Each line is
-one event (``created``, ``exec``, ``usage``, ``destroyed``) with the time in UTC, the
-sandbox and its backend. Environment values whose names look secret are redacted, and
-so are passwords in URLs; argv is recorded as given, so keep secrets out of argv (the
-file is created readable by its owner only).
+one event (``created``, ``exec``, ``transfer``, ``usage``, ``destroyed``) with the time
+in UTC, the sandbox and its backend; a ``transfer`` is a write_file, read_file, upload or
+download, with its path in the sandbox, its direction and its bytes. Environment values
+whose names look secret are redacted, and so are passwords in URLs; argv is recorded as
+given, so keep secrets out of argv (the file is created readable by its owner only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from corral.core.sandbox import Sandbox
     from corral.core.settings import Settings
     from corral.core.spec import ExecRequest
+    from corral.core.transfer import FileTransfer, Transferred
 
 __all__ = ["AuditPlugin", "AuditSettings", "plugin", "redact_env"]
 
@@ -193,11 +195,38 @@ class AuditPlugin:
         return result
 
     def _record_exec(self, trail: _Trail, sandbox: Sandbox, fields: dict[str, Any]) -> None:
-        # The command already ran: a failing trail is logged, never raised over its result.
+        self._record(trail, sandbox, "exec", fields)
+
+    def _record(self, trail: _Trail, sandbox: Sandbox, event: str, fields: dict[str, Any]) -> None:
+        # It already happened: a failing trail is logged, never raised over its result.
         try:
-            self._write(trail, "exec", sandbox.id, sandbox.backend_name, **fields)
+            self._write(trail, event, sandbox.id, sandbox.backend_name, **fields)
         except OSError:
-            log.exception("the audit trail %s could not record an exec", trail.file.path)
+            log.exception("the audit trail %s could not record an %s", trail.file.path, event)
+
+    @hookimpl(wrapper=True)
+    def corral_transfer(
+        self, sandbox: Sandbox, transfer: FileTransfer
+    ) -> Generator[None, Transferred, Transferred]:
+        trail = self._trail_of(sandbox.id)
+        if trail is None:
+            return (yield)
+        started = time.monotonic()
+        fields: dict[str, Any] = {
+            "operation": transfer.operation,
+            "direction": transfer.direction,
+            "path": transfer.path,
+            "host_path": transfer.host_path,
+        }
+        try:
+            done = yield
+        except BaseException as e:
+            fields.update(duration=time.monotonic() - started, error=_error_text(e))
+            self._record(trail, sandbox, "transfer", fields)
+            raise
+        fields.update(bytes=done.size, duration=time.monotonic() - started)
+        self._record(trail, sandbox, "transfer", fields)
+        return done
 
     @hookimpl
     def corral_usage_sampled(self, sandbox: Sandbox, usage: ResourceUsage) -> None:

@@ -3,15 +3,18 @@
 Configured by ``[plugins.metrics]``: ``path`` appends every sample read with
 ``sandbox.usage()`` to a file; ``prometheus = true`` keeps the latest sample of each
 sandbox in the gauges ``corral_sandbox_memory_bytes``, ``corral_sandbox_cpu_seconds``
-and ``corral_sandbox_pids`` (labelled ``sandbox`` and ``backend``, removed when the
-sandbox is), in prometheus_client's default registry, where an exporter the program
-already runs serves them; ``prometheus_text()`` gives them in the text format.
+and ``corral_sandbox_pids``, and counts the bytes of its file transfers in
+``corral_sandbox_transfer_in_bytes`` and ``corral_sandbox_transfer_out_bytes``
+(all labelled ``sandbox`` and ``backend``, removed when the sandbox is), in
+prometheus_client's default registry, where an exporter the program already runs
+serves them; ``prometheus_text()`` gives them in the text format.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from corral.core.results import ResourceUsage
     from corral.core.sandbox import Sandbox
     from corral.core.settings import Settings
+    from corral.core.transfer import FileTransfer, Transferred
 
 __all__ = ["MetricsPlugin", "MetricsSettings", "plugin", "prometheus_text"]
 
@@ -37,6 +41,11 @@ GAUGES = {
     "memory_bytes": ("corral_sandbox_memory_bytes", "Memory the sandbox uses now, in bytes."),
     "cpu_seconds": ("corral_sandbox_cpu_seconds", "CPU time the sandbox has used, in seconds."),
     "pids": ("corral_sandbox_pids", "Processes and threads in the sandbox now."),
+}
+# FileTransfer.direction -> (gauge name, help text): bytes moved so far, per sandbox.
+TRANSFER_GAUGES = {
+    "in": ("corral_sandbox_transfer_in_bytes", "Bytes copied into the sandbox so far."),
+    "out": ("corral_sandbox_transfer_out_bytes", "Bytes copied out of the sandbox so far."),
 }
 LABELS = ("sandbox", "backend")
 
@@ -89,8 +98,8 @@ class MetricsPlugin:
                 client = _prometheus_client()
                 registry = client.REGISTRY if self._registry is None else self._registry
                 self._gauges = {
-                    field: client.Gauge(name, text, LABELS, registry=registry)
-                    for field, (name, text) in GAUGES.items()
+                    key: client.Gauge(name, text, LABELS, registry=registry)
+                    for key, (name, text) in (*GAUGES.items(), *TRANSFER_GAUGES.items())
                 }
             return self._gauges
 
@@ -132,10 +141,21 @@ class MetricsPlugin:
                 }
             )
         if outputs.prometheus:
-            for field, gauge in self._make_gauges().items():
+            gauges = self._make_gauges()
+            for field in GAUGES:
                 value = getattr(usage, field)
                 if value is not None:
-                    gauge.labels(sandbox.id, sandbox.backend_name).set(value)
+                    gauges[field].labels(sandbox.id, sandbox.backend_name).set(value)
+
+    @hookimpl(wrapper=True)
+    def corral_transfer(
+        self, sandbox: Sandbox, transfer: FileTransfer
+    ) -> Generator[None, Transferred, Transferred]:
+        done = yield
+        if self._outputs_of(sandbox.id).prometheus:
+            gauge = self._make_gauges()[transfer.direction]
+            gauge.labels(sandbox.id, sandbox.backend_name).inc(done.size)
+        return done
 
     @hookimpl
     def corral_sandbox_destroyed(

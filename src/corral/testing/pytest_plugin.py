@@ -59,7 +59,8 @@ def corral_backend_name(pytestconfig: pytest.Config) -> str:
 @pytest.fixture(scope="session")
 def corral_image(pytestconfig: pytest.Config) -> str | None:
     """The image of the sandbox fixtures (--corral-image), or None for the default."""
-    return pytestconfig.getoption("corral_image")
+    image: str | None = pytestconfig.getoption("corral_image")
+    return image
 
 
 @pytest.fixture(scope="session")

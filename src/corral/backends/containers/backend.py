@@ -97,7 +97,7 @@ class ContainerBackend(Backend):
             return Availability(False, str(e), f"check {self.engine.title}")
         if verdict.refused:
             return Availability(False, f"refused: {verdict.refused}", "upgrade the engine")
-        return Availability(True, self.engine.describe())
+        return Availability(True, self.engine.describe(), warnings=verdict.warnings)
 
     def _version_verdict(self) -> engine_versions.Verdict:
         """The version gate's verdict on this engine, asked once."""
@@ -116,6 +116,10 @@ class ContainerBackend(Backend):
     def capability_hint(self, missing: Capability) -> str:
         with self._engine():
             return self.engine.capability_hint(missing)
+
+    def diagnose(self) -> list[str]:
+        with self._engine():
+            return self.engine.diagnose()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -176,11 +180,13 @@ class ContainerBackend(Backend):
     def _create_network(self, name: str, labels: dict[str, str]) -> None:
         self._sweep_networks()
         try:
-            self.engine.create_network(name, labels)
+            with self._engine():
+                self.engine.create_network(name, labels)
         except ResourceLimitError:
             # Every subnet is taken: those of sandboxes that ended may be what holds them.
             self._sweep_networks(force=True)
-            self.engine.create_network(name, labels)
+            with self._engine():
+                self.engine.create_network(name, labels)
 
     def _sweep_networks(self, *, force: bool = False) -> None:
         """Remove the networks of sandboxes whose lifetime ended (their containers removed
@@ -190,27 +196,29 @@ class ContainerBackend(Backend):
                 return
             self._swept = True
         now = time.time()
-        for name, labels in self.engine.networks():
+        with self._engine():
+            networks = self.engine.networks()
+        for name, labels in networks:
             if naming.expired(labels, now):
                 # Refused while a container is still on it: it is then not left over.
-                with contextlib.suppress(SandboxError):
+                with contextlib.suppress(SandboxError), self._engine():
                     self.engine.remove_network(name)
 
     def destroy(self, sandbox_id: str) -> None:
         self._views.pop(sandbox_id, None)
         self._pidfiles.pop(sandbox_id, None)
         spec = self._specs.pop(sandbox_id, None)
-        with self._engine(sandbox_id):
-            self._remove_container(sandbox_id)
-            # Its own network, after the container; asked of the engine when this process
-            # does not know the sandbox (gc, a leftover), never for a sandbox of none.
-            if spec is None or spec.network.mode == "bridge":
-                self._remove_network(sandbox_id)
+        self._remove_container(sandbox_id)
+        # Its own network, after the container; asked of the engine when this process
+        # does not know the sandbox (gc, a leftover), never for a sandbox of none.
+        if spec is None or spec.network.mode == "bridge":
+            self._remove_network(sandbox_id)
 
     def _remove_container(self, sandbox_id: str) -> None:
         name = naming.container_name(sandbox_id)
         try:
-            self.engine.remove(name)
+            with self._engine(sandbox_id):
+                self.engine.remove(name)
         except NotFoundError:
             return  # gone already (its lifetime ended, or removed from outside)
         except ConflictError:
@@ -218,14 +226,19 @@ class ContainerBackend(Backend):
         else:
             return
         deadline = time.monotonic() + 30
-        while self._exists(name):
+        while self._exists(name, sandbox_id):
             if time.monotonic() > deadline:
-                raise ConflictError("the engine did not finish removing the sandbox")
+                raise ConflictError(
+                    "the engine did not finish removing the sandbox",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                )
             time.sleep(0.05)
 
-    def _exists(self, name: str) -> bool:
+    def _exists(self, name: str, sandbox_id: str) -> bool:
         try:
-            self.engine.inspect(name)
+            with self._engine(sandbox_id):
+                self.engine.inspect(name)
         except NotFoundError:
             return False
         return True
@@ -237,7 +250,8 @@ class ContainerBackend(Backend):
         deadline = time.monotonic() + 10
         while True:
             try:
-                self.engine.remove_network(naming.network_name(sandbox_id))
+                with self._engine(sandbox_id):
+                    self.engine.remove_network(naming.network_name(sandbox_id))
                 return
             except NotFoundError:
                 return  # no network of its own, or removed already

@@ -18,7 +18,7 @@ from typing import IO, Any, ClassVar
 import attrs
 
 from ...core.backend import Capability
-from ...core.errors import BackendUnavailableError
+from ...core.errors import BackendUnavailableError, SandboxError
 from ...core.results import ResourceUsage
 from ...core.spec import ExecRequest
 from .plan import ContainerPlan
@@ -99,9 +99,24 @@ class Engine(abc.ABC):
             fix=f"pip install 'corral[{self.name}]'",
         )
 
+    @contextlib.contextmanager
+    def translate(self, sandbox_id: str | None) -> Iterator[None]:
+        """The error boundary: the client's exceptions as corral's, chained."""
+        client_errors = self.client_errors()
+        try:
+            yield
+        except SandboxError:
+            raise
+        except client_errors as e:
+            raise self.error_of(e, sandbox_id) from e
+
     @abc.abstractmethod
-    def translate(self, sandbox_id: str | None) -> contextlib.AbstractContextManager[None]:
-        """The error table: the client's exceptions as corral's, chained."""
+    def client_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions the client raises (``missing_client()`` when not installed)."""
+
+    @abc.abstractmethod
+    def error_of(self, error: BaseException, sandbox_id: str | None) -> SandboxError:
+        """The error table: corral's error for one of the client's (see ``errors.py``)."""
 
     @abc.abstractmethod
     def ping(self) -> None: ...
@@ -120,6 +135,10 @@ class Engine(abc.ABC):
     def describe(self) -> str:
         """What ``corral doctor`` says of the engine once it answers."""
         return f"{self.title} at {self.url}"
+
+    def diagnose(self) -> list[str]:
+        """Facts for ``corral doctor`` (see ``Backend.diagnose``)."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - an adapter without a client holds nothing
         """Close the client and its connections."""

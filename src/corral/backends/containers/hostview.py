@@ -100,7 +100,8 @@ class HostView:
             "unified", "memory.peak"
         )
         cpu_ns = self._file("cpuacct", "cpuacct.usage")
-        cpu = read_int(cpu_ns) / 1e9 if cpu_ns and read_int(cpu_ns) is not None else None  # type: ignore[operator]
+        cpu_total = read_int(cpu_ns) if cpu_ns else None
+        cpu = cpu_total / 1e9 if cpu_total is not None else None
         if cpu is None and (stat := self._file("unified", "cpu.stat")):
             usec = read_keyed(stat).get("usage_usec")
             cpu = None if usec is None else usec / 1e6

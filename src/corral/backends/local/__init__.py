@@ -10,6 +10,7 @@ only ``isolate=False`` (named in ``allow_unsafe``) runs, for trusted commands.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import functools
@@ -23,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import attrs
@@ -41,7 +42,7 @@ from ...core.errors import (
 from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
 from ...core.results import LEFTOVER, LEFTOVER_GRACE, ResourceUsage, SandboxInfo
-from ...core.spec import ExecRequest, Mount, SandboxSpec, size_field
+from ...core.spec import ExecRequest, Mount, SandboxSpec, parse_user, size_field
 from .. import sweep
 from . import bwrap, child, disk, files
 from .agent import AGENT, Agent, AgentGone, NoRoom
@@ -51,7 +52,6 @@ from .runner import Process
 __all__ = ["LocalBackend", "LocalSettings"]
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_MARKER = "CORRAL_EXEC_MARKER"
 _SWEEP_EVERY = 1.0  # seconds between two sweeps of expired sandboxes by one program
 # The spec's field behind each rlimit a sandbox's process sets (a core size is 0).
 _LIMIT_FIELDS = {
@@ -81,18 +81,23 @@ def _host_errors(sandbox_id: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        where = {"backend": "local", "sandbox_id": sandbox_id}
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceLimitError(
                 f"no space left in the sandbox's folder (as root, a tmpfs of "
                 f"backends.local.disk_size) or on the host's disk: {e}",
-                **where,
+                backend="local",
+                sandbox_id=sandbox_id,
             ) from e
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
             raise ResourceLimitError(
-                f"the host is out of resources: {e}", retryable=True, **where
+                f"the host is out of resources: {e}",
+                backend="local",
+                sandbox_id=sandbox_id,
+                retryable=True,
             ) from e
-        raise InternalError(f"the local backend failed: {e}", **where) from e
+        raise InternalError(
+            f"the local backend failed: {e}", backend="local", sandbox_id=sandbox_id
+        ) from e
 
 
 def _translated(method: Any) -> Any:
@@ -102,13 +107,6 @@ def _translated(method: Any) -> Any:
             return method(self, sandbox_id, *args)
 
     return wrapper
-
-
-def _host_ids(text: str) -> tuple[int, int]:
-    uid, _, gid = text.partition(":")
-    if not uid.isdigit() or not (gid or uid).isdigit():
-        raise ConfigError("backends.local.host_user", f"{text!r} is not 'uid:gid' in numbers")
-    return int(uid), int(gid or uid)
 
 
 @attrs.define
@@ -166,7 +164,11 @@ class LocalBackend(Backend):
     def __init__(self, settings: LocalSettings) -> None:
         super().__init__(settings)
         self._root_user = os.geteuid() == 0
-        self._run_as = _host_ids(settings.host_user) if self._root_user else None
+        self._run_as = (
+            _numeric_ids(settings.host_user, "backends.local.host_user")
+            if self._root_user
+            else None
+        )
         self._bwrap = bwrap.find_bwrap(settings.bwrap)
         self._cgroups = CgroupLayout.detect() if settings.cgroups and self._root_user else None
         base = settings.state_dir or os.path.join(tempfile.gettempdir(), f"corral-{os.geteuid()}")
@@ -183,6 +185,13 @@ class LocalBackend(Backend):
 
     def _bwrap_problem(self) -> str | None:
         return bwrap.probe(self._bwrap, self._run_as)
+
+    def _bwrap_binary(self) -> str:
+        """The bwrap that isolates; an isolated sandbox needs Capability.ISOLATION,
+        which capabilities() gives only with a working one."""
+        if self._bwrap is None:
+            raise InternalError("bubblewrap is not installed", backend="local")
+        return self._bwrap
 
     def check(self) -> Availability:
         if self._run_as is not None:
@@ -244,11 +253,7 @@ class LocalBackend(Backend):
     @_translated
     def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         self._sweep_expired()
-        ids = spec.uid_gid()
-        if ids is None:
-            raise ConfigError(
-                "sandbox.user", f"{spec.user!r}: the local backend needs 'uid:gid' in numbers"
-            )
+        ids = _numeric_ids(spec.user, "sandbox.user")
         self._check_reachable(spec)
         folder = os.path.join(self.root, sandbox_id)
         self._make_folder(folder)
@@ -476,7 +481,7 @@ class LocalBackend(Backend):
 
     def _rlimits(
         self, spec: SandboxSpec, cputime: bool = True
-    ) -> list[tuple[int, tuple[int, int]]]:
+    ) -> builtins.list[tuple[int, tuple[int, int]]]:  # `list` in this class is a method
         lim = spec.limits
         limits = [
             (resource.RLIMIT_NOFILE, (lim.nofile, lim.nofile)),
@@ -498,7 +503,8 @@ class LocalBackend(Backend):
         state = self._state(sandbox_id)
         spec = state.spec
         workdir = request.workdir or spec.workdir
-        ids = spec.uid_gid() if request.user is None else _user_ids(request.user)
+        own = _numeric_ids(spec.user, "sandbox.user")  # numbers: create checked them
+        ids = own if request.user is None else _numeric_ids(request.user, "user")
         env = self._env(state, request, workdir)
         oom_before = state.cgroup.oom_kills() if state.cgroup else 0
         with state.agent_lock:
@@ -507,10 +513,10 @@ class LocalBackend(Backend):
         # The agent pays off from a sandbox's second exec: the first gets a bwrap of its
         # own, which costs less than an agent started for it (a one-shot sandbox, a CLI
         # call, a pool's sandbox used once); so does a command of another user.
-        if spec.security.isolate and ids == spec.uid_gid() and not first:
+        if spec.security.isolate and ids == own and not first:
             status = self._exec_by_agent(state, request, sink, env, workdir)
         elif spec.security.isolate:
-            status = self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
+            status = self._exec_isolated(state, request, sink, env, workdir, ids)
         else:
             status = self._exec_unisolated(state, request, sink, env, workdir)
         # OOM kills counted during this exec only (T35): a child's kill is an event, and
@@ -558,8 +564,8 @@ class LocalBackend(Backend):
                         sandbox_id=state.id,
                     ) from e
             except NoRoom:  # a full sandbox still takes commands, as a container does
-                ids = state.spec.uid_gid()
-                return self._exec_isolated(state, request, sink, env, workdir, ids)  # type: ignore[arg-type]
+                ids = _numeric_ids(state.spec.user, "sandbox.user")
+                return self._exec_isolated(state, request, sink, env, workdir, ids)
         raise AssertionError("unreachable")
 
     def _launch(self, state: _State, *, bwrap: bool, agent: bool = False) -> child.Launch:
@@ -602,14 +608,14 @@ class LocalBackend(Backend):
             if state.agent is not None:
                 state.agent.stop()
             spec = state.spec
-            uid, gid = spec.uid_gid()  # type: ignore[misc]
+            uid, gid = _numeric_ids(spec.user, "sandbox.user")
             launch = self._launch(state, bwrap=True, agent=True)
             gate = () if launch.gated else bwrap.GATED
             state.agent = Agent(
                 lambda info_fd: [
                     *launch.prefix,
                     *bwrap.command_line(
-                        self._bwrap,  # type: ignore[arg-type]
+                        self._bwrap_binary(),
                         spec,
                         state.layout,
                         uid,
@@ -642,11 +648,11 @@ class LocalBackend(Backend):
         info_r, info_w = (None, None) if launch.gated else os.pipe()
         try:
             argv = bwrap.command_line(
-                self._bwrap,
+                self._bwrap_binary(),
                 spec,
                 state.layout,
                 ids[0],
-                ids[1],  # type: ignore[arg-type]
+                ids[1],
                 workdir,
                 info_w,
                 program=(*(() if launch.gated else bwrap.GATED), "/usr/bin/env", "--"),
@@ -690,7 +696,7 @@ class LocalBackend(Backend):
             "HOME": layout.workspace,
             "TMPDIR": layout.tmp,
             "PWD": layout.workspace,
-            _MARKER: marker,
+            sweep.MARKER: marker,
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
         launch = self._launch(state, bwrap=False)
@@ -723,7 +729,9 @@ class LocalBackend(Backend):
         def kill_tree() -> None:
             if state.cgroup is not None and not state.running - {process}:
                 state.cgroup.kill()
-            _kill_group_and_marked(process.popen.pid, marker)
+            # Its processes are in the sandbox's cgroup, where there is one; else anywhere.
+            pids = state.cgroup.pids if state.cgroup is not None else sweep.host_pids
+            _kill_session_and_marked(process.popen.pid, marker, pids)
 
         try:
             return process.supervise(request.timeout, kill_tree)
@@ -732,7 +740,9 @@ class LocalBackend(Backend):
 
     # -- files and usage ------------------------------------------------------------
 
-    def _host_path(self, state: _State, path: str, writing: bool) -> tuple[str, list[str]]:
+    def _host_path(
+        self, state: _State, path: str, writing: bool
+    ) -> tuple[str, builtins.list[str]]:  # `list` in this class is a method
         """The host folder behind a sandbox path, and the components below it."""
         layout = state.layout
         roots: list[tuple[str, str, bool]] = [
@@ -771,12 +781,14 @@ class LocalBackend(Backend):
         if state.cgroup is not None:
             u = state.cgroup.usage()
             return ResourceUsage(
-                cpu_seconds=u.get("cpu"),
-                memory_bytes=u.get("memory"),  # type: ignore[arg-type]
-                memory_peak_bytes=u.get("memory_peak"),
-                memory_limit_bytes=limit,  # type: ignore[arg-type]
-                pids=u.get("pids"),
-                timestamp=time.time(),  # type: ignore[arg-type]
+                cpu_seconds=u.cpu_seconds,
+                memory_bytes=u.memory_bytes,
+                memory_peak_bytes=u.memory_peak_bytes,
+                memory_limit_bytes=limit,
+                pids=u.pids,
+                block_read_bytes=u.block_read_bytes,
+                block_write_bytes=u.block_write_bytes,
+                timestamp=time.time(),
             )
         # Without a cgroup only live processes can be seen: finished ones are gone.
         cpu, rss, count = 0.0, 0, 0
@@ -815,11 +827,9 @@ def _check_within_own_limits(sandbox_id: str, limits: child.Limits) -> None:
             )
 
 
-def _user_ids(user: str) -> tuple[int, int]:
-    uid, _, gid = user.partition(":")
-    if not uid.isdigit() or not (gid or uid).isdigit():
-        raise ConfigError("user", f"{user!r}: the local backend needs 'uid:gid' in numbers")
-    return int(uid), int(gid or uid)
+def _numeric_ids(user: str, field: str) -> tuple[int, int]:
+    """The ids of a ``user`` value, which must be numbers here (no passwd file to ask)."""
+    return parse_user(user, field, numbers_for="the local backend")
 
 
 def _tree(pid: int) -> list[psutil.Process]:
@@ -830,17 +840,15 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _kill_group_and_marked(pid: int, marker: str) -> None:
-    """Kill an exec's session and every process carrying its marker (setsid escapees)."""
+def _kill_session_and_marked(pid: int, marker: str, pids: Callable[[], Iterable[int]]) -> None:
+    """Kill an unisolated exec's process group (its session: it leads one) and every
+    process among ``pids()`` carrying its marker (setsid escapees). The group is stopped
+    first and killed last, so that none of it forks while the marked are swept."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGSTOP)
+    sweep.kill_marked(pids, marker, spare={os.getpid()}, also=[pid])
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    wanted = f"{_MARKER}={marker}"
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.pid != os.getpid() and wanted in (
-                "\0".join(f"{k}={v}" for k, v in p.environ().items())
-            ):
-                p.kill()
 
 
 @hookimpl

@@ -178,7 +178,7 @@ class Agent:
             os.write(self._requests, GO)
         except BaseException:
             os.close(self._requests)
-            self.popen.stderr.close()  # type: ignore[union-attr]
+            self.popen.stderr.close()
             raise
 
     def alive(self) -> bool:

@@ -66,9 +66,17 @@ def probe(bwrap: str | None, run_as: tuple[int, int] | None) -> str | None:
         "--",
         "/bin/true",
     ]
-    kwargs = {} if run_as is None else {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+    user, group = run_as if run_as is not None else (None, None)
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=10, env={}, **kwargs)  # type: ignore[call-overload]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=10,
+            env={},
+            user=user,
+            group=group,
+            extra_groups=None if run_as is None else [],
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return f"{bwrap} cannot run: {e}"
     if done.returncode != 0:

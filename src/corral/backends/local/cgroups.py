@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from ..cgroupfs import read_int, read_keyed
+from .. import cgroupfs
 
 ROOT = Path("/sys/fs/cgroup")
 _GROUP = "corral"
@@ -165,31 +165,13 @@ class Cgroup:
             time.sleep(0.01)
 
     def oom_kills(self) -> int:
-        if "memory" in self.folders:
-            return read_keyed(self.folders["memory"] / "memory.oom_control").get("oom_kill", 0)
-        if "unified" in self.folders:
-            return read_keyed(self.folders["unified"] / "memory.events").get("oom_kill", 0)
-        return 0
+        return cgroupfs.oom_kills(self.folders)
 
-    def usage(self) -> dict[str, int | float | None]:
-        """CPU seconds, memory now and peak, and process count, where known."""
-        out: dict[str, int | float | None] = {}
-        if "memory" in self.folders:
-            f = self.folders["memory"]
-            out["memory"] = read_int(f / "memory.usage_in_bytes")
-            out["memory_peak"] = read_int(f / "memory.max_usage_in_bytes")
-        elif "unified" in self.folders:
-            f = self.folders["unified"]
-            out["memory"] = read_int(f / "memory.current")
-            out["memory_peak"] = read_int(f / "memory.peak")
-        if "pids" in self.folders:
-            out["pids"] = read_int(self.folders["pids"] / "pids.current")
-        elif "unified" in self.folders:
-            out["pids"] = read_int(self.folders["unified"] / "pids.current")
-        if "unified" in self.folders:
-            usec = read_keyed(self.folders["unified"] / "cpu.stat").get("usage_usec")
-            out["cpu"] = usec / 1e6 if usec is not None else None
-        return out
+    def usage(self) -> cgroupfs.CgroupUsage:
+        """CPU seconds, memory now and peak, process count and block I/O, where known.
+        (The v1 ``cpu`` folder, made only for a quota, has no usage counter: CPU time
+        comes from the unified hierarchy.)"""
+        return cgroupfs.usage(self.folders)
 
     def remove(self) -> None:
         """Kill what is left and remove the folders. Idempotent."""

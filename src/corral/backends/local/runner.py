@@ -57,7 +57,7 @@ def _read_info(fd: int, deadline: float) -> dict[str, Any] | None:
 
 def _json(data: bytes) -> dict[str, Any] | None:
     try:
-        return json.loads(data)  # type: ignore[no-any-return]
+        return json.loads(data)
     except ValueError:
         return None
 
@@ -134,9 +134,9 @@ def _failed(popen: subprocess.Popen[bytes], said: bytes) -> InternalError:
     kill(popen, None)
     said += popen.stderr.read()  # type: ignore[union-attr]
     message = said.decode(errors="replace").strip()
-    said = message or f"it exited with {popen.returncode} and said nothing"
+    reason = message or f"it exited with {popen.returncode} and said nothing"
     return InternalError(
-        f"bubblewrap failed to start the sandbox: {said}; `corral doctor` checks what "
+        f"bubblewrap failed to start the sandbox: {reason}; `corral doctor` checks what "
         "the local backend needs (bubblewrap, the cgroups, backends.local.host_user)"
     )
 
@@ -211,16 +211,20 @@ class Process:
         if feeder is not None:
             feeder.join(timeout=5)
         code = self.popen.returncode
-        sig = -code if code < 0 else (code - 128 if code > 128 else None)
-        if code < 0:
-            code = 128 + sig  # type: ignore[operator]
+        if code < 0:  # killed: reported as a shell does, 128 + the signal's number
+            sig: int | None = -code
+            code = 128 - code
+        else:
+            sig = code - 128 if code > 128 else None
         return ExecStatus(exit_code=code, timed_out=timed_out, signal=sig)
 
 
 class End(Protocol):
     """How ``pump`` learns that a command ended, and how it stops one."""
 
-    fd: int | None  # readable when there is news of the end
+    @property
+    def fd(self) -> int | None:  # a property: pump only reads it, so `fd: int` matches
+        """Readable when there is news of the end; None when there is none to wait on."""
 
     def readable(self) -> bool:
         """``fd`` is readable: take what it says; True once the command has ended."""

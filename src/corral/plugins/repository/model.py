@@ -18,7 +18,9 @@ DEFAULT_TARGET = "/workspace/repo"
 DEFAULT_USERNAME = "x-access-token"  # what GitHub and GitLab accept with a token
 
 
-def _field_converter(parse: Callable[[Any, str], Any]) -> attrs.Converter:
+def _field_converter(parse: Callable[[Any, str], Any]) -> attrs.Converter[Any, Any]:
+    # mypy's attrs plugin reads only named functions, types and lambdas as converters, so
+    # each field using this one carries `type: ignore[misc]` (its __init__ type is Any).
     return attrs.Converter(lambda value, field: parse(value, field.name), takes_field=True)
 
 
@@ -89,7 +91,7 @@ class Credentials:
         host: answer only for this host (``github.com``); None answers for any host.
     """
 
-    token: str = attrs.field(repr=False, converter=_field_converter(_token))
+    token: str = attrs.field(repr=False, converter=_field_converter(_token))  # type: ignore[misc]
     username: str = _line_field(DEFAULT_USERNAME)
     host: str | None = _line_field(None)
 
@@ -126,15 +128,16 @@ class Repository:
         ConfigError: a bad value, or include/exclude without mode ``copy``.
     """
 
-    path: str = attrs.field(converter=_field_converter(_host_path))
-    target: str = attrs.field(default=DEFAULT_TARGET, converter=_field_converter(_target))
+    path: str = attrs.field(converter=_field_converter(_host_path))  # type: ignore[misc]
+    target: str = attrs.field(default=DEFAULT_TARGET, converter=_field_converter(_target))  # type: ignore[misc]
     mode: str = choice_field("ro", MODES)
     include: tuple[str, ...] = strings_field()
     exclude: tuple[str, ...] = strings_field()
     git_user_name: str | None = _line_field(None)
     git_user_email: str | None = _line_field(None)
     credentials: Credentials | None = attrs.field(
-        default=None, converter=_field_converter(_credentials)
+        default=None,
+        converter=_field_converter(_credentials),  # type: ignore[misc]
     )
 
     def __attrs_post_init__(self) -> None:
@@ -146,7 +149,7 @@ class CredentialsSettings:
     """``[plugins.repository.credentials]``: the token is read from a variable of corral's
     own environment when a sandbox is made, never from a file."""
 
-    token_env: str = attrs.field(converter=_field_converter(_line))
+    token_env: str = attrs.field(converter=_field_converter(_line))  # type: ignore[misc]
     username: str = _line_field(DEFAULT_USERNAME)
     host: str | None = _line_field(None)
 
@@ -165,7 +168,7 @@ class RepositorySettings:
     none (the other keys are those of :class:`Repository`)."""
 
     path: str | None = str_field()
-    target: str = attrs.field(default=DEFAULT_TARGET, converter=_field_converter(_target))
+    target: str = attrs.field(default=DEFAULT_TARGET, converter=_field_converter(_target))  # type: ignore[misc]
     mode: str = choice_field("ro", MODES)
     include: tuple[str, ...] = strings_field()
     exclude: tuple[str, ...] = strings_field()
