@@ -97,10 +97,19 @@ def perform(sandbox: Sandbox, transfer: FileTransfer) -> Transferred:
             tar.seek(0)
             backend.put_archive(sandbox_id, transfer.path, tar)
         return Transferred(size)
-    chunks = _Counted(backend.get_archive(sandbox_id, transfer.path))
-    if transfer.operation == "read_file":
-        content = archive.read_single_file(chunks, transfer.max_size)
-        return Transferred(len(content), data=content)
-    target = archive.check_host_path(transfer.host_path or "", "destination")
-    local = archive.extract(chunks, target, transfer.limits)
-    return Transferred(chunks.size, local=local)
+    stream = backend.get_archive(sandbox_id, transfer.path)
+    chunks = _Counted(stream)
+    # Closed here, also when the archive is refused half-read (a 4 GiB sparse file): a
+    # stream left to the garbage collector keeps the engine's connection, and the
+    # engine sending, until then (an error's traceback holds this frame).
+    try:
+        if transfer.operation == "read_file":
+            content = archive.read_single_file(chunks, transfer.max_size)
+            return Transferred(len(content), data=content)
+        target = archive.check_host_path(transfer.host_path or "", "destination")
+        local = archive.extract(chunks, target, transfer.limits)
+        return Transferred(chunks.size, local=local)
+    finally:
+        close = getattr(stream, "close", None)  # a generator's; an iterator may have none
+        if close is not None:
+            close()
