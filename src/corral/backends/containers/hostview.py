@@ -10,8 +10,7 @@ from pathlib import Path
 import attrs
 
 from ...core.results import ResourceUsage
-from .. import sweep
-from ..cgroupfs import read_int, read_keyed
+from .. import cgroupfs, sweep
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -89,51 +88,23 @@ class HostView:
         return sweep.kill_marked(self.pids, marker, spare={self.init_pid}, also=also)
 
     def oom_kills(self) -> int:
-        path = self._file("memory", "memory.oom_control") or self._file("unified", "memory.events")
-        return read_keyed(path).get("oom_kill", 0) if path else 0
+        return cgroupfs.oom_kills(self.folders)
 
     def usage(self, memory_limit: int) -> ResourceUsage:
-        memory = self._file("memory", "memory.usage_in_bytes") or self._file(
-            "unified", "memory.current"
-        )
-        peak = self._file("memory", "memory.max_usage_in_bytes") or self._file(
-            "unified", "memory.peak"
-        )
-        cpu_ns = self._file("cpuacct", "cpuacct.usage")
-        cpu_total = read_int(cpu_ns) if cpu_ns else None
-        cpu = cpu_total / 1e9 if cpu_total is not None else None
-        if cpu is None and (stat := self._file("unified", "cpu.stat")):
-            usec = read_keyed(stat).get("usage_usec")
-            cpu = None if usec is None else usec / 1e6
-        pids = self._file("pids", "pids.current")
+        cgroup = cgroupfs.usage(self.folders)
         rx, tx = _net_bytes(self.init_pid)
-        read, write = self._block_io()
         return ResourceUsage(
-            cpu_seconds=cpu,
-            memory_bytes=read_int(memory) if memory else None,
-            memory_peak_bytes=read_int(peak) if peak else None,
+            cpu_seconds=cgroup.cpu_seconds,
+            memory_bytes=cgroup.memory_bytes,
+            memory_peak_bytes=cgroup.memory_peak_bytes,
             memory_limit_bytes=memory_limit,
-            pids=read_int(pids) if pids else len(self.pids()),
+            pids=cgroup.pids if cgroup.pids is not None else len(self.pids()),
             net_rx_bytes=rx,
             net_tx_bytes=tx,
-            block_read_bytes=read,
-            block_write_bytes=write,
+            block_read_bytes=cgroup.block_read_bytes,
+            block_write_bytes=cgroup.block_write_bytes,
             timestamp=time.time(),
         )
-
-    def _block_io(self) -> tuple[int | None, int | None]:
-        path = self._file("blkio", "blkio.throttle.io_service_bytes")
-        if path is None:
-            return None, None
-        read = write = 0
-        with contextlib.suppress(OSError):
-            for line in path.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[1] == "Read":
-                    read += int(parts[2])
-                elif len(parts) == 3 and parts[1] == "Write":
-                    write += int(parts[2])
-        return read, write
 
 
 def _locate(controller: str, path: str, container_id: str) -> Path | None:
