@@ -363,6 +363,37 @@ def test_a_workdir_inside_a_mount_is_the_mounts_folder(box, mount_root):
     assert sb.exec(["sh", "greet.sh", "you"]).text == "hello, you\n"
 
 
+def test_what_the_image_or_engine_cannot_give_is_refused_by_field(box):
+    # Each was an InternalError with the runtime's words (the property test found them).
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.user") as refused:
+        box(user="nobody")  # the test image has root alone
+    assert refused.value.fix
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.limits\.nofile"):
+        box(nofile=1024**3)  # above any engine's own hard limit
+
+
+def test_a_lone_uid_runs_in_its_own_group(box):
+    sb = box(user="4242")
+    assert sb.exec(["id", "-u"]).text + sb.exec(["id", "-g"]).text == "4242\n4242\n"
+    assert sb.exec(["id", "-g"], user="4343").text == "4343\n"
+
+
+def test_a_tmpfs_the_spec_asks_for_has_its_mode_and_is_not_hidden(box, mount_root):
+    # runc gives a tmpfs the mode of the folder it covers (/tmp is 1777 in the image);
+    # a tmpfs below a bind was dropped with the workspace.
+    project = _project(mount_root)
+    (project / "cache").mkdir()
+    sb = box(
+        mounts=[
+            corral.Tmpfs("/tmp", mode=0o750),
+            corral.Mount(str(project), "/src"),
+            corral.Tmpfs("/src/cache", size="1MiB"),
+        ]
+    )
+    assert sb.exec(["stat", "-c", "%a", "/tmp"]).text == "750\n"
+    assert "/src/cache" in sb.exec(["sh", "-c", "grep ' /src/cache tmpfs' /proc/mounts"]).text
+
+
 def test_engine_socket_is_never_mounted(box, engine_url):
     socket_path = engine_url.removeprefix("unix://")
     with pytest.raises(corral.PolicyError):

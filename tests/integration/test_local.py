@@ -202,13 +202,37 @@ def test_rlimits_are_applied(launch, more):
             assert re.search(r"Max file size +1048576 +1048576 ", limits), limits
 
 
-def test_a_limit_the_launch_cannot_set_fails_the_exec_plainly(launch):
+def test_a_limit_above_this_programs_hard_limit_is_refused_at_create(make, state_dir):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard >= 1_048_576:
         pytest.skip(f"this host's open-file hard limit ({hard}) is corral's maximum")
-    sb = launch(nofile=hard + 1)  # above the hard limit: only a privileged process may
-    with pytest.raises(corral.InternalError, match=r"sandbox\.limits\.nofile .*ulimit -H"):
-        sb.exec(["true"])
+    # Above the hard limit, which the sandbox's unprivileged process cannot raise.
+    with pytest.raises(corral.ConfigError) as caught:
+        make(nofile=hard + 1)
+    assert caught.value.path == "sandbox.limits.nofile"
+    assert f"at most {hard}" in (caught.value.fix or "") and "ulimit -H" in caught.value.fix
+    assert not any((state_dir / "local").glob("*")), "something was made"
+
+
+def _pids_max(sandbox_id: str) -> set[str]:
+    files = [
+        *Path("/sys/fs/cgroup").glob(f"*/corral/corral-{sandbox_id}/pids.max"),
+        Path(f"/sys/fs/cgroup/corral/corral-{sandbox_id}/pids.max"),
+    ]
+    return {f.read_text().strip() for f in files if f.exists()}
+
+
+def test_nproc_bounds_a_sandbox_whose_pids_limit_is_larger(make):
+    # With a pids cgroup there is no nproc rlimit (all sandboxes share one host user's
+    # count), so the cgroup takes the smaller of the two.
+    sb = make(pids=1000, nproc=40)
+    if not (sb.backend._cgroups and sb.backend._cgroups.has("pids")):
+        pytest.skip("no pids cgroup here: nproc is an rlimit")
+    assert _pids_max(sb.id) == {"40"}
+    assert _pids_max(make(pids=30, nproc=40).id) == {"30"}
+    for _ in ("own bwrap", "agent"):
+        result = sb.exec(["sh", "-c", "for i in $(seq 60); do sleep 30 & done; echo all"])
+        assert "all" not in result.text, "60 processes started under nproc=40"
 
 
 def test_cpu_time_limit_stops_a_spinning_command(launch):
@@ -466,6 +490,127 @@ def test_tmpfs_mount_has_its_size(make):
     result = sb.exec(["sh", "-c", "head -c 2000000 /dev/zero > /scratch/big"])
     assert result.exit_code != 0
     assert b"No space left" in result.stderr
+
+
+def _shared_folder(mount_root: Path, name: str, **files: str) -> Path:
+    """A mount source with a folder "sub", open to the sandboxes' host user."""
+    folder = mount_root / name
+    (folder / "sub").mkdir(parents=True)
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    for path in (folder, folder / "sub"):
+        os.chmod(path, 0o777)
+    return folder
+
+
+def test_a_mount_listed_before_the_one_it_lies_in_is_not_hidden_by_it(make, mount_root):
+    inner = _shared_folder(mount_root, "inner", marker="inner\n")
+    outer = _shared_folder(mount_root, "outer")
+    nested = make(
+        mounts=[corral.Mount(str(inner), "/workspace/sub"), corral.Mount(str(outer), "/workspace")]
+    )
+    tmpfs = make(mounts=[corral.Tmpfs("/workspace/sub"), corral.Mount(str(outer), "/workspace")])
+    for _ in ("own bwrap", "agent"):
+        assert nested.exec(["cat", "/workspace/sub/marker"]).text == "inner\n"
+        seen = tmpfs.exec(["sh", "-c", "echo x >/workspace/sub/f && stat -f -c %T /workspace/sub"])
+        assert seen.text == "tmpfs\n", seen.stderr
+
+
+def _mount_options(sb: corral.Sandbox, target: str) -> set[str]:
+    """The options of the topmost mount on ``target``, as the sandbox sees it."""
+    options: set[str] = set()
+    for line in sb.exec(["cat", "/proc/self/mountinfo"]).text.splitlines():
+        fields = line.split()
+        if fields[4] == target:
+            options = set(fields[5].split(","))
+    return options
+
+
+def test_a_tmpfs_is_noexec_unless_asked(make):
+    sb = make(mounts=[corral.Tmpfs("/scratch"), corral.Tmpfs("/fast", exec=True)])
+    run = 'cp /bin/true "$1/t" && "$1/t"; echo $?'
+    for _ in ("own bwrap", "agent"):
+        assert sb.exec(["sh", "-c", run, "sh", "/scratch"]).text == "126\n"
+        assert sb.exec(["sh", "-c", run, "sh", "/fast"]).text == "0\n"
+        assert sb.exec(["/scratch/t"]).exit_code == 126
+    assert "noexec" in _mount_options(sb, "/scratch")
+    assert "noexec" not in _mount_options(sb, "/fast")
+
+
+def test_without_root_a_noexec_tmpfs_is_refused_naming_its_exec(
+    local_backend, state_dir, monkeypatch
+):
+    # bwrap's own --tmpfs, all there is without root, cannot mount one noexec.
+    monkeypatch.setattr(local_backend, "_root_user", False)
+    spec = corral.SandboxSpec(mounts=[corral.Tmpfs("/fast", exec=True), corral.Tmpfs("/scratch")])
+    with pytest.raises(corral.CapabilityError, match=r"sandbox\.mounts\[1\]\.exec") as caught:
+        local_backend.create("x" * 12, spec, {})
+    assert "exec=True" in (caught.value.fix or "")
+    assert not (state_dir / "local").exists(), "something was made"
+
+
+def test_a_tmpfs_keeps_its_files_from_one_exec_to_the_next_and_takes_uploads(make):
+    sb = make(mounts=[corral.Tmpfs("/scratch", mode=0o750)])
+    assert sb.exec(["sh", "-c", "echo kept >/scratch/f"]).exit_code == 0  # own bwrap
+    assert sb.exec(["cat", "/scratch/f"]).text == "kept\n"  # the agent
+    sb.write_file("/scratch/g", "from the host")
+    assert sb.exec(["cat", "/scratch/g"]).text == "from the host"
+    assert sb.read_file("/scratch/f") == b"kept\n"
+    assert sb.exec(["stat", "-c", "%a", "/scratch"]).text == "750\n"
+    # A tmpfs at the workdir is the workspace (as on the engines), uploads included.
+    at_workdir = make(mounts=[corral.Tmpfs("/workspace", mode=0o755)])
+    at_workdir.write_file("/workspace/up", "x")
+    assert at_workdir.exec(["cat", "up"]).text == "x"
+    assert at_workdir.exec(["stat", "-f", "-c", "%T", "."]).text == "tmpfs\n"
+
+
+def test_a_single_file_mount_needs_the_file_readable_not_passable(make, mount_root):
+    note = mount_root / "note.txt"
+    note.write_text("hello")
+    os.chmod(note, 0o644)  # root's, and no x bit: others may read it
+    sb = make(mounts=[corral.Mount(str(note), "/data/note.txt")])
+    assert sb.exec(["cat", "/data/note.txt"]).text == "hello"
+    shared = mount_root / "shared.txt"
+    shared.write_text("a")
+    os.chmod(shared, 0o666)
+    rw = {"allow_unsafe": ["unbounded_rw_mounts"]}
+    sb = make(mounts=[corral.Mount(str(shared), "/data/s.txt", read_only=False)], security=rw)
+    assert sb.exec(["sh", "-c", "echo b >> /data/s.txt"]).exit_code == 0
+    assert shared.read_text() == "ab\n"
+    private = mount_root / "private.txt"
+    private.write_text("secret")
+    os.chmod(private, 0o600)
+    for source, read_only in ((private, True), (note, False)):
+        with pytest.raises(corral.ConfigError, match="may read") as caught:
+            make(
+                mounts=[corral.Mount(str(source), "/data/x.txt", read_only=read_only)], security=rw
+            )
+        assert caught.value.path == "sandbox.mounts[0].source"
+
+
+def test_a_workdir_at_or_in_a_mount_is_the_mounts_own_folder(make, mount_root):
+    repo = _shared_folder(mount_root, "repo")
+    (repo / "sub" / "code.py").write_text("print(1)\n")
+    sb = make(mounts=[corral.Mount(str(repo), "/workspace")], workdir="/workspace/sub")
+    for _ in ("own bwrap", "agent"):
+        assert sb.exec(["sh", "-c", "pwd; ls"]).text == "/workspace/sub\ncode.py\n"
+    with pytest.raises(corral.PathSecurityError, match="read-only"):
+        sb.write_file("/workspace/sub/new", "x")  # never into a workspace hidden below
+    out = _shared_folder(mount_root, "out")
+    rw = {"allow_unsafe": ["unbounded_rw_mounts"]}
+    at = make(mounts=[corral.Mount(str(out), "/src", read_only=False)], workdir="/src", security=rw)
+    at.write_file("/src/from-host", "a")
+    assert at.exec(["cat", "from-host"]).text == "a"
+    assert at.exec(["sh", "-c", "echo b >made"]).exit_code == 0
+    assert (out / "made").read_text() == "b\n"
+    # Below a read-write mount, a missing workdir is made there.
+    deep = make(
+        mounts=[corral.Mount(str(out), "/src", read_only=False)],
+        workdir="/src/new/deep",
+        security=rw,
+    )
+    assert deep.exec(["pwd"]).text == "/src/new/deep\n"
+    assert (out / "new" / "deep").is_dir()
 
 
 def test_sensitive_and_unlisted_mount_sources_are_refused(make, tmp_path):

@@ -218,6 +218,7 @@ class DockerEngine(Engine):
                 None,
                 type="volume",
                 labels=volume_labels,
+                no_copy=not t.copy_up,
                 driver_config=DriverConfig("local", t.driver_options()),
             )
             for t in plan.tmpfs_volumes

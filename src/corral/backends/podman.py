@@ -51,7 +51,7 @@ from .containers import (
     http,
 )
 from .containers.errors import error_for, release_frames
-from .containers.hostview import HostView
+from .containers.hostview import HostView, chmod_inside
 from .containers.naming import network_labels
 from .containers.plan import reaper_command
 
@@ -346,7 +346,9 @@ class PodmanEngine(Engine):
                 "source": "tmpfs",
                 # U: owned by the sandbox user, as the Docker backend's volumes are
                 "options": [f"size={t.size}", f"mode={t.mode:o}", "U", "nosuid", "nodev"]
-                + ([] if t.exec else ["noexec"]),
+                + ([] if t.exec else ["noexec"])
+                # Copied up, the folder keeps the image's mode, not the one asked for.
+                + ([] if t.copy_up else ["notmpcopyup"]),
             }
             for t in tmpfs
         ]
@@ -503,11 +505,20 @@ class PodmanEngine(Engine):
         made = self._json("post", "/networks/create", data=json.dumps(body))
         self._check_isolated(name, made)
 
-    def network_started(self, name: str, sandbox_id: str) -> None:
-        # Asked again once the container started: Podman 4.3 drops ``isolate`` from its
-        # copy of a network that a Docker-API client inspects or lists, and the container
-        # started meanwhile gets no isolation rules.
-        self._check_isolated(name, self._json("get", f"/networks/{name}/json"))
+    def started(self, plan: ContainerPlan, container_id: str) -> None:
+        if plan.network_name:
+            # Asked again once the container started: Podman 4.3 drops ``isolate`` from
+            # its copy of a network that a Docker-API client inspects or lists, and the
+            # container started meanwhile gets no isolation rules.
+            name = plan.network_name
+            self._check_isolated(name, self._json("get", f"/networks/{name}/json"))
+        asked = [t for t in plan.tmpfs_volumes if not t.copy_up]
+        if asked and self.socket_path is not None:
+            # runc gives a tmpfs the mode of the folder it covers (the image's /tmp is
+            # 1777, whatever the spec asked): set the asked one from the host.
+            pid = int(self.inspect(container_id)["State"].get("Pid") or 0)
+            for tmpfs in asked:
+                chmod_inside(pid, tmpfs.target, tmpfs.mode)
 
     def _check_isolated(self, name: str, network: dict[str, Any]) -> None:
         if (network.get("options") or {}).get("isolate") != "true":

@@ -10,6 +10,7 @@ filesystem must keep ``rw_mount_reserve`` free.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import attrs
 
 from .errors import ConfigError, PolicyError, ResourceLimitError
 from .settings import Settings
-from .spec import UNSAFE_OPTIONS, Mount, SandboxSpec
+from .spec import UNSAFE_OPTIONS, Mount, SandboxSpec, Volume
 
 # deferred: pathlib costs ~5 ms at `import corral`; it loads when a spec is checked.
 if TYPE_CHECKING:
@@ -153,7 +154,44 @@ def apply_policy(spec: SandboxSpec, settings: Settings) -> SandboxSpec:
         _resolve_mount(m, i, spec, settings) if isinstance(m, Mount) else m
         for i, m in enumerate(spec.mounts)
     )
-    return attrs.evolve(spec, mounts=mounts)
+    resolved = attrs.evolve(spec, mounts=mounts)
+    _check_mount_points(resolved)
+    return resolved
+
+
+def _check_mount_points(spec: SandboxSpec) -> None:
+    """Refuse a mount (or the workdir) whose place lies in a read-only mount that lacks
+    it: no backend can make a mount point in a read-only folder (runc and bubblewrap
+    fail to start the sandbox, or its first command), and a volume's content is not
+    known here. Only the innermost mount around a place matters."""
+    places = [(f"sandbox.mounts[{i}].target", m.target) for i, m in enumerate(spec.mounts)]
+    places.append(("sandbox.workdir", spec.workdir))
+    for field, place in places:
+        around = [m for m in spec.mounts if _strictly_below(place, m.target)]
+        if not around:
+            continue
+        outer = max(around, key=lambda m: len(m.target))
+        if not (isinstance(outer, (Mount, Volume)) and outer.read_only):
+            continue
+        inside = posixpath.relpath(place, outer.target)
+        if isinstance(outer, Volume):
+            raise ConfigError(
+                field,
+                f"{place!r} lies in the read-only volume {outer.name!r} at {outer.target!r}, "
+                "where no mount point can be made; mount the volume read-write, or use "
+                "another place",
+            )
+        if not os.path.lexists(os.path.join(outer.source, inside)):
+            raise ConfigError(
+                field,
+                f"{place!r} lies in the read-only mount of {outer.source!r} at "
+                f"{outer.target!r}, which has no {inside!r}; create it there, or mount "
+                "that folder read-write",
+            )
+
+
+def _strictly_below(path: str, folder: str) -> bool:
+    return path != folder and path.startswith(folder.rstrip("/") + "/")
 
 
 def loosened(spec: SandboxSpec) -> list[str]:

@@ -179,6 +179,13 @@ def _workdir(value: Any, name: str) -> str:
     return path
 
 
+def _workspace(value: Any, name: str) -> str:
+    """A sandbox's workdir: its workspace is mounted there, which '/' cannot be."""
+    path = _workdir(value, name)
+    _check(path != "/", name, "'/' cannot be the workspace; choose a folder (/workspace)")
+    return path
+
+
 def _mount_target(value: Any, name: str) -> str:
     path = _workdir(value, name)
     _check(path != "/", name, "a mount cannot cover '/'")
@@ -505,7 +512,7 @@ class SandboxSpec:
         converter=_converted(_optional_argv),  # type: ignore[misc]
     )
     env: dict[str, str] = attrs.field(factory=dict, converter=_converted(env_map))  # type: ignore[misc]
-    workdir: str = attrs.field(default="/workspace", converter=_converted(_workdir))  # type: ignore[misc]
+    workdir: str = attrs.field(default="/workspace", converter=_converted(_workspace))  # type: ignore[misc]
     user: str = attrs.field(default="1000:1000", converter=_converted(_user))  # type: ignore[misc]
     mounts: tuple[MountLike, ...] = attrs.field(factory=tuple, converter=_converted(_mounts))  # type: ignore[misc]
     limits: Limits = attrs.field(factory=Limits)

@@ -34,7 +34,14 @@ from .engine import Engine, Stream
 from .frames import exit_code_for_start_failure, feed_stdin, read_frames
 from .hostview import HostView
 from .http import EngineWait
-from .plan import CAPABILITIES, PULL_POLICIES, ContainerPlan, main_process_plan, plan
+from .plan import (
+    CAPABILITIES,
+    PULL_POLICIES,
+    ContainerPlan,
+    main_process_plan,
+    numeric_user,
+    plan,
+)
 from .verify import verify
 
 __all__ = ["ContainerBackend", "ContainerSettings"]
@@ -136,8 +143,7 @@ class ContainerBackend(Backend):
         container_id = self._make(sandbox_id, spec, labels, plan_)
         with self._engine(sandbox_id):
             self.engine.start(container_id)
-            if plan_.network_name:
-                self.engine.network_started(plan_.network_name, sandbox_id)
+            self.engine.started(plan_, container_id)
 
     def _make(
         self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str], plan_: ContainerPlan
@@ -363,6 +369,8 @@ class ContainerBackend(Backend):
         view = self._view(sandbox_id)
         marker = uuid.uuid4().hex
         oom_before = view.oom_kills() if view else 0
+        if request.user:
+            request = attrs.evolve(request, user=numeric_user(request.user))
         with self._engine(sandbox_id):
             exec_id = self.engine.exec_create(
                 naming.container_name(sandbox_id), request, {**request.env, sweep.MARKER: marker}

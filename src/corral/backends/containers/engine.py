@@ -202,8 +202,8 @@ class Engine(abc.ABC):
     def remove_network(self, name: str) -> None:
         """NotFoundError when gone; ConflictError while a container is still on it."""
 
-    def network_started(self, name: str, sandbox_id: str) -> None:  # noqa: B027
-        """Checks of a bridged sandbox's network once its container runs."""
+    def started(self, plan: ContainerPlan, container_id: str) -> None:  # noqa: B027
+        """What the engine needs once the container of ``plan`` runs (checks, fixes)."""
 
     # -- exec ---------------------------------------------------------------------
 

@@ -5,12 +5,14 @@ in front of these."""
 
 from __future__ import annotations
 
+import re
 import traceback
 from collections.abc import Callable, Iterable
 
 import attrs
 
 from ...core.errors import (
+    ConfigError,
     ConflictError,
     InternalError,
     NotFoundError,
@@ -22,12 +24,15 @@ from ...core.errors import (
 
 @attrs.frozen
 class Rule:
-    """When ``applies(status, text)``: raise ``error`` with ``message(text)``."""
+    """When ``applies(status, text)``: raise ``error`` with ``message(text)``; a
+    ConfigError names the spec's ``field(text)``."""
 
     error: type[SandboxError]
     applies: Callable[[int, str], bool]
     message: Callable[[str], str] = lambda text: text
     retryable: Callable[[int, str], bool | None] = lambda status, text: None
+    field: Callable[[str], str] | None = None
+    fix: str | None = None
 
 
 def out_of_space(engine_message: str) -> str:
@@ -46,7 +51,38 @@ def not_running(engine_message: str) -> bool:
     return "is not running" in text or "container state improper" in text
 
 
+# The rlimits runc names by number when the engine cannot set them (the engine's own hard
+# limit is lower): RLIMIT_CPU 0, FSIZE 1, NPROC 6, NOFILE 7.
+_RLIMIT_FIELDS = {"0": "cputime", "1": "file_size", "6": "nproc", "7": "nofile"}
+
+
+def _rlimit_field(text: str) -> str:
+    found = re.search(r"rlimit type (\d+)", text)
+    return f"sandbox.limits.{_RLIMIT_FIELDS.get(found[1] if found else '', 'nofile')}"
+
+
 RULES = (
+    # What the spec asks and the engine cannot give: named by field, before anything runs.
+    Rule(
+        ConfigError,
+        lambda status, text: "unable to find user" in text,
+        lambda text: f"the image has no such user ({text})",
+        field=lambda text: "sandbox.user",
+        fix="use a user the image has, or numeric ids (uid:gid)",
+    ),
+    Rule(
+        ConfigError,
+        lambda status, text: "setting rlimit type" in text,
+        lambda text: f"above what the engine itself may set ({text})",
+        field=_rlimit_field,
+        fix="ask for less, or raise the engine's own hard limit (LimitNOFILE, LimitNPROC)",
+    ),
+    Rule(
+        ConfigError,
+        lambda status, text: "range of cpus is from" in text.lower(),
+        lambda text: f"more than the engine's host has ({text})",
+        field=lambda text: "sandbox.limits.cpus",
+    ),
     # A container removed while the call ran can also come back as a 500 saying so.
     Rule(
         NotFoundError,
@@ -80,13 +116,20 @@ def error_for(
     ``rules`` then the shared ones; an InternalError (retryable if the engine's fault)
     when none does."""
     for rule in (*rules, *RULES):
-        if rule.applies(status, text):
-            return rule.error(
-                rule.message(text),
-                backend=backend,
-                sandbox_id=sandbox_id,
-                retryable=rule.retryable(status, text),
+        if not rule.applies(status, text):
+            continue
+        message = rule.message(text)
+        if rule.field is not None:
+            return ConfigError(
+                rule.field(text), message, backend=backend, sandbox_id=sandbox_id, fix=rule.fix
             )
+        return rule.error(
+            message,
+            backend=backend,
+            sandbox_id=sandbox_id,
+            retryable=rule.retryable(status, text),
+            fix=rule.fix,
+        )
     return InternalError(
         f"the engine failed: {text}",
         backend=backend,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,3 +149,21 @@ def _net_bytes(pid: int) -> tuple[int | None, int | None]:
         rx += int(fields[0])
         tx += int(fields[8])
     return rx, tx
+
+
+def chmod_inside(pid: int, path: str, mode: int) -> None:
+    """Set the mode of ``path`` in the container whose init is ``pid``, from the host.
+
+    Walked one folder at a time below the container's root, never following a link:
+    the image's own links must not lead the host's root to a file of the host's.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    folder = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in path.split("/") if p]:
+            inner = os.open(part, flags, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        os.chmod(f"/proc/self/fd/{folder}", mode)
+    finally:
+        os.close(folder)

@@ -14,7 +14,7 @@ import attrs
 from ...core.backend import Capability
 from ...core.convert import unstructure
 from ...core.errors import ConfigError
-from ...core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume
+from ...core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume, parse_user
 from ...core.units import parse_size
 from .naming import SPEC_LABEL, container_name, network_name
 
@@ -63,6 +63,9 @@ class TmpfsVolume:
     uid: int
     gid: int
     exec: bool
+    # Whether the image's files at the target are copied in (the workspace and /tmp,
+    # as a volume would); a tmpfs the spec asks for starts empty, with its own mode.
+    copy_up: bool = True
 
     def driver_options(self) -> dict[str, str]:
         options = [
@@ -155,21 +158,25 @@ def plan(
         ulimits["cpu"] = (math.ceil(lim.cputime), math.ceil(lim.cputime) + 1)
     if lim.file_size is not None:
         ulimits["fsize"] = (lim.file_size, lim.file_size)
-    tmpfs = [TmpfsVolume(spec.workdir, workspace_size, 0o755, ids[0], ids[1], True)]
-    if (
-        not any(isinstance(m, Tmpfs) and m.target == "/tmp" for m in spec.mounts)
-        and spec.workdir != "/tmp"
-    ):
-        tmpfs.append(TmpfsVolume("/tmp", parse_size("64MiB"), 0o1777, ids[0], ids[1], False))
-    for m in spec.mounts:
-        if isinstance(m, Tmpfs):
-            tmpfs = [t for t in tmpfs if t.target != m.target]
-            tmpfs.append(TmpfsVolume(m.target, m.size, m.mode, ids[0], ids[1], m.exec))
-    # A workspace (or /tmp) at or below a bind mount or volume the spec asks for would
-    # hide what it mounts (the engines refuse two mounts at one target outright): the
-    # spec's own mount is the folder then, as on the local backend.
+    # The workspace and /tmp, unless the spec mounts something there itself. One at or
+    # below a bind mount or volume of the spec's would hide what it mounts (the engines
+    # refuse two mounts at one target outright): the spec's own mount is the folder
+    # then, as on the local backend.
     given = [m.target for m in spec.mounts if isinstance(m, (Mount, Volume))]
-    tmpfs = [t for t in tmpfs if not any(_at_or_below(t.target, g) for g in given)]
+    own_tmpfs = {m.target for m in spec.mounts if isinstance(m, Tmpfs)}
+    defaults = [TmpfsVolume(spec.workdir, workspace_size, 0o755, ids[0], ids[1], True)]
+    if spec.workdir != "/tmp":
+        defaults.append(TmpfsVolume("/tmp", parse_size("64MiB"), 0o1777, ids[0], ids[1], False))
+    tmpfs = [
+        t
+        for t in defaults
+        if t.target not in own_tmpfs and not any(_at_or_below(t.target, g) for g in given)
+    ]
+    tmpfs += [
+        TmpfsVolume(m.target, m.size, m.mode, ids[0], ids[1], m.exec, copy_up=False)
+        for m in spec.mounts
+        if isinstance(m, Tmpfs)
+    ]
     hc = None
     if spec.healthcheck is not None:
         h = spec.healthcheck
@@ -185,7 +192,7 @@ def plan(
         name=container_name(labels["corral.sandbox"]),
         image=image,
         command=init_command(spec.command, lim.lifetime),
-        user=spec.user,
+        user=numeric_user(spec.user),
         workdir=spec.workdir,
         env=env,
         labels={**labels, SPEC_LABEL: json.dumps(unstructure(spec), separators=(",", ":"))},
@@ -295,3 +302,10 @@ def reaper_command(command: list[str]) -> list[str]:
     shell reaps every orphan while it waits (wait(2) takes any child), passes the
     command's status on, and ends with it."""
     return ["sh", "-c", '"$@" & wait $!', "corral-init", *command]
+
+
+def numeric_user(user: str) -> str:
+    """``user`` as the engines should read it: a lone uid (``"4242"``) means that uid's
+    own group in corral (``uid_gid``), where the engines would give it group 0, root's."""
+    ids = parse_user(user) if user else None
+    return user if ids is None else f"{ids[0]}:{ids[1]}"

@@ -33,6 +33,7 @@ import psutil
 from ...core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
 from ...core.convert import structure, unstructure
 from ...core.errors import (
+    CapabilityError,
     ConfigError,
     InternalError,
     NotFoundError,
@@ -42,7 +43,7 @@ from ...core.errors import (
 from ...core.hookspecs import hookimpl
 from ...core.output import OutputSink
 from ...core.results import LEFTOVER, LEFTOVER_GRACE, ResourceUsage, SandboxInfo
-from ...core.spec import ExecRequest, Mount, SandboxSpec, parse_user, size_field
+from ...core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, parse_user, size_field
 from .. import sweep
 from . import bwrap, child, disk, files
 from .agent import AGENT, Agent, AgentGone, NoRoom
@@ -124,11 +125,13 @@ class _State:
     agent: Agent | None = None  # this program's, started at its second exec here
     agent_lock: threading.Lock = attrs.field(factory=threading.Lock)
     execs: int = 0  # started by this program
+    host_tmpfs: bool = False  # its Tmpfs mounts are host tmpfs (corral as root)
 
     @property
     def layout(self) -> bwrap.Layout:
         f = self.folder
-        return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc", f"{f}/run")
+        tmpfs = f"{f}/tmpfs" if self.host_tmpfs else None
+        return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc", f"{f}/run", tmpfs)
 
     def info(self) -> SandboxInfo:
         return SandboxInfo(
@@ -255,6 +258,8 @@ class LocalBackend(Backend):
         self._sweep_expired()
         ids = _numeric_ids(spec.user, "sandbox.user")
         self._check_reachable(spec)
+        self._check_tmpfs(spec)
+        _check_within_own_limits(self._rlimits(spec))
         folder = os.path.join(self.root, sandbox_id)
         self._make_folder(folder)
         state = _State(
@@ -265,6 +270,7 @@ class LocalBackend(Backend):
             float(labels["corral.created"]),
             float(labels["corral.expires"]),
             None,
+            host_tmpfs=self._root_user,
         )
         try:
             if self._root_user:
@@ -280,12 +286,16 @@ class LocalBackend(Backend):
             for name, text in (("passwd", passwd), ("group", group)):
                 with open(os.path.join(layout.etc, name), "w") as f:
                     f.write(text)
+            self._mount_tmpfs(spec, layout)
             if self._cgroups is not None:
+                # Every sandbox runs as one host user, whose process count (RLIMIT_NPROC)
+                # they would all share, so with a pids cgroup there is no nproc rlimit:
+                # the cgroup bounds both, at the smaller of pids and nproc.
                 state.cgroup = Cgroup.create(
                     self._cgroups,
                     f"corral-{sandbox_id}",
                     spec.limits.memory,
-                    spec.limits.pids,
+                    min(spec.limits.pids, spec.limits.nproc),
                     spec.limits.cpus,
                 )
             meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
@@ -312,19 +322,62 @@ class LocalBackend(Backend):
         os.mkdir(folder, 0o711)
 
     def _check_reachable(self, spec: SandboxSpec) -> None:
-        """Sandboxes run as an unprivileged host user, who must reach every mount source."""
+        """Sandboxes run as an unprivileged host user, who must reach every mount source:
+        pass a folder, read (and for read-write, write) a file."""
         if self._run_as is None:
             return
         for index, mount in enumerate(spec.mounts):
-            if isinstance(mount, Mount):
-                blocked = bwrap.unreachable_part(os.path.join(mount.source, "x"), self._run_as[0])
-                if blocked is not None:
-                    raise ConfigError(
-                        f"sandbox.mounts[{index}].source",
-                        f"{mount.source!r} is not reachable by the sandboxes' host user "
-                        f"{self.settings.host_user}: {blocked!r} is private (let others pass it, "
-                        "or mount a folder elsewhere)",
-                    )
+            if not isinstance(mount, Mount):
+                continue
+            field = f"sandbox.mounts[{index}].source"
+            user = f"the sandboxes' host user {self.settings.host_user}"
+            is_file = os.path.isfile(mount.source)
+            inside = mount.source if is_file else os.path.join(mount.source, "x")
+            blocked = bwrap.unreachable_part(inside, self._run_as[0])
+            if blocked is not None:
+                raise ConfigError(
+                    field,
+                    f"{mount.source!r} is not reachable by {user}: {blocked!r} is private",
+                    fix="let others pass that folder, or mount from elsewhere",
+                )
+            need = "read" if mount.read_only else "read and write"
+            if is_file and not bwrap.may_open(mount.source, self._run_as, not mount.read_only):
+                raise ConfigError(
+                    field,
+                    f"the file {mount.source!r} is not one {user} may {need}",
+                    fix=f"let others {need} it (chmod o+{'r' if mount.read_only else 'rw'}), "
+                    "or mount another file",
+                )
+
+    def _check_tmpfs(self, spec: SandboxSpec) -> None:
+        """A tmpfs is noexec unless ``exec=True``: as root it is a host tmpfs mounted so;
+        bwrap's own --tmpfs, all there is without root, cannot be noexec."""
+        if self._root_user:
+            return
+        for index, mount in enumerate(spec.mounts):
+            if isinstance(mount, Tmpfs) and not mount.exec:
+                raise CapabilityError(
+                    f"sandbox.mounts[{index}].exec: the local backend can mount a tmpfs "
+                    "noexec only when corral runs as root",
+                    backend=self.name,
+                    fix=f"set exec=True on the tmpfs at {mount.target!r} (its files may then "
+                    "be run), or run corral as root",
+                )
+
+    def _mount_tmpfs(self, spec: SandboxSpec, layout: bwrap.Layout) -> None:
+        """Each Tmpfs of the spec, as root: a host tmpfs below the sandbox's folder, with
+        its size, mode and noexec, which the sandbox's bwraps bind in (so its files also
+        outlive an exec, as in a container). Removed with the folder's own mount."""
+        if layout.tmpfs is None:
+            return
+        os.mkdir(layout.tmpfs, 0o711)
+        for index, mount in enumerate(spec.mounts):
+            folder = layout.tmpfs_folder(index)
+            if isinstance(mount, Tmpfs) and folder is not None:
+                os.mkdir(folder, 0o700)
+                disk.mount_tmpfs(
+                    folder, mount.size, mount.mode, self._owner(), executable=mount.exec
+                )
 
     def _state(self, sandbox_id: str) -> _State:
         with self._lock:
@@ -361,6 +414,7 @@ class LocalBackend(Backend):
             float(labels["corral.created"]),
             float(labels["corral.expires"]),
             cgroup,
+            host_tmpfs=self._root_user,
         )
         with self._lock:
             return self._states.setdefault(sandbox_id, state)
@@ -578,7 +632,15 @@ class LocalBackend(Backend):
         gate = bwrap and self._pid_namespaces
         cgroup_procs = state.cgroup.procs_files() if state.cgroup else []
         limits = self._rlimits(state.spec, cputime=not agent)
-        _check_within_own_limits(state.id, limits)
+        try:  # checked at create; a program attached later may have lower limits
+            _check_within_own_limits(limits)
+        except ConfigError as e:
+            raise InternalError(
+                f"{e.message}, as this program's are lower than its creator's",
+                backend=self.name,
+                sandbox_id=state.id,
+                fix=e.fix,
+            ) from None
         adj = None if agent else sweep.EXEC_OOM_SCORE_ADJ
         if self._tools is None:
             preexec_fn = child.setup(
@@ -745,13 +807,12 @@ class LocalBackend(Backend):
     ) -> tuple[str, builtins.list[str]]:  # `list` in this class is a method
         """The host folder behind a sandbox path, and the components below it."""
         layout = state.layout
-        roots: list[tuple[str, str, bool]] = [
-            (state.spec.workdir, layout.workspace, True),
-            ("/tmp", layout.tmp, True),
-        ]
-        for mount in state.spec.mounts:
+        roots = [(target, host, True) for target, host in bwrap.own_binds(state.spec, layout)]
+        for index, mount in enumerate(state.spec.mounts):
             if isinstance(mount, Mount):
                 roots.append((mount.target, mount.source, not mount.read_only))
+            elif isinstance(mount, Tmpfs) and (folder := layout.tmpfs_folder(index)):
+                roots.append((mount.target, folder, True))
         for target, host, writable in sorted(roots, key=lambda r: -len(r[0])):
             if path == target or path.startswith(target.rstrip("/") + "/"):
                 if writing and not writable:
@@ -811,19 +872,21 @@ class LocalBackend(Backend):
         )
 
 
-def _check_within_own_limits(sandbox_id: str, limits: child.Limits) -> None:
+def _check_within_own_limits(limits: child.Limits) -> None:
     """A sandbox's process sets its limits as the host user (child.py), so it cannot
-    raise a hard limit past this program's: refused before anything starts, with the
-    field to change, rather than as a failed start."""
+    raise a hard limit past this program's: refused at create, naming the field to
+    change, rather than as a failed start."""
     for kind, (_, hard) in limits:
         ceiling = resource.getrlimit(kind)[1]
         if ceiling != resource.RLIM_INFINITY and hard > ceiling:
-            raise InternalError(
-                f"sandbox.limits.{_LIMIT_FIELDS[kind]} needs a hard limit of {hard}, above "
-                f"this program's own ({ceiling}), which the sandbox's process cannot raise: "
-                f"ask for less, or raise this program's hard limit (ulimit -H)",
+            field = _LIMIT_FIELDS[kind]
+            raise ConfigError(
+                f"sandbox.limits.{field}",
+                f"needs a hard limit of {hard}, above this program's own ({ceiling}), "
+                "which the sandbox's process cannot raise",
                 backend="local",
-                sandbox_id=sandbox_id,
+                fix=f"ask for at most {ceiling}, or raise this program's hard limit "
+                "(ulimit -H) before it starts",
             )
 
 

@@ -94,6 +94,64 @@ class Layout:
     tmp: str  # mounted at /tmp
     etc: str  # synthesized passwd and group
     run: str  # the agent's exchange with the host, read-only at AGENT_DIR inside
+    # As root, where each Tmpfs of the spec is a host tmpfs of its own (mounted noexec
+    # unless asked, which bwrap's --tmpfs cannot do), bound in: ``{tmpfs}/{index}``.
+    # None: bwrap makes them (never noexec; LocalBackend refuses those).
+    tmpfs: str | None = None
+
+    def tmpfs_folder(self, index: int) -> str | None:
+        """The host tmpfs behind the spec's ``mounts[index]``, where there is one."""
+        return None if self.tmpfs is None else os.path.join(self.tmpfs, str(index))
+
+
+def at_or_below(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def own_binds(spec: SandboxSpec, layout: Layout) -> list[tuple[str, str]]:
+    """(target, host folder) of the sandbox's own workspace and /tmp, unless the spec
+    mounts something there itself: a workdir (or /tmp) at or below a bind mount is that
+    mount's folder, and one at a tmpfs's target is that tmpfs, as on the engines."""
+    binds = [m.target for m in spec.mounts if isinstance(m, Mount)]
+    tmpfs = {m.target for m in spec.mounts if isinstance(m, Tmpfs)}
+    wanted = [(spec.workdir, layout.workspace)]
+    if spec.workdir != "/tmp":
+        wanted.append(("/tmp", layout.tmp))
+    return [
+        (target, host)
+        for target, host in wanted
+        if target not in tmpfs and not any(at_or_below(target, b) for b in binds)
+    ]
+
+
+def _depth(target: str) -> int:
+    return len([part for part in target.split("/") if part])
+
+
+def _mount_args(spec: SandboxSpec, layout: Layout) -> list[str]:
+    """The workspace, /tmp and the spec's mounts, parents before children: bwrap mounts
+    in order, so a mount listed before the one it lies in would be hidden by it (a
+    stable sort by depth, as the engines order theirs)."""
+    ops = [(target, ["--bind", host, target]) for target, host in own_binds(spec, layout)]
+    for index, mount in enumerate(spec.mounts):
+        if isinstance(mount, Mount):
+            flag = "--ro-bind" if mount.read_only else "--bind"
+            ops.append((mount.target, [flag, mount.source, mount.target]))
+        elif isinstance(mount, Tmpfs):
+            host = layout.tmpfs_folder(index)
+            if host is not None:  # its size, mode and noexec are the host mount's
+                ops.append((mount.target, ["--bind", host, mount.target]))
+                continue
+            perms = f"{mount.mode & 0o7777:o}"
+            made = ["--size", str(mount.size), "--perms", perms, "--tmpfs", mount.target]
+            ops.append((mount.target, made))
+    ops.sort(key=lambda op: _depth(op[0]))
+    args = [arg for _, op in ops for arg in op]
+    if all(target != spec.workdir for target, _ in ops):
+        # A workdir below a bind mount's target: the mount's folder, made there if
+        # missing (as the sandbox's user; one in a read-only mount is refused earlier).
+        args += ["--dir", spec.workdir]
+    return args
 
 
 def _system_binds() -> list[str]:
@@ -151,19 +209,7 @@ def command_line(
         "/etc/group",
     ]
     args += ["--proc", "/proc", "--dev", "/dev"]
-    args += ["--bind", layout.tmp, "/tmp", "--bind", layout.workspace, spec.workdir]
-    for mount in spec.mounts:
-        if isinstance(mount, Mount):
-            args += ["--ro-bind" if mount.read_only else "--bind", mount.source, mount.target]
-        elif isinstance(mount, Tmpfs):
-            args += [
-                "--size",
-                str(mount.size),
-                "--perms",
-                f"{mount.mode & 0o7777:o}",
-                "--tmpfs",
-                mount.target,
-            ]
+    args += _mount_args(spec, layout)
     args += ["--ro-bind", layout.run, AGENT_DIR]  # last: no mount of the spec's hides it
     if spec.security.read_only_root:
         args += ["--remount-ro", "/"]
@@ -208,6 +254,16 @@ def unreachable_part(path: str, uid: int) -> str | None:
         if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
             return current
     return None
+
+
+def may_open(path: str, ids: tuple[int, int], write: bool) -> bool:
+    """Whether a process of uid and gid ``ids`` (and no other groups, as the sandboxes'
+    host user runs) may read the file at ``path``, and with ``write`` also write it.
+    The kernel looks at the owner's bits alone for the owner, the group's for its group."""
+    st = os.stat(path)
+    shift = 6 if st.st_uid == ids[0] else 3 if st.st_gid == ids[1] else 0
+    want = 0o4 | (0o2 if write else 0)
+    return (st.st_mode >> shift) & want == want
 
 
 def passwd_files(uid: int, gid: int, home: str) -> tuple[str, str]:
