@@ -168,3 +168,45 @@ def test_the_clis_allow_unsafe_adds_to_the_settings_opt_ins(tmp_path: Path) -> N
         "allow_unsafe": ["cap_add", "unbounded_rw_mounts"]
     }
     assert _allowing(configured, None) is None  # without the flag, the settings alone
+
+
+# -- places inside read-only mounts -------------------------------------------------------
+
+
+def test_a_mount_point_missing_in_a_read_only_mount_is_refused_by_field(
+    settings: Settings, folder: Path
+) -> None:
+    # No backend can make it there: runc and bubblewrap fail once the sandbox starts.
+    inner = folder / "inner"
+    inner.mkdir()
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.mounts\[1\]\.target") as refused:
+        checked(settings, mounts=[corral.Mount(str(folder), "/src"), corral.Tmpfs("/src/x")])
+    assert "create it there" in str(refused.value)
+    # The twins: present in the source, or under a writable mount, it is fine.
+    checked(settings, mounts=[corral.Mount(str(folder), "/src"), corral.Tmpfs("/src/inner")])
+    checked(settings, mounts=[corral.Tmpfs("/src"), corral.Tmpfs("/src/x")])
+
+
+def test_only_the_innermost_mount_around_a_place_counts(settings: Settings, folder: Path) -> None:
+    (folder / "inner").mkdir()
+    mounts = [
+        corral.Mount(str(folder), "/src"),
+        corral.Tmpfs("/src/inner"),
+        corral.Tmpfs("/src/inner/x"),
+    ]
+    checked(settings, mounts=mounts)
+
+
+def test_a_workdir_missing_in_a_read_only_mount_and_a_read_only_volume_are_refused(
+    settings: Settings, folder: Path
+) -> None:
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.workdir"):
+        checked(settings, mounts=[corral.Mount(str(folder), "/src")], workdir="/src/nowhere")
+    volume = corral.Volume("data", "/data", read_only=True)
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.mounts\[1\]\.target"):
+        checked(settings, mounts=[volume, corral.Tmpfs("/data/x")])
+
+
+def test_the_workspace_cannot_be_the_root() -> None:
+    with pytest.raises(corral.ConfigError, match=r"sandbox\.workdir"):
+        corral.create(workdir="/")
