@@ -710,8 +710,9 @@ def test_closed_sandbox_refuses_calls(make, state_dir):
 
 
 def test_attach_from_another_process(make, settings, state_dir):
-    sb = make()
+    sb = make(mounts=[corral.Tmpfs("/scratch")])
     sb.write_file("/workspace/hello", b"from parent")
+    sb.write_file("/scratch/kept", b"in its tmpfs")
     code = textwrap.dedent(f"""
         import corral
         from corral.core.settings import load_settings
@@ -719,6 +720,7 @@ def test_attach_from_another_process(make, settings, state_dir):
                                  environ={{}})
         sb = corral.attach({sb.id!r}, backend="local", settings=settings)
         print(sb.exec(["cat", "/workspace/hello"]).text)
+        print(sb.exec(["cat", "/scratch/kept"]).text)
         print([s.id for s in corral.list(backend="local", settings=settings)])
     """)
     env = {**os.environ, "CORRAL_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -726,7 +728,7 @@ def test_attach_from_another_process(make, settings, state_dir):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["from parent", repr([sb.id])]
+    assert done.stdout.splitlines() == ["from parent", "in its tmpfs", repr([sb.id])]
 
 
 _GC = """

@@ -65,8 +65,8 @@ RULES = (
     # What the spec asks and the engine cannot give: named by field, before anything runs.
     Rule(
         ConfigError,
-        lambda status, text: "unable to find user" in text,
-        lambda text: f"the image has no such user ({text})",
+        lambda status, text: "unable to find user" in text or "unable to find group" in text,
+        lambda text: f"the image has no such user or group ({text})",
         field=lambda text: "sandbox.user",
         fix="use a user the image has, or numeric ids (uid:gid)",
     ),

@@ -370,7 +370,11 @@ class LocalBackend(Backend):
         outlive an exec, as in a container). Removed with the folder's own mount."""
         if layout.tmpfs is None:
             return
-        os.mkdir(layout.tmpfs, 0o711)
+        # Passable by the sandboxes' host user alone, which bwrap runs as: a tmpfs of
+        # mode 1777 is open to whoever reaches it, and its path is on bwrap's command line.
+        os.mkdir(layout.tmpfs, 0o700)
+        if self._owner() is not None:
+            os.chown(layout.tmpfs, *self._owner())  # type: ignore[misc]
         for index, mount in enumerate(spec.mounts):
             folder = layout.tmpfs_folder(index)
             if isinstance(mount, Tmpfs) and folder is not None:
@@ -414,7 +418,8 @@ class LocalBackend(Backend):
             float(labels["corral.created"]),
             float(labels["corral.expires"]),
             cgroup,
-            host_tmpfs=self._root_user,
+            # (A sandbox made before tmpfs were host mounts has none: bwrap makes them.)
+            host_tmpfs=self._root_user and os.path.isdir(os.path.join(folder, "tmpfs")),
         )
         with self._lock:
             return self._states.setdefault(sandbox_id, state)
