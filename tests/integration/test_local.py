@@ -909,3 +909,12 @@ def test_a_pid_namespace_of_its_own_is_for_the_calling_threads_next_child_only()
         inside = pid_of_a_shell()
     assert inside == b"1\n"  # the init of a namespace of its own
     assert other_thread[0] != b"1\n" and pid_of_a_shell() != b"1\n"
+
+
+def test_mounts_without_isolation_are_refused_not_left_out(make, mount_root):
+    # An unisolated command sees the host's own filesystem: the mount would not be there.
+    (mount_root / "a.txt").write_text("a")
+    with pytest.raises(corral.CapabilityError, match=r"sandbox\.mounts") as refused:
+        make(security=UNSAFE_LOCAL, mounts=[corral.Mount(str(mount_root), "/src")])
+    assert refused.value.fix
+    assert make(security=UNSAFE_LOCAL).exec(["true"]).ok  # the twin, without mounts

@@ -259,6 +259,7 @@ class LocalBackend(Backend):
         ids = _numeric_ids(spec.user, "sandbox.user")
         self._check_reachable(spec)
         self._check_tmpfs(spec)
+        self._check_unisolated_mounts(spec)
         _check_within_own_limits(self._rlimits(spec))
         folder = os.path.join(self.root, sandbox_id)
         self._make_folder(folder)
@@ -348,6 +349,19 @@ class LocalBackend(Backend):
                     fix=f"let others {need} it (chmod o+{'r' if mount.read_only else 'rw'}), "
                     "or mount another file",
                 )
+
+    def _check_unisolated_mounts(self, spec: SandboxSpec) -> None:
+        """An unisolated command runs in the host's own filesystem, where no mount of
+        the spec's can be made: refused, never silently left out."""
+        if spec.security.isolate or not spec.mounts:
+            return
+        raise CapabilityError(
+            "sandbox.mounts: without isolation (sandbox.security.isolate = false) the "
+            "local backend runs commands in the host's filesystem, where it cannot make "
+            "the spec's mounts",
+            backend=self.name,
+            fix="use the host paths directly, or keep isolation on",
+        )
 
     def _check_tmpfs(self, spec: SandboxSpec) -> None:
         """A tmpfs is noexec unless ``exec=True``: as root it is a host tmpfs mounted so;
