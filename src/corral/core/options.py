@@ -96,15 +96,8 @@ def _flag(*names: str, **kwargs: Any) -> Flag:
 
 # create's options (``run`` and the pool take them too); ``image`` is create's first
 # positional parameter, the others are keyword-only.
-CREATE: tuple[Option, ...] = (
-    Option(
-        "image",
-        "str | None",
-        "image to start from (container backends)",
-        ("image",),
-        flag=_flag("--image"),
-    ),
-    Option("command", "Sequence[str] | None", "the sandbox's own command", ("command",)),
+# What a sandbox and an exec both take, the same way.
+_SHARED = (
     Option(
         "env",
         "Mapping[str, str] | None",
@@ -126,6 +119,18 @@ CREATE: tuple[Option, ...] = (
         ("user",),
         flag=_flag("--user", "-u", metavar="UID[:GID]"),
     ),
+)
+
+CREATE: tuple[Option, ...] = (
+    Option(
+        "image",
+        "str | None",
+        "image to start from (container backends)",
+        ("image",),
+        flag=_flag("--image"),
+    ),
+    Option("command", "Sequence[str] | None", "the sandbox's own command", ("command",)),
+    *_SHARED,
     Option(
         "mounts",
         "Sequence[Any] | None",
@@ -208,27 +213,7 @@ EXEC: tuple[Option, ...] = (
         ("timeout",),
         flag=_flag("--timeout", metavar="T"),
     ),
-    Option(
-        "env",
-        "Mapping[str, str] | None",
-        "set a variable (repeatable)",
-        ("env",),
-        flag=_flag("--env", "-e", kind="pairs", metavar="K=V"),
-    ),
-    Option(
-        "workdir",
-        "str | None",
-        "folder to run in",
-        ("workdir",),
-        flag=_flag("--workdir", "-w", metavar="DIR"),
-    ),
-    Option(
-        "user",
-        "str | None",
-        "user to run as",
-        ("user",),
-        flag=_flag("--user", "-u", metavar="UID[:GID]"),
-    ),
+    *_SHARED,
     Option(
         "stdin",
         "bytes | str | None",
