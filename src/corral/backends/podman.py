@@ -196,6 +196,15 @@ class PodmanEngine(Engine):
         finally:
             response.close()
 
+    def _text(self, method: str, path: str, **kwargs: Any) -> list[str]:
+        """One libpod call's body as lines, its response closed and let go (an error
+        raised from a frame that holds it would keep its connection open)."""
+        response = self._call(method, path, **kwargs)
+        try:
+            return list(response.text.splitlines())
+        finally:
+            response.close()
+
     def _done(self, method: str, path: str, **kwargs: Any) -> None:
         self._call(method, path, **kwargs).close()
 
@@ -266,11 +275,7 @@ class PodmanEngine(Engine):
         return status == 204
 
     def pull(self, image: str) -> None:
-        pulled = self._call("post", "/images/pull", params={"reference": image, "quiet": True})
-        try:
-            lines = pulled.text.splitlines()
-        finally:
-            pulled.close()
+        lines = self._text("post", "/images/pull", params={"reference": image, "quiet": True})
         # A pull that fails once begun still answers 200, with the error in its stream.
         for line in lines:
             with contextlib.suppress(ValueError, AttributeError):
