@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .core.output import OutputSink
     from .core.pool import Pool
     from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
-    from .core.sandbox import Sandbox
+    from .core.sandbox import Sandbox, SandboxState
     from .core.settings import Settings, load_settings
     from .core.spec import (
         ExecRequest,
@@ -93,6 +93,7 @@ __all__ = [
     "SandboxError",
     "SandboxInfo",
     "SandboxSpec",
+    "SandboxState",
     "Security",
     "Settings",
     "TimeoutError",
@@ -126,6 +127,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("results", n) for n in ("ExecResult", "Health", "OutputChunk", "ResourceUsage")},
     "SandboxInfo": ("results", "SandboxInfo"),
     "Sandbox": ("sandbox", "Sandbox"),
+    "SandboxState": ("sandbox", "SandboxState"),
     "Settings": ("settings", "Settings"),
     "load_settings": ("settings", "load_settings"),
     **{n: ("spec", n) for n in ("ExecRequest", "Healthcheck", "Limits", "Mount", "Network")},

@@ -394,6 +394,17 @@ def test_a_tmpfs_the_spec_asks_for_has_its_mode_and_is_not_hidden(box, mount_roo
     assert "/src/cache" in sb.exec(["sh", "-c", "grep ' /src/cache tmpfs' /proc/mounts"]).text
 
 
+def test_corral_run_gives_a_requested_tmpfs_its_mode(engine, engine_settings):
+    # The command is the container's own process there: the mode is set before it starts.
+    result = corral.run(
+        ["stat", "-c", "%a", "/tmp"],
+        backend=engine,
+        settings=engine_settings,
+        mounts=[corral.Tmpfs("/tmp", mode=0o750)],
+    )
+    assert (result.exit_code, result.text) == (0, "750\n"), result.stderr
+
+
 def test_engine_socket_is_never_mounted(box, engine_url):
     socket_path = engine_url.removeprefix("unix://")
     with pytest.raises(corral.PolicyError):

@@ -510,7 +510,7 @@ class PodmanEngine(Engine):
         made = self._json("post", "/networks/create", data=json.dumps(body))
         self._check_isolated(name, made)
 
-    def started(self, plan: ContainerPlan, container_id: str) -> None:
+    def ready(self, plan: ContainerPlan, container_id: str) -> None:
         if plan.network_name:
             # Asked again once the container started: Podman 4.3 drops ``isolate`` from
             # its copy of a network that a Docker-API client inspects or lists, and the

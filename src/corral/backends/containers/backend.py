@@ -143,7 +143,7 @@ class ContainerBackend(Backend):
         container_id = self._make(sandbox_id, spec, labels, plan_)
         with self._engine(sandbox_id):
             self.engine.start(container_id)
-            self.engine.started(plan_, container_id)
+            self.engine.ready(plan_, container_id)
 
     def _make(
         self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str], plan_: ContainerPlan
@@ -462,6 +462,7 @@ class ContainerBackend(Backend):
             with self._engine(sandbox_id):
                 stream = self.engine.attach(container_id)
                 ended = self.engine.outcome(container_id, sandbox_id)
+                self.engine.ready(plan_, container_id)
                 self.engine.start(container_id)
 
             def kill() -> None:  # the whole container: every process the command started

@@ -202,8 +202,9 @@ class Engine(abc.ABC):
     def remove_network(self, name: str) -> None:
         """NotFoundError when gone; ConflictError while a container is still on it."""
 
-    def started(self, plan: ContainerPlan, container_id: str) -> None:  # noqa: B027
-        """What the engine needs once the container of ``plan`` runs (checks, fixes)."""
+    def ready(self, plan: ContainerPlan, container_id: str) -> None:  # noqa: B027
+        """What the engine needs once the container of ``plan`` is set up: started, or
+        for ``corral.run`` attached (its mounts made) just before its start."""
 
     # -- exec ---------------------------------------------------------------------
 
