@@ -345,6 +345,15 @@ def test_a_project_mounted_at_the_workdir_runs_its_tests_there(
     wrote = sb.exec(["sh", "-c", "echo made > /src/out.txt"])
     assert (wrote.exit_code == 0) is (not read_only)
     assert (project / "out.txt").exists() is (not read_only)
+    # Files in and out of that workdir, through the engine's archive API.
+    assert sb.read_file("/src/src/greet.sh") == (project / "src" / "greet.sh").read_bytes()
+    if read_only:
+        with pytest.raises(corral.PathSecurityError, match="'/src' is read-only") as refused:
+            sb.write_file("/src/in.txt", b"x")
+        assert refused.value.fix and not (project / "in.txt").exists()
+    else:
+        sb.write_file("/src/in.txt", b"in\n")
+        assert (project / "in.txt").read_text() == "in\n"
     assert (
         corral.run(
             ["sh", "run-tests.sh"],

@@ -40,6 +40,26 @@ def test_userns_auto_maps_the_sandbox_to_unprivileged_host_ids(userns_settings, 
             sb.write_file("/tmp/t", b"Podman cannot copy into this tmpfs")
 
 
+def test_userns_auto_with_a_project_mounted_at_the_workdir(userns_settings, mount_root):
+    # The two ways the workspace is replaced, combined: its own user namespace (a
+    # volume, not a tmpfs) and a bind mount at the workdir (the mount is the folder).
+    (mount_root / "run-tests.sh").write_text('test "$(pwd)" = /src && echo "1 passed"\n')
+    with corral.create(
+        backend="podman",
+        settings=userns_settings,
+        mounts=[corral.Mount(str(mount_root), "/src")],
+        workdir="/src",
+    ) as sb:
+        result = sb.exec(["sh", "run-tests.sh"])
+        assert (result.exit_code, result.text) == (0, "1 passed\n"), result.stderr
+        # Podman's copier, in the sandbox's user namespace, leaves out the host's files:
+        # refused by name with the way round, never an empty or partial file.
+        with pytest.raises(corral.CapabilityError, match=r"'/src/run-tests\.sh'") as refused:
+            sb.read_file("/src/run-tests.sh")
+        assert "cat /src/run-tests.sh" in (refused.value.fix or "")
+        assert sb.exec(["cat", "run-tests.sh"]).text.startswith("test ")
+
+
 def test_userns_auto_sandboxes_leave_no_volume(userns_settings, engine_client):
     before = {v["Name"] for v in engine_client.volumes()["Volumes"] or []}
     with corral.create(backend="podman", settings=userns_settings) as sb:

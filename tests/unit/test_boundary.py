@@ -55,6 +55,20 @@ def provide(global_host: PluginHost) -> Callable[[str, type[corral.Backend], str
     return register
 
 
+@pytest.fixture
+def needs_docker(base: type[corral.Backend], provide: Any) -> None:
+    """Backend ``needs-docker``, whose check finds the ``docker`` module missing."""
+
+    class NeedsDocker(base):  # type: ignore[valid-type, misc]
+        name = "needs-docker"
+
+        def check(self) -> Availability:
+            raise ModuleNotFoundError("No module named 'docker'", name="docker")
+
+    # Provided by corral's own distribution, whose "docker" extra brings the module.
+    provide("needs-docker", NeedsDocker, "corral")
+
+
 # -- what escapes a backend --------------------------------------------------------------
 
 
@@ -99,16 +113,8 @@ def test_an_error_while_reading_a_backends_tar_stream_is_translated_too(
 
 
 def test_a_missing_client_library_is_unavailable_with_the_pip_line_as_its_fix(
-    base: type[corral.Backend], provide: Any, settings: Settings, global_host: PluginHost
+    needs_docker: None, settings: Settings, global_host: PluginHost
 ) -> None:
-    class NeedsDocker(base):  # type: ignore[valid-type, misc]
-        name = "needs-docker"
-
-        def check(self) -> Availability:
-            raise ModuleNotFoundError("No module named 'docker'", name="docker")
-
-    # Provided by corral's own distribution, whose "docker" extra brings the module.
-    provide("needs-docker", NeedsDocker, "corral")
     with pytest.raises(corral.BackendUnavailableError) as raised:
         corral.create(backend="needs-docker", security=NOT_ISOLATED, settings=settings)
     error = raised.value
@@ -222,15 +228,8 @@ def test_doctor_and_backends_show_a_missing_library_with_its_pip_line(
 
 
 def test_the_cli_prints_a_missing_library_as_an_error_with_its_fix(
-    base: type[corral.Backend], provide: Any, capsys: pytest.CaptureFixture[str], settings: Any
+    needs_docker: None, capsys: pytest.CaptureFixture[str], settings: Any
 ) -> None:
-    class NeedsDocker(base):  # type: ignore[valid-type, misc]
-        name = "needs-docker"
-
-        def check(self) -> Availability:
-            raise ModuleNotFoundError("No module named 'docker'", name="docker")
-
-    provide("needs-docker", NeedsDocker, "corral")
     status = cli.main(["run", "--backend", "needs-docker", "--", "true"])
     err = capsys.readouterr().err
     assert status == cli.EXIT_CORRAL_FAILED

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import IO, Any
 from urllib.parse import quote
 
@@ -108,7 +109,7 @@ _RULES = (
     ),
     Rule(
         ConflictError,
-        lambda status, text: "network is being used" in text or "removal" in text,
+        lambda status, text: "network is being used" in text,  # removed again, shortly
         lambda text: f"the service refused: {text}",
         lambda status, text: True,
     ),
@@ -144,7 +145,6 @@ class PodmanEngine(Engine):
         self._client: Any = None
         self._lock = threading.Lock()
         self._profile: str | None = None
-        self._host_security: dict[str, Any] | None = None
         # How containers get their PID 1 (see _create): None until the first create.
         self.init: str | None = None
 
@@ -291,8 +291,9 @@ class PodmanEngine(Engine):
         """Create with the init this service has: its own (catatonit), else a static one
         of this host's (the service may see fewer than corral does: tried in turn), else
         corral's own PID 1. Found at the first create, and kept."""
-        inits = [self.init] if self.init else ["engine", *filter(_static, _HOST_INITS)]
-        for init in [*inits, "own"]:
+        # Lazily: a host's inits are read only when the service's own is missing.
+        inits = [self.init] if self.init else chain(["engine"], filter(_static, _HOST_INITS))
+        for init in chain(inits, ["own"]):
             if init == "engine":
                 request = spec
             elif init == "own":
@@ -523,7 +524,15 @@ class PodmanEngine(Engine):
             # 1777, whatever the spec asked): set the asked one from the host.
             pid = int(self.inspect(container_id)["State"].get("Pid") or 0)
             for tmpfs in asked:
-                chmod_inside(pid, tmpfs.target, tmpfs.mode)
+                try:
+                    chmod_inside(pid, tmpfs.target, tmpfs.mode)
+                except OSError as e:  # a link in the image's path, or the container gone
+                    raise PathSecurityError(
+                        f"the tmpfs at {tmpfs.target!r} could not be given mode "
+                        f"{tmpfs.mode:o} ({e.strerror}); corral follows no link of the "
+                        "image's to reach it",
+                        fix="mount it where the image has a plain folder, or drop its mode",
+                    ) from e
 
     def _check_isolated(self, name: str, network: dict[str, Any]) -> None:
         if (network.get("options") or {}).get("isolate") != "true":
@@ -531,7 +540,9 @@ class PodmanEngine(Engine):
                 f"Podman did not isolate network {name} (its options are "
                 f"{network.get('options')!r}): a Docker-API client that inspects or lists "
                 "networks on this service while a sandbox starts makes Podman 4.3 drop the "
-                "option; Podman before 4.1 does not have it"
+                "option; Podman before 4.1 does not have it",
+                fix="use Podman 4.1 or later, and no Docker-API client that lists networks "
+                "on this service while sandboxes start",
             )
 
     def networks(self) -> list[tuple[str, dict[str, str]]]:
@@ -639,7 +650,28 @@ class PodmanEngine(Engine):
                 raise PathSecurityError(
                     f"{path!r} is a symlink (to {target!r}); corral does not follow it"
                 )
-            yield from response.iter_content(1024 * 1024)
+            chunks = response.iter_content(1024 * 1024)
+            # A tar with no member at all (its end, two zero blocks) is never what an
+            # existing path gives: Podman's copier left out what it could not read.
+            head = b""
+            for chunk in chunks:
+                head += chunk
+                if len(head) > 1024:
+                    break
+            if not head.strip(b"\0"):
+                raise self._left_out(path)
+            yield head
+            yield from chunks
+
+    def _left_out(self, path: str) -> SandboxError:
+        if self.settings.userns == "auto":
+            return CapabilityError(
+                f"{path!r} cannot be read through Podman's archive API in a sandbox with "
+                "its own user namespace (userns=auto): its copier leaves out files whose "
+                "host owner the sandbox does not map (a bind mount's, say)",
+                fix=f"read it with exec (cat {path}), or leave backends.podman.userns unset",
+            )
+        return InternalError(f"Podman sent {path!r} as an archive with nothing in it")
 
     def stats(self, name: str, memory_limit: int) -> ResourceUsage:
         stats = self._json("get", "/containers/stats", params={"containers": name, "stream": False})

@@ -22,6 +22,7 @@ from ...core.errors import (
     ConflictError,
     InternalError,
     NotFoundError,
+    PathSecurityError,
     ResourceLimitError,
     SandboxError,
 )
@@ -238,6 +239,7 @@ class ContainerBackend(Backend):
                     "the engine did not finish removing the sandbox",
                     backend=self.name,
                     sandbox_id=sandbox_id,
+                    fix="close it again later, or run `corral gc`",
                 )
             time.sleep(0.05)
 
@@ -453,12 +455,13 @@ class ContainerBackend(Backend):
         stream: Stream | None = None
         try:
             container_id = self._make(sandbox_id, spec, labels, plan_)
-            try:
-                waiter = EngineWait(
-                    socket_path, self.engine.wait_path(container_id), self.settings.timeout
-                )
-            except OSError as e:
-                raise self.engine.unavailable(e, sandbox_id) from e
+            with self._engine(sandbox_id):  # its refusal names the backend and sandbox
+                try:
+                    waiter = EngineWait(
+                        socket_path, self.engine.wait_path(container_id), self.settings.timeout
+                    )
+                except OSError as e:
+                    raise self.engine.unavailable(e, sandbox_id) from e
             with self._engine(sandbox_id):
                 stream = self.engine.attach(container_id)
                 ended = self.engine.outcome(container_id, sandbox_id)
@@ -499,8 +502,18 @@ class ContainerBackend(Backend):
     # -- files and usage ----------------------------------------------------------------
 
     def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
-        with self._engine(sandbox_id):
-            self.engine.put_archive(naming.container_name(sandbox_id), path, archive)
+        try:
+            with self._engine(sandbox_id):
+                self.engine.put_archive(naming.container_name(sandbox_id), path, archive)
+        except PathSecurityError as e:
+            # The engine's words need not name the folder (Docker: "mounted volume is
+            # marked read-only").
+            raise PathSecurityError(
+                f"{path!r} is read-only in the sandbox ({e.message})",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+                fix=e.fix,
+            ) from e
 
     def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
         with self._engine(sandbox_id):

@@ -99,7 +99,7 @@ RULES = (
     Rule(
         PathSecurityError,
         lambda status, text: "read-only" in text or "read only" in text,
-        lambda text: f"{text}; write under the workspace or a volume",
+        fix="write under a writable folder: the workspace, /tmp or a read-write mount",
     ),
 )
 
