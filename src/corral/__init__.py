@@ -40,7 +40,14 @@ if TYPE_CHECKING:
     from .core.lifecycle import list_sandboxes as list
     from .core.output import OutputSink
     from .core.pool import Pool
-    from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+    from .core.results import (
+        ExecResult,
+        Health,
+        NodeInfo,
+        OutputChunk,
+        ResourceUsage,
+        SandboxInfo,
+    )
     from .core.sandbox import Sandbox, SandboxState
     from .core.settings import Settings, load_settings
     from .core.spec import (
@@ -79,6 +86,7 @@ __all__ = [
     "Mount",
     "Network",
     "NoSettings",
+    "NodeInfo",
     "NotFoundError",
     "OutputChunk",
     "OutputSink",
@@ -126,6 +134,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Pool": ("pool", "Pool"),
     **{n: ("results", n) for n in ("ExecResult", "Health", "OutputChunk", "ResourceUsage")},
     "SandboxInfo": ("results", "SandboxInfo"),
+    "NodeInfo": ("results", "NodeInfo"),
     "Sandbox": ("sandbox", "Sandbox"),
     "SandboxState": ("sandbox", "SandboxState"),
     "Settings": ("settings", "Settings"),

@@ -352,7 +352,11 @@ def cmd_ls(args: Args) -> int:
         )
         for info in infos
     ]
-    _print_table(("ID", "BACKEND", "STATUS", "CREATED", "EXPIRES", "IMAGE"), rows)
+    headers: tuple[str, ...] = ("ID", "BACKEND", "STATUS", "CREATED", "EXPIRES", "IMAGE")
+    if any(info.node is not None for info in infos):  # a cluster's: where each one runs
+        headers += ("NODE",)
+        rows = [(*row, str(info.node or "-")) for row, info in zip(rows, infos)]
+    _print_table(headers, rows)
     return 0
 
 

@@ -22,7 +22,16 @@ from .spec import ExecRequest, MountLike, SandboxSpec
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["attach", "build_spec", "create", "gc", "list_sandboxes", "run", "select_backend_name"]
+__all__ = [
+    "attach",
+    "build_spec",
+    "check_capabilities",
+    "create",
+    "gc",
+    "list_sandboxes",
+    "run",
+    "select_backend_name",
+]
 
 # corral.create()'s keywords that describe the sandbox (corral.run takes them too).
 _CREATE_KEYWORDS = options.names(options.CREATE)
@@ -62,7 +71,9 @@ def _contribute(host: PluginHost, spec: SandboxSpec, backend: str) -> SandboxSpe
     )
 
 
-def _check_capabilities(backend: Backend, spec: SandboxSpec) -> None:
+def check_capabilities(backend: Backend, spec: SandboxSpec) -> None:
+    """Refuse, naming each field, what ``spec`` asks for that ``backend`` cannot enforce
+    here (a cluster's node agent asks it again of the node's own backend)."""
     have = backend.capabilities()
     missing = {cap: field for cap, field in required_capabilities(spec).items() if cap not in have}
     if missing:
@@ -192,7 +203,7 @@ def _open(
     final = _contribute(host, final, name)
     final = apply_policy(final, settings)
     host.hooks.check_spec(final, name)
-    _check_capabilities(chosen, final)
+    check_capabilities(chosen, final)
 
     import uuid  # deferred: ~2 ms at `import corral`, needed only once a sandbox is made
 

@@ -54,6 +54,12 @@ class OutputSink:
         with self._lock:
             return b"".join(self._parts[stream])
 
+    @property
+    def watched(self) -> bool:
+        """Whether someone streams the chunks (so output past the cap still matters:
+        a backend that ships output elsewhere may drop it when nobody does)."""
+        return self._on_chunk is not None
+
     def cancel(self) -> None:
         self._cancelled.set()
 

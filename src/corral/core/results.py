@@ -9,8 +9,10 @@ import attrs
 __all__ = [
     "LEFTOVER",
     "LEFTOVER_GRACE",
+    "LOST",
     "ExecResult",
     "Health",
+    "NodeInfo",
     "OutputChunk",
     "ResourceUsage",
     "SandboxInfo",
@@ -23,6 +25,9 @@ LEFTOVER = "leftover"
 # How long gc leaves a leftover alone: it may be a create in flight in another process
 # (a network made just before its container, a local folder before its metadata).
 LEFTOVER_GRACE = 60.0
+#: The status of a sandbox whose cluster node is gone: its calls fail (retryable), and
+#: ``gc`` releases what the cluster still holds for it.
+LOST = "lost"
 
 
 def _decode(data: bytes) -> str:
@@ -109,11 +114,24 @@ class Health:
 
 
 @attrs.frozen
+class NodeInfo:
+    """The machine of a cluster a sandbox runs on: the node's id and its address."""
+
+    id: str
+    address: str
+
+    def __str__(self) -> str:
+        return f"{self.id[:12]}@{self.address}"
+
+
+@attrs.frozen
 class SandboxInfo:
     """One sandbox as a backend lists it (by corral's labels).
 
     ``status`` is the backend's word for its state (``running``, ``exited``...), or
-    ``leftover`` when only a part of it remains for ``gc`` to remove.
+    ``leftover`` when only a part of it remains for ``gc`` to remove, or ``lost`` when
+    the cluster node it ran on is gone. ``node`` is where it runs on a cluster backend
+    (``ray``); None on the single-host backends.
     """
 
     id: str
@@ -123,3 +141,4 @@ class SandboxInfo:
     expires: float
     image: str | None = None
     labels: dict[str, str] = attrs.field(factory=dict)
+    node: NodeInfo | None = None

@@ -1,0 +1,494 @@
+"""The ray backend, as the driver sees it: sandboxes on the nodes of a Ray cluster.
+
+Each node runs one agent (``agent.NodeAgent``, a detached Ray actor) that makes and
+serves the node's sandboxes with the node's own corral backend. This side chooses a
+node, reserves the sandbox's resources there through its agent, and forwards every
+call; nothing is kept here that another driver could not find again: a sandbox's
+placement group is named after it and its node (``corral.<id>.<node>``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+from ...core.backend import Availability, Backend, Capability, ExecStatus, required_capabilities
+from ...core.errors import (
+    BackendUnavailableError,
+    CapabilityError,
+    CapacityError,
+    NotFoundError,
+    SandboxError,
+)
+from ...core.output import OutputSink
+from ...core.results import LOST, Health, NodeInfo, ResourceUsage, SandboxInfo
+from ...core.spec import ExecRequest, SandboxSpec
+from . import placement, wire
+from .agent import NodeAgent, agent_name
+from .settings import RaySettings
+
+__all__ = ["RayBackend"]
+
+_FIRST_WAIT = 0.5  # seconds an exec's first call waits for output or the end
+_POLL_WAIT = 0.5  # ... and each later one (also how soon a cancel is noticed)
+_RESERVE_WAIT = 0.5  # seconds a node waits for its placement group before it says full
+_REPORTS_FRESH = 2.0  # seconds the nodes' reports are reused for placement
+_CHUNK = 512 * 1024  # bytes of an archive per call into a node
+_START_HINT = "ray start --head (then `ray start --address=HEAD:6379` on each other node)"
+
+
+class RayBackend(Backend):
+    """Sandboxes on the nodes of a Ray cluster, each made by its node's corral backend."""
+
+    name = "ray"
+    Settings = RaySettings
+    capability_conditions = (
+        (Capability(0), "whatever the backend each node runs enforces there (see doctor)"),
+    )
+
+    def __init__(self, settings: RaySettings) -> None:
+        super().__init__(settings)
+        self.settings: RaySettings = settings
+        self._lock = threading.RLock()
+        self._ray: Any = None
+        self._job = ""
+        self._agents: dict[str, Any] = {}
+        self._reports: dict[str, wire.NodeReport] = {}
+        self._reported = 0.0
+        self._placed: dict[str, int] = {}  # sandboxes this driver put on each node since
+        self._where: dict[str, str] = {}  # sandbox id: node id
+
+    # -- the cluster ------------------------------------------------------------------
+
+    def _address(self) -> str | None:
+        if self.settings.address != "auto":
+            return self.settings.address
+        if os.environ.get("RAY_ADDRESS"):
+            return os.environ["RAY_ADDRESS"]
+        # Where `ray start --head` records the cluster of this machine.
+        recorded = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+        try:
+            with open(recorded) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def check(self) -> Availability:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            return Availability(
+                False, "the ray package is not installed", "pip install 'corral[ray]'"
+            )
+        if self._ray is not None:
+            return Availability(True, f"connected, namespace {self.settings.namespace}")
+        address = self._address()
+        if address is None:
+            return Availability(
+                False, "no Ray cluster runs on this machine (address = auto)", _START_HINT
+            )
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=2).close()
+        except (OSError, ValueError):
+            return Availability(False, f"no Ray cluster answers at {address}", _START_HINT)
+        return Availability(True, f"cluster at {address}")
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._ray is not None:
+                return self._ray
+            try:
+                import ray
+            except ImportError as e:
+                raise BackendUnavailableError(
+                    "the ray package is not installed", backend=self.name,
+                    fix="pip install 'corral[ray]'",
+                ) from e
+            if not ray.is_initialized():
+                address = self._address()
+                if address is None:
+                    raise BackendUnavailableError(
+                        "no Ray cluster runs on this machine (address = auto)",
+                        backend=self.name, fix=_START_HINT,
+                    )
+                try:
+                    ray.init(
+                        address=address,
+                        namespace=self.settings.namespace,
+                        logging_level=logging.WARNING,
+                        log_to_driver=False,
+                    )
+                except (ConnectionError, RuntimeError, ValueError) as e:
+                    raise BackendUnavailableError(
+                        f"cannot join the Ray cluster at {address}: {e}",
+                        backend=self.name, fix=_START_HINT,
+                    ) from e
+            self._job = ray.get_runtime_context().get_job_id()
+            self._ray = ray
+            return ray
+
+    def _agent(self, node: str) -> Any:
+        """The node's agent, started when it has none (a detached actor: it outlives
+        this driver, and serves every driver)."""
+        with self._lock:
+            handle = self._agents.get(node)
+        if handle is not None:
+            return handle
+        ray = self._connect()
+        if node not in self._alive_nodes():  # an actor pinned there would never start
+            raise BackendUnavailableError(
+                f"node {self._describe(node)} of the Ray cluster is lost",
+                backend=self.name, retryable=True,
+            )
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        handle = _actor_class(ray).options(
+            name=agent_name(node),
+            namespace=self.settings.namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1024,  # a waiting call (an exec's output) holds one thread
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(node)
+        with self._lock:
+            self._agents[node] = handle
+        return handle
+
+    def _alive_nodes(self) -> dict[str, dict[str, Any]]:
+        ray = self._connect()
+        return {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+
+    def _cluster(self, fresh: bool = False) -> dict[str, wire.NodeReport]:
+        """Every live node's report, reused for ``_REPORTS_FRESH`` seconds."""
+        with self._lock:
+            if not fresh and time.monotonic() - self._reported < _REPORTS_FRESH:
+                return self._reports
+        ray = self._connect()
+        nodes = self._alive_nodes()
+        pending = {node: self._agent(node).report.remote() for node in nodes}
+        reports = {}
+        for node, ref in pending.items():
+            try:
+                reports[node] = ray.get(ref, timeout=self.settings.call_timeout)
+            except Exception:  # a node going away: placement leaves it out
+                with self._lock:
+                    self._agents.pop(node, None)
+        with self._lock:
+            self._reports, self._reported = reports, time.monotonic()
+            self._placed = {}
+        return reports
+
+    def _call(self, node: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """A call to the node's agent; its Failure raised here, a lost node a retryable
+        error that names it."""
+        ray = self._connect()
+        from ray import exceptions as rx
+
+        call = getattr(self._agent(node), method)
+        try:
+            answer = ray.get(call.remote(*args), timeout=timeout or self.settings.call_timeout)
+        except rx.GetTimeoutError as e:
+            raise BackendUnavailableError(
+                f"node {self._describe(node)} did not answer {method} within "
+                f"{timeout or self.settings.call_timeout:g} s",
+                backend=self.name, retryable=True,
+            ) from e
+        except (rx.RayActorError, rx.ObjectLostError, rx.RaySystemError, rx.RayTaskError) as e:
+            with self._lock:
+                self._agents.pop(node, None)
+            raise BackendUnavailableError(
+                f"node {self._describe(node)} of the Ray cluster is lost or its agent "
+                f"failed ({type(e).__name__})",
+                backend=self.name, retryable=True,
+            ) from e
+        if isinstance(answer, wire.Failure):
+            wire.raise_failure(answer)
+        return answer
+
+    def _describe(self, node: str) -> str:
+        report = self._reports.get(node)
+        return str(report.node) if report is not None else node[:12]
+
+    # -- capabilities -----------------------------------------------------------------
+
+    def capabilities(self) -> Capability:
+        """What some node's backend enforces (a create goes only to a node that enforces
+        all the spec asks for)."""
+        have = Capability(0)
+        for report in self._cluster().values():
+            name = placement.backend_of(report, self.settings.node_backend)
+            ok, _, caps = report.backends.get(name or "", (False, "", 0))
+            if ok:
+                have |= Capability(caps)
+        return have
+
+    def capability_hint(self, missing: Capability) -> str:
+        chosen = self.settings.node_backend or "their default backend"
+        return f"no node of the Ray cluster enforces it with {chosen}"
+
+    def diagnose(self) -> builtins.list[str]:
+        lines = []
+        for report in self._cluster(fresh=True).values():
+            backends = ", ".join(
+                name + ("" if ok else f" (unavailable: {why})")
+                for name, (ok, why, _) in report.backends.items()
+            )
+            lines.append(
+                f"node {report.node}: {report.sandboxes} sandboxes; default backend "
+                f"{report.default}; backends: {backends}"
+            )
+        return lines
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        need = Capability(0)
+        for cap in required_capabilities(spec):
+            need |= cap
+        want = placement.bundle(spec, self.settings.resources)
+        # The driver's policy let these sources in; a node whose operator set no
+        # mount_roots of its own takes them as its roots (its own checks still apply).
+        roots = tuple(m.source for m in spec.mounts if m.kind == "bind")
+        deadline = time.monotonic() + self.settings.placement_timeout
+        failed: dict[str, SandboxError] = {}
+        fresh = False
+        short: set[str] = set()
+        while True:
+            reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
+            fit, why = placement.candidates(
+                reports, self.settings.node_backend, need, self.settings.max_per_node
+            )
+            if not fit and not any("max_per_node" in w for w in why.values()):
+                self._refuse(why, failed)  # no node could take it, however long we wait
+            impossible = placement.too_big(want, self._totals(fit))
+            if fit and impossible:
+                raise CapacityError(impossible, backend=self.name, sandbox_id=sandbox_id)
+            with self._lock:
+                counts = {n: reports[n].sandboxes + self._placed.get(n, 0) for n in fit}
+            for node in placement.ordered(fit, counts, self.settings.strategy):
+                with self._lock:
+                    self._placed[node] = self._placed.get(node, 0) + 1
+                try:
+                    answer = self._call(
+                        node, "create", sandbox_id, spec, labels, self.settings.node_backend,
+                        want, self.settings.max_per_node, roots, _RESERVE_WAIT,
+                    )
+                except BackendUnavailableError as e:  # that node, not the spec
+                    failed[node] = e
+                    answer = None
+                if isinstance(answer, NodeInfo):
+                    with self._lock:
+                        self._where[sandbox_id] = node
+                    return
+                with self._lock:
+                    self._placed[node] -= 1
+                if isinstance(answer, wire.Full) and answer.resource:
+                    short.add(answer.resource)
+            if time.monotonic() >= deadline:
+                what = " and ".join(sorted(short)) or "room (max_per_node)"
+                raise CapacityError(
+                    f"no node of the Ray cluster had {what} free for this sandbox within "
+                    f"{self.settings.placement_timeout:g} s (it reserves "
+                    + ", ".join(f"{placement._amount(r, a)} {r}" for r, a in want.items())
+                    + ")",
+                    backend=self.name, sandbox_id=sandbox_id,
+                )
+            time.sleep(0.2)
+            fresh = True
+
+    def _refuse(self, why: dict[str, str], failed: dict[str, SandboxError]) -> None:
+        """Raise why no node can host the sandbox: what it asks that no node's backend
+        enforces, else what a node answered when asked, else why none has a backend."""
+        reasons = "; ".join(f"node {self._describe(n)}: {w}" for n, w in why.items())
+        if any("cannot enforce" in w for w in why.values()):
+            raise CapabilityError(
+                f"no node of the Ray cluster can host this sandbox: {reasons}",
+                backend=self.name,
+            )
+        if failed:
+            raise next(iter(failed.values()))
+        raise BackendUnavailableError(
+            f"no node of the Ray cluster can host this sandbox: {reasons or 'no nodes'}",
+            backend=self.name, fix="install and start a corral backend on the nodes "
+            "(corral doctor on a node says what is missing)",
+        )
+
+    def _totals(self, nodes: list[str]) -> dict[str, dict[str, float]]:
+        every = self._alive_nodes()
+        return {n: every[n]["Resources"] for n in nodes if n in every}
+
+    def _node_of(self, sandbox_id: str) -> str:
+        """The node a sandbox is on: known here, else read from its placement group's
+        name; a node that is gone is a retryable error naming it."""
+        with self._lock:
+            node = self._where.get(sandbox_id)
+        if node is None:
+            node = self._groups().get(sandbox_id, (None, None))[0]
+            if node is None:
+                raise NotFoundError(
+                    f"no sandbox {sandbox_id} in the Ray cluster",
+                    backend=self.name, sandbox_id=sandbox_id,
+                )
+            with self._lock:
+                self._where[sandbox_id] = node
+        return node
+
+    def _groups(self) -> dict[str, tuple[str, str]]:
+        """Each corral sandbox's node and placement group id, from the cluster's table."""
+        self._connect()
+        from ray.util.placement_group import placement_group_table
+
+        found = {}
+        for gid, group in placement_group_table().items():
+            parts = group.get("name", "").split(".")
+            if len(parts) == 3 and parts[0] == "corral" and group["state"] != "REMOVED":
+                found[parts[1]] = (parts[2], gid)
+        return found
+
+    def _on(self, sandbox_id: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+        node = self._node_of(sandbox_id)
+        try:
+            return self._call(node, method, sandbox_id, *args, timeout=timeout)
+        except BackendUnavailableError as e:
+            if e.sandbox_id is None:
+                e.sandbox_id = sandbox_id
+            raise
+
+    def destroy(self, sandbox_id: str) -> None:
+        try:
+            node = self._node_of(sandbox_id)
+        except NotFoundError:
+            return
+        if node in self._alive_nodes():
+            self._call(node, "destroy", sandbox_id)
+        else:  # the node is gone: release what the cluster still holds for it
+            gid = self._groups().get(sandbox_id, (None, ""))[1]
+            from .agent import _remove_group
+
+            _remove_group(gid)
+        with self._lock:
+            self._where.pop(sandbox_id, None)
+
+    def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
+        info, spec = self._on(sandbox_id, "inspect")
+        return info, spec
+
+    def list(self) -> builtins.list[SandboxInfo]:
+        ray = self._connect()
+        nodes = self._alive_nodes()
+        refs = [self._agent(node).list.remote() for node in nodes]
+        found: builtins.list[SandboxInfo] = []
+        for ref in refs:
+            try:
+                answer = ray.get(ref, timeout=self.settings.call_timeout)
+            except Exception:
+                continue  # a node going away: its sandboxes show as lost below next time
+            if isinstance(answer, wire.Failure):
+                wire.raise_failure(answer)
+            found.extend(answer)
+        listed = {info.id for info in found}
+        every = {n["NodeID"]: n for n in ray.nodes()}
+        for sandbox_id, (node, _) in self._groups().items():
+            if node not in nodes and sandbox_id not in listed:
+                address = every.get(node, {}).get("NodeManagerAddress", "?")
+                found.append(
+                    SandboxInfo(
+                        id=sandbox_id, backend=self.name, status=LOST, created=0.0,
+                        expires=0.0, node=NodeInfo(node, address),
+                    )
+                )
+        return found
+
+    def alive(self, sandbox_id: str) -> bool:
+        try:
+            return bool(self._on(sandbox_id, "alive"))
+        except SandboxError:
+            return False
+
+    def usage(self, sandbox_id: str) -> ResourceUsage:
+        usage: ResourceUsage = self._on(sandbox_id, "usage")
+        return usage
+
+    def health(self, sandbox_id: str) -> Health:
+        health: Health = self._on(sandbox_id, "health")
+        return health
+
+    def pause(self, sandbox_id: str) -> None:
+        self._on(sandbox_id, "pause")
+
+    def resume(self, sandbox_id: str) -> None:
+        self._on(sandbox_id, "resume")
+
+    # -- exec and files ---------------------------------------------------------------
+
+    def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
+        node = self._node_of(sandbox_id)
+        bound = self.settings.call_timeout + _POLL_WAIT
+        reply: wire.ExecReply = self._on(
+            sandbox_id, "exec", request, self._job, sink.watched, _FIRST_WAIT, timeout=bound
+        )
+        cancelled = False
+        try:
+            while True:
+                for stream, data in reply.chunks:
+                    sink.write(stream, data)
+                if reply.status is not None:
+                    if reply.dropped:
+                        sink.truncated = True
+                    return reply.status
+                if sink.cancelled and not cancelled:
+                    self._call(node, "cancel", reply.token)
+                    cancelled = True
+                reply = self._call(node, "exec_more", reply.token, _POLL_WAIT, timeout=bound)
+        except BaseException:
+            if not cancelled:  # an interrupted driver: stop the command, do not wait
+                self._agent(node).cancel.remote(reply.token)
+            raise
+
+    def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
+        node = self._node_of(sandbox_id)
+        reply: wire.Reply = self._on(sandbox_id, "get_archive", path, self._job, _POLL_WAIT)
+        try:
+            while True:
+                yield from reply.chunks
+                if reply.done:
+                    return
+                reply = self._call(node, "get_more", reply.token, _POLL_WAIT)
+        finally:
+            if not reply.done:  # the reader stopped early: the node stops reading too
+                self._agent(node).drop.remote(reply.token)
+
+    def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
+        node = self._node_of(sandbox_id)
+        data = archive.read(_CHUNK)
+        following = archive.read(_CHUNK)
+        token = self._on(sandbox_id, "put_archive", path, data, not following, self._job)
+        if token is None:
+            return
+        try:
+            while following:
+                data, following = following, archive.read(_CHUNK)
+                self._call(node, "put_more", token, data, not following)
+        except BaseException:
+            self._agent(node).drop.remote(token)
+            raise
+
+
+_ACTOR: Any = None
+
+
+def _actor_class(ray: Any) -> Any:
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(NodeAgent)
+    return _ACTOR
+
