@@ -341,7 +341,7 @@ def cmd_ls(args: Args) -> int:
         _print_json([attrs.asdict(info) for info in infos])
         return 0
     now = time.time()
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (
             info.id,
             info.backend,
@@ -355,7 +355,7 @@ def cmd_ls(args: Args) -> int:
     headers: tuple[str, ...] = ("ID", "BACKEND", "STATUS", "CREATED", "EXPIRES", "IMAGE")
     if any(info.node is not None for info in infos):  # a cluster's: where each one runs
         headers += ("NODE",)
-        rows = [(*row, str(info.node or "-")) for row, info in zip(rows, infos)]
+        rows = [(*row, str(info.node or "-")) for row, info in zip(rows, infos, strict=True)]
     _print_table(headers, rows)
     return 0
 

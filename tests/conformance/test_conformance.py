@@ -81,3 +81,35 @@ class TestPodman(BackendConformance):
     @pytest.fixture(autouse=True)
     def _engine_configured(self) -> None:
         _require_variable(PODMAN_URL)
+
+
+class _ThroughRay(BackendConformance):
+    """The kit through the ray backend, on the suite's cluster (scripts/cluster), with
+    each node making its sandboxes with ``node_backend``."""
+
+    backend = "ray"
+    node_backend: str
+
+    @pytest.fixture
+    def conformance_settings(self, conformance_scratch: Path) -> corral.Settings:
+        _require_variable("CORRALTEST_RAY_ADDRESS")
+        ray = {"address": os.environ["CORRALTEST_RAY_ADDRESS"], "node_backend": self.node_backend}
+        overrides = {"mount_roots": [str(conformance_scratch)], "backends": {"ray": ray}}
+        return load_settings(overrides, cwd=conformance_scratch, environ={})
+
+
+class TestRayLocal(_ThroughRay):
+    node_backend = "local"
+    pytestmark = [pytest.mark.ray, pytest.mark.local]
+
+
+class TestRayDocker(_ThroughRay):
+    node_backend = "docker"
+    image = TEST_IMAGE
+    pytestmark = [pytest.mark.ray, pytest.mark.docker]
+
+
+class TestRayPodman(_ThroughRay):
+    node_backend = "podman"
+    image = TEST_IMAGE
+    pytestmark = [pytest.mark.ray, pytest.mark.podman]

@@ -14,7 +14,7 @@ from .errors import CapabilityError, SandboxError
 
 if TYPE_CHECKING:
     from .output import OutputSink
-    from .results import Health, ResourceUsage, SandboxInfo
+    from .results import Health, NodeInfo, ResourceUsage, SandboxInfo
     from .spec import ExecRequest, SandboxSpec
 
 __all__ = [
@@ -250,6 +250,11 @@ class Backend(abc.ABC):
             return self.inspect(sandbox_id)[0].status == "running"
         except SandboxError:
             return False
+
+    def node_of(self, sandbox_id: str) -> NodeInfo | None:
+        """The cluster node the sandbox runs on, for ``SandboxInfo.node``; None on a
+        single host (this default). Cheap: asked once after each create."""
+        return None
 
     def capability_hint(self, missing: Capability) -> str:
         """Why this host lacks ``missing`` and how to fix it, for the refusal message."""

@@ -239,6 +239,7 @@ def _open(
         expires=now + final.limits.lifetime,
         image=final.image,
         labels=labels_out,
+        node=None if pending else chosen.node_of(sandbox_id),
     )
     sandbox = Sandbox(
         sandbox_id=sandbox_id,

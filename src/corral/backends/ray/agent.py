@@ -47,12 +47,24 @@ from ...core.spec import ExecRequest, SandboxSpec
 from . import wire
 from .feed import Abandoned, Feed, Intake, Leases
 
-__all__ = ["LABEL_BACKEND", "LABEL_GROUP", "LABEL_NODE", "NodeAgent", "agent_name"]
+__all__ = [
+    "LABEL_BACKEND",
+    "LABEL_GROUP",
+    "LABEL_NODE",
+    "NodeAgent",
+    "agent_name",
+    "group_name",
+    "standing_groups",
+]
 
 # Labels the agent adds to each sandbox it makes, on top of corral's own.
 LABEL_NODE = "corral.ray.node"  # the Ray node id
 LABEL_GROUP = "corral.ray.group"  # the placement group's id (hex)
 LABEL_BACKEND = "corral.ray.backend"  # the node backend that holds it
+# Which cluster (its session) and namespace made it: an agent touches only its own
+# (the machine may run nodes of other clusters, sharing a state folder or an engine).
+LABEL_CLUSTER = "corral.ray.cluster"
+LABEL_NAMESPACE = "corral.ray.namespace"
 _FEED_LIMIT = 8 * 1024**2  # bytes a stream holds on the node before its producer waits
 _REPLY_MOST = 1024**2  # bytes of one reply to a driver
 _SWEEP_EVERY = 2.0  # seconds between sweeps of expired sandboxes and gone drivers
@@ -66,9 +78,22 @@ def agent_name(node_id: str) -> str:
     return f"corral-agent-{node_id}"
 
 
-def group_name(sandbox_id: str, node_id: str) -> str:
+def group_name(namespace: str, sandbox_id: str, node_id: str) -> str:
     """A sandbox's placement group: the driver finds a sandbox's node from it."""
-    return f"corral.{sandbox_id}.{node_id}"
+    return f"corral.{namespace}.{sandbox_id}.{node_id}"
+
+
+def standing_groups(namespace: str) -> dict[str, tuple[str, str]]:
+    """The namespace's placement groups that are not removed: id: (sandbox, node)."""
+    from ray.util.placement_group import placement_group_table
+
+    found = {}
+    for gid, group in placement_group_table().items():
+        prefix, _, rest = group.get("name", "").partition(".")
+        space, sandbox_id, node = rest.rsplit(".", 2) if rest.count(".") >= 2 else ("", "", "")
+        if prefix == "corral" and space == namespace and group["state"] != "REMOVED":
+            found[gid] = (sandbox_id, node)
+    return found
 
 
 def answers(method: Callable[..., T]) -> Callable[..., T | wire.Failure]:
@@ -100,16 +125,21 @@ class _Entry:
 class NodeAgent:
     """Serves the corral sandboxes of one node (made a Ray actor by the driver)."""
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, namespace: str) -> None:
         import ray
 
+        _log_to_stderr()  # Ray keeps a worker's stderr in the node's logs
         self.node = NodeInfo(node_id, ray.util.get_node_ip_address())
+        self.namespace = namespace
+        self.cluster = ray.get_runtime_context().get_session_name()
         self.settings = load_settings()
         self.host = get_host()
         self.host.configure(self.settings)
         self._lock = threading.Lock()
         self._sandboxes: dict[str, _Entry] = {}
         self._reserving = 0
+        self._creating: set[str] = set()  # ids whose create is in flight here
+        self._doomed: set[str] = set()  # ... and whose destroy came meanwhile
         self._feeds: dict[str, tuple[Feed, str]] = {}
         self._intakes: dict[str, tuple[Intake, threading.Thread, list[Any], str]] = {}
         self._leases = Leases(self._job_dead)
@@ -190,6 +220,7 @@ class NodeAgent:
             if max_per_node is not None and len(self._sandboxes) + self._reserving >= max_per_node:
                 return wire.Full(f"max_per_node ({max_per_node}) reached")
             self._reserving += 1
+            self._creating.add(sandbox_id)
         try:
             group = self._reserve(sandbox_id, bundle, wait)
             if isinstance(group, wire.Full):
@@ -201,21 +232,29 @@ class NodeAgent:
                 raise
             with self._lock:
                 self._sandboxes[sandbox_id] = _Entry(name, group.id.hex(), _expires(labels))
+                doomed = sandbox_id in self._doomed
+            if doomed:  # its driver gave up waiting and asked for it gone
+                self.destroy(sandbox_id)
+                raise BackendUnavailableError(
+                    f"sandbox {sandbox_id} was removed while it was made", backend="ray"
+                )
             return self.node
         finally:
             with self._lock:
                 self._reserving -= 1
+                self._creating.discard(sandbox_id)
+                self._doomed.discard(sandbox_id)
 
     def _reserve(self, sandbox_id: str, bundle: dict[str, float], wait: float) -> Any:
         from ray.util.placement_group import placement_group, remove_placement_group
 
         group = placement_group(
             [bundle],
-            name=group_name(sandbox_id, self.node.id),
+            name=group_name(self.namespace, sandbox_id, self.node.id),
             lifetime="detached",  # released by destroy, or by a sweep at lifetime's end
             bundle_label_selector=[{"ray.io/node-id": self.node.id}],
         )
-        if group.wait(wait):
+        if _placed(group, wait):
             return group
         remove_placement_group(group)
         return wire.Full("no room", self._short_of(bundle))
@@ -250,7 +289,10 @@ class NodeAgent:
         check_capabilities(chosen, spec)
         labels = {
             **labels,
+            "corral.backend": name,  # the node backend's own, which it looks for
             LABEL_NODE: self.node.id,
+            LABEL_CLUSTER: self.cluster,
+            LABEL_NAMESPACE: self.namespace,
             LABEL_GROUP: group,
             LABEL_BACKEND: name,
         }
@@ -267,6 +309,8 @@ class NodeAgent:
     def destroy(self, sandbox_id: str) -> None:
         with self._lock:
             entry = self._sandboxes.get(sandbox_id)
+            if entry is None and sandbox_id in self._creating:
+                self._doomed.add(sandbox_id)  # removed as soon as its create ends
         if entry is None:
             return  # gone is fine
         self._backend(entry.backend).destroy(sandbox_id)
@@ -286,9 +330,16 @@ class NodeAgent:
         found = []
         for name in sorted(names):
             for info in self._backend(name).list():
-                if info.labels.get(LABEL_NODE) == self.node.id:
+                if info.labels.get(LABEL_NODE) == self.node.id and self._owns(info):
                     found.append(self._ours(info))
         return found
+
+    def _owns(self, info: SandboxInfo) -> bool:
+        labels = info.labels
+        return (
+            labels.get(LABEL_CLUSTER) == self.cluster
+            and labels.get(LABEL_NAMESPACE) == self.namespace
+        )
 
     def _ours(self, info: SandboxInfo) -> SandboxInfo:
         return attrs.evolve(info, backend="ray", node=self.node)
@@ -502,7 +553,7 @@ class NodeAgent:
     def _job_dead(self, job: str) -> bool:
         import ray
 
-        gcs = ray._private.worker.global_worker.gcs_client
+        gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]
         jobs = gcs.get_all_job_info(
             job_or_submission_id=job, skip_submission_job_info_field=True, timeout=5
         )
@@ -551,31 +602,29 @@ class NodeAgent:
         import ray
 
         began = time.monotonic()
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        groups = _standing_groups()
-        held: set[str] = set()
+        listed: list[tuple[str, SandboxInfo]] = []
         for name, (ok, _, _) in self._backends.items():
-            if not ok:
-                continue
-            try:
-                infos = self._backend(name).list()
-            except SandboxError:
-                continue
-            for info in infos:
-                node = info.labels.get(LABEL_NODE)
-                group = info.labels.get(LABEL_GROUP, "")
-                if node is None or info.labels.get(LABEL_BACKEND) != name:
-                    continue  # not a ray sandbox
-                if node == self.node.id and group in groups:
-                    held.add(info.id)
-                    with self._lock:
-                        self._sandboxes.setdefault(
-                            info.id, _Entry(name, group, _expires(info.labels))
-                        )
-                elif node == self.node.id or node not in alive:
-                    log.info("node agent %s: removing stray sandbox %s", self.node, info.id)
-                    _quietly(lambda n=name, i=info.id: self._backend(n).destroy(i))
-                    _remove_group(group)
+            if ok:
+                with contextlib.suppress(SandboxError):
+                    listed.extend((name, info) for info in self._backend(name).list())
+        # Read after the listing: a sandbox listed had its group and node before it.
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        groups = standing_groups(self.namespace)
+        held: set[str] = set()
+        listed_ids = {info.id for _, info in listed}
+        for name, info in listed:
+            node = info.labels.get(LABEL_NODE)
+            group = info.labels.get(LABEL_GROUP, "")
+            if node is None or info.labels.get(LABEL_BACKEND) != name or not self._owns(info):
+                continue  # not a ray sandbox of this cluster's namespace
+            if node == self.node.id and group in groups:
+                held.add(info.id)
+                with self._lock:
+                    self._sandboxes.setdefault(info.id, _Entry(name, group, _expires(info.labels)))
+            elif node == self.node.id or node not in alive:
+                log.info("node agent %s: removing stray sandbox %s", self.node, info.id)
+                _quietly(functools.partial(self._backend(name).destroy, info.id))
+                _remove_group(group)
         # Known before the listing began and not in it: removed on the node (its own
         # lifetime), or its group is gone. (One made since may not be listed yet.)
         with self._lock:
@@ -586,6 +635,14 @@ class NodeAgent:
             ]
         for sandbox_id in gone:
             self.destroy(sandbox_id)
+        # A group of this node with no sandbox (its create broke off: a killed agent,
+        # a driver gone mid-way) holds resources for nothing.
+        for gid, (sandbox_id, node) in groups.items():
+            with self._lock:
+                busy = sandbox_id in self._creating or sandbox_id in self._sandboxes
+            if node == self.node.id and sandbox_id not in listed_ids and not busy:
+                log.info("node agent %s: releasing the group of gone %s", self.node, sandbox_id)
+                _remove_group(gid)
 
     def ping(self) -> int:
         return os.getpid()
@@ -598,13 +655,31 @@ def _expires(labels: dict[str, str]) -> float:
         raise ConfigError("labels", "a sandbox without corral.expires") from None
 
 
-def _standing_groups() -> set[str]:
-    """The ids of placement groups that are not removed."""
+def _placed(group: Any, wait: float) -> bool:
+    """Whether the group holds its bundle within ``wait`` seconds. Read from the
+    cluster's table, not by ``group.wait()``: that runs a task in the bundle, which
+    costs a worker process on the node."""
     from ray.util.placement_group import placement_group_table
 
-    return {
-        gid for gid, group in placement_group_table().items() if group["state"] != "REMOVED"
-    }
+    deadline = time.monotonic() + wait
+    pause = 0.002
+    while True:
+        if placement_group_table(group)["state"] == "CREATED":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _remove_group(group: str) -> None:
@@ -624,4 +699,3 @@ def _quietly(call: Callable[[], Any]) -> None:
         call()
     except SandboxError:
         log.exception("node agent cleanup failed")
-

@@ -10,12 +10,15 @@ placement group is named after it and its node (``corral.<id>.<node>``).
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
+import operator
 import os
 import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -29,9 +32,9 @@ from ...core.errors import (
 )
 from ...core.output import OutputSink
 from ...core.results import LOST, Health, NodeInfo, ResourceUsage, SandboxInfo
-from ...core.spec import ExecRequest, SandboxSpec
+from ...core.spec import ExecRequest, Mount, SandboxSpec
 from . import placement, wire
-from .agent import NodeAgent, agent_name
+from .agent import NodeAgent, agent_name, standing_groups
 from .settings import RaySettings
 
 __all__ = ["RayBackend"]
@@ -50,7 +53,11 @@ class RayBackend(Backend):
     name = "ray"
     Settings = RaySettings
     capability_conditions = (
-        (Capability(0), "whatever the backend each node runs enforces there (see doctor)"),
+        (
+            functools.reduce(operator.or_, Capability),
+            "where the backend of the sandbox's node enforces it (a create goes only to "
+            "such a node; corral doctor lists each node's)",
+        ),
     )
 
     def __init__(self, settings: RaySettings) -> None:
@@ -62,8 +69,11 @@ class RayBackend(Backend):
         self._agents: dict[str, Any] = {}
         self._reports: dict[str, wire.NodeReport] = {}
         self._reported = 0.0
-        self._placed: dict[str, int] = {}  # sandboxes this driver put on each node since
+        # Nodes this driver chose since the reports were read (creates in flight
+        # included), by a token of each create, so that spread sees its own choices.
+        self._placed: dict[str, tuple[str, float]] = {}
         self._where: dict[str, str] = {}  # sandbox id: node id
+        self._nodes: dict[str, NodeInfo] = {}  # the node of each sandbox made here
 
     # -- the cluster ------------------------------------------------------------------
 
@@ -109,7 +119,8 @@ class RayBackend(Backend):
                 import ray
             except ImportError as e:
                 raise BackendUnavailableError(
-                    "the ray package is not installed", backend=self.name,
+                    "the ray package is not installed",
+                    backend=self.name,
                     fix="pip install 'corral[ray]'",
                 ) from e
             if not ray.is_initialized():
@@ -117,7 +128,8 @@ class RayBackend(Backend):
                 if address is None:
                     raise BackendUnavailableError(
                         "no Ray cluster runs on this machine (address = auto)",
-                        backend=self.name, fix=_START_HINT,
+                        backend=self.name,
+                        fix=_START_HINT,
                     )
                 try:
                     ray.init(
@@ -129,7 +141,8 @@ class RayBackend(Backend):
                 except (ConnectionError, RuntimeError, ValueError) as e:
                     raise BackendUnavailableError(
                         f"cannot join the Ray cluster at {address}: {e}",
-                        backend=self.name, fix=_START_HINT,
+                        backend=self.name,
+                        fix=_START_HINT,
                     ) from e
             self._job = ray.get_runtime_context().get_job_id()
             self._ray = ray
@@ -146,19 +159,24 @@ class RayBackend(Backend):
         if node not in self._alive_nodes():  # an actor pinned there would never start
             raise BackendUnavailableError(
                 f"node {self._describe(node)} of the Ray cluster is lost",
-                backend=self.name, retryable=True,
+                backend=self.name,
+                retryable=True,
             )
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        handle = _actor_class(ray).options(
-            name=agent_name(node),
-            namespace=self.settings.namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_concurrency=1024,  # a waiting call (an exec's output) holds one thread
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(node)
+        handle = (
+            _actor_class(ray)
+            .options(
+                name=agent_name(node),
+                namespace=self.settings.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=1024,  # a waiting call (an exec's output) holds one thread
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            )
+            .remote(node, self.settings.namespace)
+        )
         with self._lock:
             self._agents[node] = handle
         return handle
@@ -173,6 +191,7 @@ class RayBackend(Backend):
             if not fresh and time.monotonic() - self._reported < _REPORTS_FRESH:
                 return self._reports
         ray = self._connect()
+        began = time.monotonic()  # placements before this are in the reports
         nodes = self._alive_nodes()
         pending = {node: self._agent(node).report.remote() for node in nodes}
         reports = {}
@@ -184,23 +203,22 @@ class RayBackend(Backend):
                     self._agents.pop(node, None)
         with self._lock:
             self._reports, self._reported = reports, time.monotonic()
-            self._placed = {}
+            self._placed = {k: v for k, v in self._placed.items() if v[1] >= began}
         return reports
 
     def _call(self, node: str, method: str, *args: Any, timeout: float | None = None) -> Any:
         """A call to the node's agent; its Failure raised here, a lost node a retryable
         error that names it."""
-        ray = self._connect()
         from ray import exceptions as rx
 
-        call = getattr(self._agent(node), method)
         try:
-            answer = ray.get(call.remote(*args), timeout=timeout or self.settings.call_timeout)
+            answer = self._ask(node, method, args, timeout)
         except rx.GetTimeoutError as e:
             raise BackendUnavailableError(
                 f"node {self._describe(node)} did not answer {method} within "
                 f"{timeout or self.settings.call_timeout:g} s",
-                backend=self.name, retryable=True,
+                backend=self.name,
+                retryable=True,
             ) from e
         except (rx.RayActorError, rx.ObjectLostError, rx.RaySystemError, rx.RayTaskError) as e:
             with self._lock:
@@ -208,11 +226,28 @@ class RayBackend(Backend):
             raise BackendUnavailableError(
                 f"node {self._describe(node)} of the Ray cluster is lost or its agent "
                 f"failed ({type(e).__name__})",
-                backend=self.name, retryable=True,
+                backend=self.name,
+                retryable=True,
             ) from e
         if isinstance(answer, wire.Failure):
             wire.raise_failure(answer)
         return answer
+
+    def _ask(self, node: str, method: str, args: tuple[Any, ...], timeout: float | None) -> Any:
+        """The agent's answer; an agent that died on a live node (killed, crashed) is
+        started again and asked once more: it finds its node's sandboxes again."""
+        ray = self._connect()
+        from ray import exceptions as rx
+
+        bound = timeout or self.settings.call_timeout
+        try:
+            return ray.get(getattr(self._agent(node), method).remote(*args), timeout=bound)
+        except rx.ActorDiedError:
+            with self._lock:
+                self._agents.pop(node, None)
+            if node not in self._alive_nodes():
+                raise
+        return ray.get(getattr(self._agent(node), method).remote(*args), timeout=bound)
 
     def _describe(self, node: str) -> str:
         report = self._reports.get(node)
@@ -224,11 +259,24 @@ class RayBackend(Backend):
         """What some node's backend enforces (a create goes only to a node that enforces
         all the spec asks for)."""
         have = Capability(0)
-        for report in self._cluster().values():
+        why = {}
+        reports = self._cluster()
+        for node, report in reports.items():
             name = placement.backend_of(report, self.settings.node_backend)
-            ok, _, caps = report.backends.get(name or "", (False, "", 0))
+            ok, reason, caps = report.backends.get(name or "", (False, "not installed", 0))
             if ok:
                 have |= Capability(caps)
+            else:
+                why[node] = f"{name or 'no backend'}: {reason}"
+        if len(why) == len(reports):  # no node at all: say so, not what it would enforce
+            reasons = "; ".join(f"node {self._describe(n)}: {w}" for n, w in why.items())
+            raise BackendUnavailableError(
+                f"no node of the Ray cluster can run the "
+                f"{self.settings.node_backend or 'default'} backend: {reasons or 'no nodes'}",
+                backend=self.name,
+                fix="install and start that backend on the nodes, or set "
+                "[backends.ray] node_backend (corral doctor on a node says what is missing)",
+            )
         return have
 
     def capability_hint(self, missing: Capability) -> str:
@@ -257,30 +305,47 @@ class RayBackend(Backend):
         want = placement.bundle(spec, self.settings.resources)
         # The driver's policy let these sources in; a node whose operator set no
         # mount_roots of its own takes them as its roots (its own checks still apply).
-        roots = tuple(m.source for m in spec.mounts if m.kind == "bind")
+        roots = tuple(m.source for m in spec.mounts if isinstance(m, Mount))
         deadline = time.monotonic() + self.settings.placement_timeout
         failed: dict[str, SandboxError] = {}
         fresh = False
         short: set[str] = set()
         while True:
             reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
+            totals = self._totals()
+            impossible = placement.too_big(want, totals)
+            if impossible:  # on no node, however long we wait
+                raise CapacityError(impossible, backend=self.name, sandbox_id=sandbox_id)
             fit, why = placement.candidates(
                 reports, self.settings.node_backend, need, self.settings.max_per_node
             )
+            for node in [n for n in fit if not placement.holds(want, totals.get(n, {}))]:
+                fit.remove(node)
+                why[node] = "it has too little of " + ", ".join(want)
             if not fit and not any("max_per_node" in w for w in why.values()):
                 self._refuse(why, failed)  # no node could take it, however long we wait
-            impossible = placement.too_big(want, self._totals(fit))
-            if fit and impossible:
-                raise CapacityError(impossible, backend=self.name, sandbox_id=sandbox_id)
+            free = _free_resources()  # None when Ray does not say: then every node is asked
+            ready = [n for n in fit if free is None or placement.holds(want, free.get(n, {}))]
+            if free is not None:
+                short.update(r for n in fit for r in placement.short_of(want, free.get(n, {})))
             with self._lock:
-                counts = {n: reports[n].sandboxes + self._placed.get(n, 0) for n in fit}
-            for node in placement.ordered(fit, counts, self.settings.strategy):
+                mine = Counter(node for node, _ in self._placed.values())
+            counts = {n: reports[n].sandboxes + mine[n] for n in ready}
+            for node in placement.ordered(ready, counts, self.settings.strategy):
                 with self._lock:
-                    self._placed[node] = self._placed.get(node, 0) + 1
+                    self._placed[sandbox_id] = (node, time.monotonic())
                 try:
                     answer = self._call(
-                        node, "create", sandbox_id, spec, labels, self.settings.node_backend,
-                        want, self.settings.max_per_node, roots, _RESERVE_WAIT,
+                        node,
+                        "create",
+                        sandbox_id,
+                        spec,
+                        labels,
+                        self.settings.node_backend,
+                        want,
+                        self.settings.max_per_node,
+                        roots,
+                        _RESERVE_WAIT,
                     )
                 except BackendUnavailableError as e:  # that node, not the spec
                     failed[node] = e
@@ -288,9 +353,10 @@ class RayBackend(Backend):
                 if isinstance(answer, NodeInfo):
                     with self._lock:
                         self._where[sandbox_id] = node
+                        self._nodes[sandbox_id] = answer
                     return
                 with self._lock:
-                    self._placed[node] -= 1
+                    self._placed.pop(sandbox_id, None)
                 if isinstance(answer, wire.Full) and answer.resource:
                     short.add(answer.resource)
             if time.monotonic() >= deadline:
@@ -298,9 +364,10 @@ class RayBackend(Backend):
                 raise CapacityError(
                     f"no node of the Ray cluster had {what} free for this sandbox within "
                     f"{self.settings.placement_timeout:g} s (it reserves "
-                    + ", ".join(f"{placement._amount(r, a)} {r}" for r, a in want.items())
+                    + ", ".join(f"{placement.shown(r, a)} {r}" for r, a in want.items())
                     + ")",
-                    backend=self.name, sandbox_id=sandbox_id,
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
                 )
             time.sleep(0.2)
             fresh = True
@@ -318,13 +385,13 @@ class RayBackend(Backend):
             raise next(iter(failed.values()))
         raise BackendUnavailableError(
             f"no node of the Ray cluster can host this sandbox: {reasons or 'no nodes'}",
-            backend=self.name, fix="install and start a corral backend on the nodes "
+            backend=self.name,
+            fix="install and start a corral backend on the nodes "
             "(corral doctor on a node says what is missing)",
         )
 
-    def _totals(self, nodes: list[str]) -> dict[str, dict[str, float]]:
-        every = self._alive_nodes()
-        return {n: every[n]["Resources"] for n in nodes if n in every}
+    def _totals(self) -> dict[str, dict[str, float]]:
+        return {n: node["Resources"] for n, node in self._alive_nodes().items()}
 
     def _node_of(self, sandbox_id: str) -> str:
         """The node a sandbox is on: known here, else read from its placement group's
@@ -336,7 +403,8 @@ class RayBackend(Backend):
             if node is None:
                 raise NotFoundError(
                     f"no sandbox {sandbox_id} in the Ray cluster",
-                    backend=self.name, sandbox_id=sandbox_id,
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
                 )
             with self._lock:
                 self._where[sandbox_id] = node
@@ -345,14 +413,8 @@ class RayBackend(Backend):
     def _groups(self) -> dict[str, tuple[str, str]]:
         """Each corral sandbox's node and placement group id, from the cluster's table."""
         self._connect()
-        from ray.util.placement_group import placement_group_table
-
-        found = {}
-        for gid, group in placement_group_table().items():
-            parts = group.get("name", "").split(".")
-            if len(parts) == 3 and parts[0] == "corral" and group["state"] != "REMOVED":
-                found[parts[1]] = (parts[2], gid)
-        return found
+        groups = standing_groups(self.settings.namespace)
+        return {sandbox_id: (node, gid) for gid, (sandbox_id, node) in groups.items()}
 
     def _on(self, sandbox_id: str, method: str, *args: Any, timeout: float | None = None) -> Any:
         node = self._node_of(sandbox_id)
@@ -377,6 +439,11 @@ class RayBackend(Backend):
             _remove_group(gid)
         with self._lock:
             self._where.pop(sandbox_id, None)
+            self._nodes.pop(sandbox_id, None)
+
+    def node_of(self, sandbox_id: str) -> NodeInfo | None:
+        with self._lock:
+            return self._nodes.get(sandbox_id)
 
     def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
         info, spec = self._on(sandbox_id, "inspect")
@@ -402,8 +469,12 @@ class RayBackend(Backend):
                 address = every.get(node, {}).get("NodeManagerAddress", "?")
                 found.append(
                     SandboxInfo(
-                        id=sandbox_id, backend=self.name, status=LOST, created=0.0,
-                        expires=0.0, node=NodeInfo(node, address),
+                        id=sandbox_id,
+                        backend=self.name,
+                        status=LOST,
+                        created=0.0,
+                        expires=0.0,
+                        node=NodeInfo(node, address),
                     )
                 )
         return found
@@ -483,6 +554,17 @@ class RayBackend(Backend):
             raise
 
 
+def _free_resources() -> dict[str, dict[str, float]] | None:
+    """What each node has free now, by node id; None where this Ray does not say."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        free: dict[str, dict[str, float]] = available_resources_per_node()
+        return free
+    except Exception:  # a private call: without it, placement asks every node in turn
+        return None
+
+
 _ACTOR: Any = None
 
 
@@ -491,4 +573,3 @@ def _actor_class(ray: Any) -> Any:
     if _ACTOR is None:
         _ACTOR = ray.remote(NodeAgent)
     return _ACTOR
-

@@ -14,7 +14,7 @@ from ...core.backend import Capability
 from ...core.spec import SandboxSpec
 from . import wire
 
-__all__ = ["bundle", "candidates", "ordered", "too_big"]
+__all__ = ["bundle", "candidates", "holds", "ordered", "short_of", "shown", "too_big"]
 
 
 def bundle(spec: SandboxSpec, extra: Mapping[str, float]) -> dict[str, float]:
@@ -56,28 +56,33 @@ def candidates(
     return fit, why
 
 
+def holds(want: Mapping[str, float], have: Mapping[str, float]) -> bool:
+    """Whether ``have`` (a node's total or free resources) covers ``want``."""
+    return all(have.get(r, 0.0) >= amount for r, amount in want.items())
+
+
+def short_of(want: Mapping[str, float], have: Mapping[str, float]) -> list[str]:
+    return [r for r, amount in want.items() if have.get(r, 0.0) < amount]
+
+
 def too_big(want: Mapping[str, float], totals: Mapping[str, Mapping[str, float]]) -> str | None:
     """Why no node could ever hold ``want`` (a resource no node has enough of in all),
     or None when one could."""
-    def holds(total: Mapping[str, float]) -> bool:
-        return all(total.get(r, 0.0) >= amount for r, amount in want.items())
-
-    if any(holds(total) for total in totals.values()):
+    if any(holds(want, total) for total in totals.values()):
         return None
     for resource, amount in want.items():
         most = max((total.get(resource, 0.0) for total in totals.values()), default=0.0)
         if most < amount:
-            shown = _amount(resource, amount)
             return (
-                f"no node of the Ray cluster has {shown} of {resource} "
-                f"(the most any node has is {_amount(resource, most)})"
+                f"no node of the Ray cluster has {shown(resource, amount)} of {resource} "
+                f"(the most any node has is {shown(resource, most)})"
             )
     return "no single node of the Ray cluster has all of " + ", ".join(
-        f"{_amount(r, a)} {r}" for r, a in want.items()
+        f"{shown(r, a)} {r}" for r, a in want.items()
     )
 
 
-def _amount(resource: str, amount: float) -> str:
+def shown(resource: str, amount: float) -> str:
     if resource == "memory":
         return f"{amount / 1024**2:.0f} MiB"
     return f"{amount:g}"

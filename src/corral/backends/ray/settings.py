@@ -27,8 +27,7 @@ def _resources(value: Any, field: str) -> dict[str, float]:
         if not isinstance(name, str) or not name or name in ("CPU", "memory", "GPU"):
             raise ConfigError(
                 f"{field}.{name}",
-                "must name a custom Ray resource (CPU and memory come from the sandbox's "
-                "limits)",
+                "must name a custom Ray resource (CPU and memory come from the sandbox's limits)",
             )
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
             raise ConfigError(f"{field}.{name}", f"{amount!r} is not a positive number")
