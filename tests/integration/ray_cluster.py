@@ -119,3 +119,67 @@ class ExtraNode:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
+
+
+def session_members(leader: int) -> list[psutil.Process]:
+    """Every process of the session ``leader`` leads (Ray's workers run in process
+    groups of their own, but stay in the session of the `ray start` that made them)."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if os.getsid(process.pid) == leader:
+                found.append(process)
+    return found
+
+
+class OwnHead:
+    """A one-node cluster of the test's own, apart from the suite's (its own address,
+    port and temporary folder), for a head that dies and comes back."""
+
+    PORT = 6399
+    HOST = "127.0.0.5"
+    TEMP = "/tmp/corral-ray-head"
+
+    def __init__(self) -> None:
+        self.address = f"{self.HOST}:{self.PORT}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.PORT}",
+                f"--node-ip-address={self.HOST}",
+                f"--temp-dir={self.TEMP}",
+                f"--ray-client-server-port={self.PORT + 1}",
+                "--include-dashboard=false",
+                "--num-cpus=2",
+                "--min-worker-port=31000",
+                "--max-worker-port=31999",
+                "--dashboard-agent-listen-port=0",
+                "--disable-usage-stats",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            probe = subprocess.run(
+                [RAY, "status", f"--address={self.address}"], capture_output=True, timeout=30
+            )
+            if probe.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError("the test's own head did not come up in 60 s")
+
+    def kill(self) -> None:
+        """The head dies at once: every process of its session SIGKILLed."""
+        assert self.process is not None
+        for process in session_members(self.process.pid):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        self.process.wait(10)

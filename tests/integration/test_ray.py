@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ray_cluster import ExtraNode, address, alive_nodes, connect, ray_settings
+from ray_cluster import ExtraNode, OwnHead, address, alive_nodes, connect, ray_settings
 
 import corral
 
@@ -426,3 +426,80 @@ def test_a_node_whose_backend_is_broken_gets_no_sandboxes(settings_with, made) -
             sb.close()
         made.clear()
         broken.stop()
+
+
+HEAD_DRIVER = """
+    import time
+    import corral
+
+    settings = corral.load_settings(
+        {"backends": {"ray": {"address": ADDRESS, "call_timeout": "10s"}}}, environ={}
+    )
+    sb = corral.create(backend="ray", settings=settings, lifetime="20s")
+    print("id", sb.id, flush=True)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            sb.exec(["true"])
+            print("ok", flush=True)
+        except corral.SandboxError as e:
+            print("error", type(e).__name__, e.retryable, flush=True)
+            break
+        time.sleep(0.3)
+"""
+
+
+AFTER_RESTART = """
+    import sys, time
+    import corral
+
+    settings = corral.load_settings({"backends": {"ray": {"address": ADDRESS}}}, environ={})
+    with corral.create(backend="ray", settings=settings) as sb:
+        print(sb.exec(["echo", "again"]).text, flush=True)
+    local = corral.load_settings({}, environ={})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with corral.create(backend="ray", settings=settings):
+            pass
+        if sys.argv[1] not in {i.id for i in corral.list(backend="local", settings=local)}:
+            print("swept")
+            break
+        time.sleep(2)
+"""
+
+
+def test_the_head_restarting(folder: Path) -> None:
+    """Without GCS fault tolerance a head that dies ends its cluster: the driver's next
+    call fails, retryable and soon, and a new head serves new drivers; what the old
+    cluster made is gone once its lifetime passed."""
+    head = OwnHead()
+    head.start()
+    driver = None
+    try:
+        code = textwrap.dedent(HEAD_DRIVER).replace("ADDRESS", repr(head.address))
+        driver = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert driver.stdout is not None
+        sandbox_id = driver.stdout.readline().split()[-1]
+        assert driver.stdout.readline().strip() == "ok"
+        head.kill()
+        # The driver's next call: a corral error, retryable, well within its timeout.
+        lines = [line.split() for line in driver.stdout]
+        driver.wait(60)
+        assert ["error", "BackendUnavailableError", "True"] in lines, lines
+        head.start()
+        # A new driver (this test process stays a driver of the suite's cluster only).
+        # Each of its creates also runs the node backend's sweep of expired sandboxes,
+        # which removes the old cluster's once its lifetime passed.
+        code = textwrap.dedent(AFTER_RESTART).replace("ADDRESS", repr(head.address))
+        again = subprocess.run(
+            [sys.executable, "-c", code, sandbox_id], capture_output=True, text=True,
+            timeout=120,
+        )
+        assert again.stdout.split() == ["again", "swept"], again.stderr[-2000:]
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        head.kill()

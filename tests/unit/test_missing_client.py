@@ -40,7 +40,7 @@ def _corral(engine: str, *argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("engine", ["docker", "podman"])
+@pytest.mark.parametrize("engine", ["docker", "podman", "ray"])
 def test_an_engine_without_its_client_names_the_extra_to_install(engine):
     fix = f"pip install 'corral[{engine}]'"
     ran = _corral(engine, "run", "--backend", engine, "--", "true")
@@ -51,7 +51,7 @@ def test_an_engine_without_its_client_names_the_extra_to_install(engine):
     assert "Traceback" not in ran.stderr
 
 
-@pytest.mark.parametrize("engine", ["docker", "podman"])
+@pytest.mark.parametrize("engine", ["docker", "podman", "ray"])
 def test_doctor_and_backends_show_the_extra_to_install(engine):
     fix = f"pip install 'corral[{engine}]'"
     doctor = _corral(engine, "doctor").stdout

@@ -16,11 +16,15 @@ from corral.core.backend import Capability
 MiB = 1024**2
 
 
-def _report(sandboxes: int = 0, caps: Capability = Capability.ISOLATION, ok: bool = True):
+def _report(
+    sandboxes: int = 0,
+    caps: Capability = Capability.ISOLATION,
+    ok: bool = True,
+    version: str = corral.__version__,
+) -> wire.NodeReport:
     node = corral.NodeInfo("n" * 56, "10.0.0.1")
-    return wire.NodeReport(
-        node, "local", {"local": (ok, "" if ok else "broken", caps.value)}, sandboxes
-    )
+    backends = {"local": (ok, "" if ok else "broken", caps.value)}
+    return wire.NodeReport(node, "local", backends, sandboxes, version)
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -87,15 +91,23 @@ def test_candidates_say_why_each_other_node_cannot_host() -> None:
         "c": _report(ok=False),
         "d": _report(sandboxes=2, caps=need),
     }
-    fit, why = placement.candidates(reports, None, need, max_per_node=2)
+    fit, why = placement.candidates(reports, None, need, 2, corral.__version__)
     assert fit == ["a"]
     assert "MEMORY_LIMIT" in why["b"]
     assert "not available: broken" in why["c"]
     assert "max_per_node (2)" in why["d"]
 
 
+def test_a_node_of_another_corral_gets_no_new_sandboxes() -> None:
+    reports = {"old": _report(version="0.0.1"), "new": _report()}
+    fit, why = placement.candidates(reports, None, Capability(0), None, corral.__version__)
+    assert fit == ["new"] and "runs corral 0.0.1" in why["old"]
+
+
 def test_a_backend_a_node_lacks_is_named() -> None:
-    fit, why = placement.candidates({"a": _report()}, "podman", Capability(0), None)
+    fit, why = placement.candidates(
+        {"a": _report()}, "podman", Capability(0), None, corral.__version__
+    )
     assert fit == [] and "podman backend is not available: not installed" in why["a"]
 
 

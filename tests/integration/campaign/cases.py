@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,6 +28,10 @@ ENGINES_ONLY = pytest.mark.parametrize(
     [pytest.param(name, marks=getattr(pytest.mark, name)) for name in ("docker", "podman")],
 )
 ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
+# Where the suite's Ray nodes keep the sandboxes of their local backend: its default
+# state folder (scripts/cluster starts them on this machine as this user, and sets no
+# state_dir for them).
+NODE_LOCAL_ROOT = Path(tempfile.gettempdir(), f"corral-{os.geteuid()}", "local")
 # How long a killed process may take to be gone (reaping, an engine's clean-up).
 SETTLE = 15.0
 # A call that is still running this long after its own timeout has hung (generous:

@@ -2,10 +2,16 @@
 with proof that nothing leaked and the host is untouched.
 
 ``backend`` runs a test once per backend (local, docker, podman; each with its marker);
-``sandbox(**keywords)`` creates one on it. The autouse ``nothing_leaked`` fixture
+``sandbox(**keywords)`` creates one on it. A case marked ``through_ray`` runs also
+through the ray backend, once per kind of node backend ("ray-local", "ray-docker",
+"ray-podman": markers ``ray`` and the kind's), on the suite's Ray cluster; there
+``kind`` is the node backend (what ``backend`` names elsewhere) and ``api_backend`` is
+"ray" (the name corral's calls take). The autouse ``nothing_leaked`` fixture
 snapshots, before the test, what a sandbox could leave behind and compares after it:
 the containers, volumes and networks of the sandboxes the case made (other suites share
-the engines, so only those are the case's), child processes of the test
+the engines, so only those are the case's; through ray too, as the node agents label
+them alike), and for a ray case what the cluster still lists, reserves or holds on the
+nodes' local backend for them, child processes of the test
 process, the client's open file descriptors, corral's temporary folders, and canary
 files on the host. Destructive cases (marker ``destructive``) run only with
 ``CORRALTEST_DESTRUCTIVE=1``, which ``scripts/test`` sets under CI.
@@ -24,18 +30,71 @@ from typing import Any
 
 import psutil
 import pytest
+import ray_cluster
+from cases import NODE_LOCAL_ROOT
 
 import corral
 from corral.core.plugins import get_host
+from corral.core.settings import load_settings
 
 # The engines of tests/integration/conftest.py (whose fixtures this folder inherits),
 # by the variable scripts/engines sets to each one's socket.
 ENGINES = {"docker": "CORRALTEST_DOCKER_URL", "podman": "CORRALTEST_PODMAN_URL"}
 BACKENDS = ["local", *ENGINES]
+# A through_ray case's extra runs are named this plus the kind of the nodes' backend.
+RAY = "ray-"
 # Host files a sandbox must never change, hashed before and after each case.
 HOST_FILES = ("/etc/passwd", "/etc/shadow", "/etc/hosts", "/etc/resolv.conf")
 # Leftovers get this long to disappear: removal by an engine is not instantaneous.
 SETTLE = 10.0
+
+
+def _backend_param(name: str) -> Any:
+    """``name`` as a value of ``backend``, with the markers that select it."""
+    kind = name.removeprefix(RAY)
+    marks = [getattr(pytest.mark, kind)] + ([pytest.mark.ray] if name != kind else [])
+    return pytest.param(name, marks=marks)
+
+
+def _backends_parametrized(mark: pytest.Mark) -> list[str] | None:
+    """The backends a ``parametrize("backend", ...)`` mark lists; None for another mark."""
+    if mark.name != "parametrize" or not mark.args:
+        return None
+    names = mark.args[0]
+    names = names.split(",") if isinstance(names, str) else list(names)
+    if "backend" not in [n.strip() for n in names]:
+        return None
+    if len(names) != 1:
+        raise pytest.UsageError("through_ray needs `backend` parametrized on its own")
+    return [getattr(value, "values", (value,))[0] for value in mark.args[1]]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A ``through_ray`` case runs on its backends and, through ray, on nodes whose
+    backend is each of them (``through_ray("docker")``: that kind only, through ray).
+
+    Its ``backend`` becomes a direct parametrization of both (the fixture's params, or
+    the case's own ``parametrize("backend", ...)``, replaced on this case's definition
+    only, with that mark's other arguments such as ``indirect``), in the same place
+    among its marks, so that the test ids stay as they were. First of the hooks, so
+    that pytest's own ones see the replacement."""
+    through = metafunc.definition.get_closest_marker("through_ray")
+    if through is None or "backend" not in metafunc.fixturenames:
+        return
+    own = metafunc.definition.own_markers
+    given = next((m for m in own if _backends_parametrized(m) is not None), None)
+    kinds = _backends_parametrized(given) if given is not None else BACKENDS
+    assert kinds is not None
+    wanted = through.args or kinds
+    names = kinds + [RAY + kind for kind in kinds if kind in wanted]
+    keywords = dict(given.kwargs) if given is not None else {}
+    params = [_backend_param(name) for name in names]
+    mark = pytest.mark.parametrize("backend", params, **keywords).mark
+    if given is not None:
+        own[own.index(given)] = mark
+    else:  # the fixture's params come before the case's own parametrizations
+        own.insert(0, mark)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,8 +114,30 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def backend_settings(backend: str, request: pytest.FixtureRequest) -> corral.Settings:
-    """The test's own settings for ``backend`` (an engine missing fails under CI)."""
+def kind(backend: str) -> str:
+    """The backend that makes the case's sandboxes: ``backend``, or for a ray case the
+    nodes' backend ("local" for "ray-local"). What a check of the sandbox itself, or of
+    its engine, branches on."""
+    return backend.removeprefix(RAY)
+
+
+@pytest.fixture
+def api_backend(backend: str) -> str:
+    """The name corral's calls take for ``backend``: "ray" for a ray case."""
+    return "ray" if backend.startswith(RAY) else backend
+
+
+@pytest.fixture
+def backend_settings(
+    backend: str, request: pytest.FixtureRequest, state_dir: Path, mount_root: Path
+) -> corral.Settings:
+    """The test's own settings for ``backend`` (an engine or the Ray cluster missing
+    fails under CI). Through ray, the nodes' own environment configures their backend;
+    bind sources come from the same mount root, which the nodes accept from the driver."""
+    if backend.startswith(RAY):
+        ray = {"address": ray_cluster.address(), "node_backend": backend.removeprefix(RAY)}
+        overrides = {"mount_roots": [str(mount_root)], "backends": {"ray": ray}}
+        return load_settings(overrides, cwd=state_dir, environ={})
     if backend == "local":
         return request.getfixturevalue("settings")
     return request.getfixturevalue("settings_of")(backend)
@@ -64,7 +145,7 @@ def backend_settings(backend: str, request: pytest.FixtureRequest) -> corral.Set
 
 @pytest.fixture
 def sandbox(
-    backend: str, backend_settings: corral.Settings
+    api_backend: str, backend_settings: corral.Settings
 ) -> Iterator[Callable[..., corral.Sandbox]]:
     """``sandbox(**keywords)`` creates a sandbox on ``backend``, closed at the end."""
     made: list[corral.Sandbox] = []
@@ -72,7 +153,7 @@ def sandbox(
     def _sandbox(**keywords: object) -> corral.Sandbox:
         keywords.setdefault("settings", backend_settings)
         keywords.setdefault("lifetime", "10m")
-        made.append(corral.create(backend=backend, **keywords))
+        made.append(corral.create(backend=api_backend, **keywords))
         return made[-1]
 
     yield _sandbox
@@ -152,15 +233,59 @@ def _corral_temp_folders() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("corral-*") if "test" not in p.name}
 
 
-def _snapshot(canaries: dict[Path, str | None], ids: set[str]) -> dict[str, object]:
+def _ray_leftovers(settings: corral.Settings | None, ids: set[str]) -> set[str]:
+    """What the Ray cluster still has of the sandboxes in ``ids``: one the ray backend
+    lists, a placement group reserving a node's resources for one, or a folder or
+    cgroup of one on the nodes' local backend (the engines' containers are found by
+    their labels, as for any case). Nothing for a case that does not go through ray."""
+    if settings is None or not ids:
+        return set()
+    from corral.backends.ray.agent import standing_groups
+
+    namespace = settings.backends["ray"].get("namespace", "corral")
+    listed = {info.id for info in corral.list(backend="ray", settings=settings)}
+    reserved = {sandbox_id for sandbox_id, _ in standing_groups(namespace).values()}
+    folders = {p.name for p in NODE_LOCAL_ROOT.glob("*")}
+    cgroups = {
+        p.name.removeprefix("corral-") for p in Path("/sys/fs/cgroup").glob("*/corral/corral-*")
+    }
+    return (
+        {f"listed: {i}" for i in listed & ids}
+        | {f"placement group: {i}" for i in reserved & ids}
+        | {f"local folder: {NODE_LOCAL_ROOT / i}" for i in folders & ids}
+        | {f"cgroup: corral-{i}" for i in cgroups & ids}
+    )
+
+
+def _ray_connections(me: psutil.Process) -> int:
+    """This process's TCP connections with the Ray cluster's nodes: the driver's pool,
+    which opens one more to a node (and that node one more to it) the first time an
+    object larger than Ray sends inline travels between them, and keeps it."""
+    import ray
+
+    nodes = {node["NodeManagerAddress"] for node in ray.nodes()}
+    count = 0
+    for connection in me.net_connections(kind="tcp"):
+        ends = {
+            end.ip.removeprefix("::ffff:") for end in (connection.laddr, connection.raddr) if end
+        }
+        count += bool(ends & nodes)
+    return count
+
+
+def _snapshot(
+    canaries: dict[Path, str | None], ids: set[str], ray: corral.Settings | None
+) -> dict[str, object]:
     # The shared backends' engine clients are closed first: their pooled connections are
     # meant to outlive a sandbox, so only with them closed is "back to baseline" exact.
     get_host().close()
     me = psutil.Process()
     return {
         "engines": _engine_leftovers(ids),
+        "ray": _ray_leftovers(ray, ids),
         "children": {p.pid for p in me.children(recursive=True) if p.is_running()},
-        "fds": me.num_fds(),
+        # Through ray, the driver's connections with the nodes are Ray's own, not a case's.
+        "fds": me.num_fds() - (_ray_connections(me) if ray is not None else 0),
         "temp": _corral_temp_folders(),
         "canaries": {path: _hash(path) for path in canaries},
     }
@@ -172,6 +297,9 @@ def _leaks(before: dict[str, object], after: dict[str, object]) -> list[str]:
         new = ids - before["engines"].get(engine, set())  # type: ignore[union-attr]
         if new:
             problems.append(f"{engine} kept {sorted(new)}")
+    new_ray = after["ray"] - before["ray"]  # type: ignore[operator]
+    if new_ray:
+        problems.append(f"the Ray cluster kept {sorted(new_ray)}")
     new_children = after["children"] - before["children"]  # type: ignore[operator]
     alive = [pid for pid in new_children if psutil.pid_exists(pid)]
     if alive:
@@ -196,21 +324,29 @@ def canary(shared_tmp: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def nothing_leaked(canary: Path) -> Iterator[None]:
+def nothing_leaked(canary: Path, request: pytest.FixtureRequest) -> Iterator[None]:
     """After each case: no container, volume or network of its sandboxes, host process, client fd,
-    temporary folder or changed host file more than before it (waiting out engine removal)."""
+    temporary folder or changed host file more than before it (waiting out engine removal);
+    through ray, nothing of them left in the cluster either."""
     canaries = {canary: None, **{Path(p): None for p in HOST_FILES}}
+    ray = None
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and str(callspec.params.get("backend", "")).startswith(RAY):
+        ray = request.getfixturevalue("backend_settings")
+        # Joins the cluster before the baseline: the driver's connection (its sockets)
+        # stays for the rest of the session, and is no case's leak.
+        corral.list(backend="ray", settings=ray)
     made = _MadeHere()
     host = get_host()
     host.pm.register(made)
-    before = _snapshot(canaries, made.ids)
+    before = _snapshot(canaries, made.ids, ray)
     try:
         yield
     finally:
         host.pm.unregister(made)
     deadline = time.monotonic() + SETTLE
     while True:
-        problems = _leaks(before, _snapshot(canaries, made.ids))
+        problems = _leaks(before, _snapshot(canaries, made.ids, ray))
         if not problems or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -32,6 +32,7 @@ def _absent(sb: corral.Sandbox, path: str) -> bool:
 # -- T13: shell metacharacters inside argv elements -------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t13_shell_metacharacters_are_plain_arguments(sandbox):
     sb = sandbox()
     marker = f"/tmp/pwned-{uuid.uuid4().hex}"
@@ -43,6 +44,7 @@ def test_t13_shell_metacharacters_are_plain_arguments(sandbox):
     assert not os.path.exists(marker), "a command substitution ran on the host"
 
 
+@pytest.mark.through_ray
 def test_t13_twin_an_explicit_shell_does_expand(sandbox):
     result = sandbox().exec(["sh", "-c", "echo $((6 * 7)) | tr 4 X"])
     assert (result.exit_code, result.text) == (0, "X2\n")
@@ -93,7 +95,8 @@ def _running_exec_sessions(raw_client_of, backend: str, sandbox_id: str) -> list
     return running
 
 
-def test_t16_degenerate_commands_map_the_same_on_every_backend(backend, sandbox, raw_client_of):
+@pytest.mark.through_ray
+def test_t16_degenerate_commands_map_the_same_on_every_backend(kind, sandbox, raw_client_of):
     sb = sandbox()
     with pytest.raises(corral.ConfigError, match=r"^argv: the command is empty"):
         sb.exec([])
@@ -107,12 +110,13 @@ def test_t16_degenerate_commands_map_the_same_on_every_backend(backend, sandbox,
         result = sb.exec(argv, timeout=60)
         assert (result.exit_code, result.timed_out) == (code, False), argv
         assert b"should-not-run" not in result.stdout
-    if backend != "local":
+    if kind != "local":
         # Docker forgets finished exec sessions; Podman keeps them, finished, until its
         # exit_command_delay: none may still be running.
-        assert _running_exec_sessions(raw_client_of, backend, sb.id) == []
+        assert _running_exec_sessions(raw_client_of, kind, sb.id) == []
 
 
+@pytest.mark.through_ray
 def test_t16_twin_exit_codes_pass_through(sandbox):
     sb = sandbox()
     assert sb.exec(["true"]).exit_code == 0
@@ -122,6 +126,7 @@ def test_t16_twin_exit_codes_pass_through(sandbox):
 # -- T17: binary and large stdin ---------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t17_binary_stdin_arrives_byte_for_byte(sandbox):
     sb = sandbox()
     data = os.urandom(1_500_000)
@@ -136,6 +141,7 @@ def test_t17_binary_stdin_arrives_byte_for_byte(sandbox):
     assert echoed.stdout == data
 
 
+@pytest.mark.through_ray
 def test_t17_text_stdin_is_sent_as_utf8_and_stdin_always_ends(sandbox):
     sb = sandbox()
     text = "héllo ✓ 𝄞 \u0000 end\n"
@@ -149,6 +155,7 @@ def test_t17_text_stdin_is_sent_as_utf8_and_stdin_always_ends(sandbox):
 # -- T18: non-UTF-8 output ---------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t18_bad_bytes_stay_exact_and_text_never_raises(sandbox):
     sb = sandbox()
     result = sb.exec(["sh", "-c", r"printf '\377\376\200ok\n'; printf '\377err\n' >&2"])
@@ -158,6 +165,7 @@ def test_t18_bad_bytes_stay_exact_and_text_never_raises(sandbox):
     assert result.stderr_text == "\ufffderr\n"
 
 
+@pytest.mark.through_ray
 def test_t18_a_character_split_across_chunks_comes_out_whole(sandbox):
     sb = sandbox()
     # U+1F600 is F0 9F 98 80: two bytes, a pause, the other two.
@@ -188,7 +196,8 @@ def _log_size(raw_client_of, backend: str, sandbox_id: str) -> int:
     return os.path.getsize(path) if path and os.path.exists(path) else 0
 
 
-def test_t19_an_endless_flood_is_capped_and_the_client_stays_small(backend, sandbox, raw_client_of):
+@pytest.mark.through_ray
+def test_t19_an_endless_flood_is_capped_and_the_client_stays_small(kind, sandbox, raw_client_of):
     sb = sandbox()
     me = psutil.Process()
     rss_before = me.memory_info().rss
@@ -198,11 +207,12 @@ def test_t19_an_endless_flood_is_capped_and_the_client_stays_small(backend, sand
     assert len(result.stdout) == len(result.stderr) == MiB
     assert set(result.stdout.split(b"\n")[:-1]) == {b"out"}
     assert grown < 64 * MiB, f"the client kept the flood: RSS grew by {grown // MiB} MiB"
-    assert _log_size(raw_client_of, backend, sb.id) < MiB
+    assert _log_size(raw_client_of, kind, sb.id) < MiB
     # The flood is over: nothing of it still runs, and the sandbox still answers.
     assert sb.exec(["sh", "-c", "ps -o comm | grep -c '^yes$'"]).text == "0\n"
 
 
+@pytest.mark.through_ray
 def test_t19_a_finite_flood_is_drained_to_its_end_past_the_cap(sandbox):
     sb = sandbox()
     result = sb.exec(["head", "-c", str(128 * MiB), "/dev/zero"], timeout=120, max_output=MiB)
@@ -211,6 +221,7 @@ def test_t19_a_finite_flood_is_drained_to_its_end_past_the_cap(sandbox):
     assert result.stdout == b"\0" * MiB
 
 
+@pytest.mark.through_ray
 def test_t19_twin_output_at_the_cap_is_not_truncated(sandbox):
     result = sandbox().exec(["head", "-c", str(MiB), "/dev/zero"], max_output=MiB)
     assert (result.exit_code, result.truncated, len(result.stdout)) == (0, False, MiB)
@@ -219,6 +230,7 @@ def test_t19_twin_output_at_the_cap_is_not_truncated(sandbox):
 # -- T21, T22: large output, both pipes --------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t21_large_output_below_the_cap_arrives_complete_and_unmixed(sandbox):
     sb = sandbox()
     for size in (20_000, 1_000_000, 9_000_000):
@@ -234,6 +246,7 @@ def test_t21_large_output_below_the_cap_arrives_complete_and_unmixed(sandbox):
         assert result.stderr == data.swapcase(), f"stderr of {size} bytes differs"
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize(
     "script",
     [

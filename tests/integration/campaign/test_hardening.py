@@ -155,7 +155,8 @@ def inspect(raw_client_of, backend: str, sb: corral.Sandbox) -> dict:
 
 
 @ENGINES_ONLY
-def test_t63_host_config_matches_the_policy(sandbox, backend, raw_client_of, mount_root):
+@pytest.mark.through_ray
+def test_t63_host_config_matches_the_policy(sandbox, kind, raw_client_of, mount_root):
     """docker-bench's §5 predicates, on a sandbox with a read-only repo and a CPU cap.
 
     (tests/integration/test_containers.py checks the defaults alone; this is the whole
@@ -163,7 +164,7 @@ def test_t63_host_config_matches_the_policy(sandbox, backend, raw_client_of, mou
     repo = mount_root / "repo"
     repo.mkdir()
     sb = sandbox(cpus=1, mounts=[corral.Mount(str(repo), "/repo")])
-    info = inspect(raw_client_of, backend, sb)
+    info = inspect(raw_client_of, kind, sb)
     hc = info["HostConfig"]
     assert hc["Privileged"] is False
     dropped = {c.upper().removeprefix("CAP_") for c in hc["CapDrop"]}
@@ -172,7 +173,7 @@ def test_t63_host_config_matches_the_policy(sandbox, backend, raw_client_of, mou
     options = hc["SecurityOpt"] or []
     assert any(o.startswith("no-new-privileges") for o in options)
     assert not [o for o in options if "unconfined" in o or o == "label=disable"]
-    client = raw_client_of(backend)
+    client = raw_client_of(kind)
     try:
         modules = " ".join(client.info().get("SecurityOptions") or [])
     finally:
@@ -206,7 +207,8 @@ def test_t63_host_config_matches_the_policy(sandbox, backend, raw_client_of, mou
 # -- T64, T65: identity and privileges ------------------------------------------------------
 
 
-def test_t64_identity_and_privileges_in_every_process_and_thread(sandbox, probe_binary):
+@pytest.mark.through_ray
+def test_t64_identity_and_privileges_in_every_process_and_thread(sandbox, kind, probe_binary):
     sb = sandbox()
     probe = with_probe(sb, probe_binary)
     has_seccomp = bool(sb.backend.capabilities() & Capability.SECCOMP)
@@ -231,7 +233,7 @@ def test_t64_identity_and_privileges_in_every_process_and_thread(sandbox, probe_
         if has_seccomp:
             assert fields["Seccomp"] == "2", where
     if not has_seccomp:  # the local backend: a reduced guarantee, declared as such
-        assert sb.backend.name == "local"
+        assert kind == "local"
     # An exec with another user gets that user's groups and never more.
     other = sb.exec(["id", "-G"], user="1000:2000").text.split()
     assert other == ["2000"]
@@ -239,6 +241,7 @@ def test_t64_identity_and_privileges_in_every_process_and_thread(sandbox, probe_
 
 
 @ENGINES_ONLY
+@pytest.mark.through_ray
 def test_t65_a_setuid_root_binary_cannot_raise_the_euid(sandbox, probe_binary):
     """On the container's own root (no nosuid there), only no-new-privileges stops it."""
     sb = sandbox(security={"read_only_root": False, "allow_unsafe": ["read_only_root"]})
@@ -251,6 +254,7 @@ def test_t65_a_setuid_root_binary_cannot_raise_the_euid(sandbox, probe_binary):
     assert sb.exec(["/bin/suid-probe", "ids"], user="0").text == "0 0\n"  # root stays root
 
 
+@pytest.mark.through_ray
 def test_t65_a_setuid_root_binary_mounted_in_cannot_raise_the_euid(
     sandbox, probe_binary, mount_root
 ):
@@ -268,6 +272,7 @@ def test_t65_a_setuid_root_binary_mounted_in_cannot_raise_the_euid(
 # -- T66, T67: what capabilities and seccomp refuse ---------------------------------------
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("user", [None, "0:0"], ids=["sandbox-user", "root-without-caps"])
 def test_t66_capability_guarded_operations_are_denied(sandbox, probe_binary, user):
     sb = sandbox()
@@ -294,6 +299,7 @@ def test_t66_capability_guarded_operations_are_denied(sandbox, probe_binary, use
 
 
 @ENGINES_ONLY
+@pytest.mark.through_ray
 @pytest.mark.parametrize("user", [None, "0:0"], ids=["sandbox-user", "root-without-caps"])
 def test_t67_seccomp_refuses_dangerous_syscalls(sandbox, probe_binary, user):
     sb = sandbox()
@@ -305,6 +311,7 @@ def test_t67_seccomp_refuses_dangerous_syscalls(sandbox, probe_binary, user):
 
 
 @ENGINES_ONLY
+@pytest.mark.through_ray
 def test_t67_no_keyrings_and_no_new_user_namespaces(sandbox, probe_binary):
     # Docker's default profile refuses them; on Podman, corral's own (Podman's default
     # without what nests containers) does.
@@ -319,6 +326,7 @@ def test_t67_no_keyrings_and_no_new_user_namespaces(sandbox, probe_binary):
 
 
 @ENGINES_ONLY
+@pytest.mark.through_ray
 def test_t69_root_is_read_only_and_tmp_is_small_and_inert(sandbox):
     sb = sandbox()
     for path in ("/x", "/bin/x", "/etc/x"):
@@ -346,14 +354,15 @@ DEVICES = {
 }  # fmt: skip
 
 
-def test_t70_no_host_processes_hostname_ipc_or_devices(sandbox, backend):
+@pytest.mark.through_ray
+def test_t70_no_host_processes_hostname_ipc_or_devices(sandbox, kind):
     sb = sandbox()
     processes = sh(sb, "ls /proc | grep -c '^[0-9]'").text.strip()
     assert int(processes) <= 8  # init, PID 1's sleep, this shell, ls, grep: not the host's
     assert int(processes) < len([p for p in os.listdir("/proc") if p.isdigit()])
     assert sb.exec(["hostname"]).text.strip() != os.uname().nodename
     assert set(sb.exec(["ls", "/dev"]).text.split()) <= DEVICES
-    assert sb.exec(["cat", "/dev/core"]).exit_code != 0 or backend != "local"
+    assert sb.exec(["cat", "/dev/core"]).exit_code != 0 or kind != "local"
     init = sb.exec(["cat", "/proc/1/cmdline"]).stdout.split(b"\0")[0]
     assert init.endswith((b"docker-init", b"podman-init", b"bwrap")), init
     # IPC: a host segment is invisible inside.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cases import gone, host_processes, token
+from cases import NODE_LOCAL_ROOT, gone, host_processes, token
 
 import corral
 
@@ -45,6 +45,7 @@ def small(sandbox: Callable[..., corral.Sandbox], **keywords: object) -> corral.
 # -- T24 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t24_a_cpu_spin_is_killed_at_the_timeout_with_its_output_so_far(sandbox):
     sb = small(sandbox)
     mark = token()
@@ -61,6 +62,7 @@ def test_t24_a_cpu_spin_is_killed_at_the_timeout_with_its_output_so_far(sandbox)
 # -- T25 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize(
     "script",
     ["sleep {n}; echo never", "trap '' TERM HUP INT; sleep {n}; echo never"],
@@ -83,6 +85,7 @@ def test_t25_a_sleep_and_a_sigterm_ignorer_both_die_at_the_timeout(sandbox, scri
 # -- T26 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t26_the_cpu_time_limit_kills_a_spin_long_before_the_wall_timeout(sandbox):
     sb = small(sandbox, cputime=1)
     result = sb.exec(["sh", "-c", "echo spinning; while :; do :; done"], timeout=120)
@@ -106,6 +109,7 @@ ESCAPEES = (
 )
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("ending", ["exits", "times-out"])
 def test_t27_an_exec_owns_its_descendants_setsid_included(sandbox, ending):
     sb = small(sandbox)
@@ -139,6 +143,7 @@ echo zombies=$(cat /proc/[0-9]*/status 2>/dev/null | grep -c '^State:.Z' || true
 """
 
 
+@pytest.mark.through_ray
 def test_t29_orphans_are_reaped_so_no_zombie_piles_up(sandbox):
     sb = small(sandbox)
     result = sb.exec(["sh", "-c", ORPHANS], timeout=60)
@@ -152,6 +157,7 @@ def test_t29_orphans_are_reaped_so_no_zombie_piles_up(sandbox):
 # -- T30 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t30_a_timeout_kills_the_command_not_the_sandbox_or_its_files(sandbox):
     sb = small(sandbox)
     assert sb.exec(["sh", "-c", "echo kept > state.txt && touch /tmp/also"]).ok
@@ -182,10 +188,14 @@ def _wait_removed(raw_client_of: Callable, engine: str, sandbox_id: str) -> bool
     return not _engine_has(raw_client_of, engine, sandbox_id)
 
 
+@pytest.mark.through_ray
 def test_t32_a_sandbox_ends_with_its_lifetime_without_anyone_closing_it(
-    sandbox, backend, raw_client_of
+    sandbox, backend, kind, backend_settings, raw_client_of
 ):
     sb = small(sandbox, lifetime="5s")
+    node_folder = NODE_LOCAL_ROOT / sb.id  # where a ray node's local backend keeps it
+    if backend == "ray-local":
+        assert node_folder.exists()
     n = unique_sleep()
     # A command never outlives its sandbox: with no timeout it gets the time left.
     result = sb.exec(["sleep", n])
@@ -204,10 +214,22 @@ def test_t32_a_sandbox_ends_with_its_lifetime_without_anyone_closing_it(
         assert small(sandbox).exec(["echo", "ok"]).text == "ok\n"
         assert not folder.exists(), "the expired sandbox was not swept"
         assert not list(Path("/sys/fs/cgroup").glob(f"*/corral/corral-{sb.id}"))
+    elif kind == "local":
+        # Through ray, the node's agent removes what outlived its lifetime, unasked.
+        left = gone(lambda: [str(node_folder)] if node_folder.exists() else [], within=30)
+        assert left == [], "the expired sandbox was not swept"
+        assert not list(Path("/sys/fs/cgroup").glob(f"*/corral/corral-{sb.id}"))
     else:
         # The engine removes it on its own (PID 1 is `sleep <lifetime>`, auto-removed):
         # this process only watches.
-        assert _wait_removed(raw_client_of, backend, sb.id), "the container outlived its life"
+        assert _wait_removed(raw_client_of, kind, sb.id), "the container outlived its life"
+    if backend != kind:  # and the cluster forgets it: no node lists it any more
+
+        def listed() -> list[str]:
+            infos = corral.list(backend="ray", settings=backend_settings)
+            return [info.id for info in infos if info.id == sb.id]
+
+        assert gone(listed, within=30) == [], "the cluster still lists it"
     sb.close()  # closing what is gone already is fine
 
 
@@ -216,8 +238,9 @@ def test_t32_a_sandbox_ends_with_its_lifetime_without_anyone_closing_it(
     [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("docker", "podman")],
     indirect=True,
 )
+@pytest.mark.through_ray
 def test_t32_a_sandbox_running_its_own_command_ends_with_its_lifetime_too(
-    sandbox, backend, raw_client_of
+    sandbox, kind, raw_client_of
 ):
     # The spec's command replaces `sleep <lifetime>` as PID 1: it must not outlive the
     # lifetime either, or a crashed caller leaves it running for as long as it likes.
@@ -225,7 +248,7 @@ def test_t32_a_sandbox_running_its_own_command_ends_with_its_lifetime_too(
     sb = small(sandbox, command=["sleep", n], lifetime="4s")
     assert host_processes(n), "the sandbox's own command runs"
     assert sb.exec(["echo", "ok"]).text == "ok\n"
-    assert _wait_removed(raw_client_of, backend, sb.id), "the container outlived its life"
+    assert _wait_removed(raw_client_of, kind, sb.id), "the container outlived its life"
     assert gone(lambda: host_processes(n)) == []
     sb.close()
 

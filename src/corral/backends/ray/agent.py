@@ -181,7 +181,7 @@ class NodeAgent:
     def report(self) -> wire.NodeReport:
         with self._lock:
             count = len(self._sandboxes) + self._reserving
-        return wire.NodeReport(self.node, self._default(), self._backends, count)
+        return wire.NodeReport(self.node, self._default(), self._backends, count, _version())
 
     def _backend(self, name: str) -> Backend:
         return self.host.backend(name, self.settings)
@@ -190,10 +190,34 @@ class NodeAgent:
         with self._lock:
             entry = self._sandboxes.get(sandbox_id)
         if entry is None:
-            raise NotFoundError(
-                f"no sandbox {sandbox_id} on node {self.node}", backend="ray", sandbox_id=sandbox_id
-            )
+            entry = self._adopt(sandbox_id)
         return self._backend(entry.backend)
+
+    def _adopt(self, sandbox_id: str) -> _Entry:
+        """A sandbox of this node this agent does not know yet (a previous agent's, not
+        seen by a listing: the first one after a restart can miss a sandbox whose old
+        agent was still going away), taken on when its group still stands."""
+        for name, (ok, _, _) in self._backends.items():
+            if not ok:
+                continue
+            try:
+                info, _ = self._backend(name).inspect(sandbox_id)
+            except SandboxError:
+                continue
+            labels = info.labels
+            group = labels.get(LABEL_GROUP, "")
+            if (
+                labels.get(LABEL_NODE) == self.node.id
+                and labels.get(LABEL_BACKEND) == name
+                and self._owns(info)
+                and group in standing_groups(self.namespace)
+            ):
+                entry = _Entry(name, group, _expires(labels))
+                with self._lock:
+                    return self._sandboxes.setdefault(sandbox_id, entry)
+        raise NotFoundError(
+            f"no sandbox {sandbox_id} on node {self.node}", backend="ray", sandbox_id=sandbox_id
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -309,8 +333,12 @@ class NodeAgent:
     def destroy(self, sandbox_id: str) -> None:
         with self._lock:
             entry = self._sandboxes.get(sandbox_id)
-            if entry is None and sandbox_id in self._creating:
+            creating = sandbox_id in self._creating
+            if entry is None and creating:
                 self._doomed.add(sandbox_id)  # removed as soon as its create ends
+        if entry is None and not creating:
+            with contextlib.suppress(NotFoundError):
+                entry = self._adopt(sandbox_id)
         if entry is None:
             return  # gone is fine
         self._backend(entry.backend).destroy(sandbox_id)
@@ -670,6 +698,12 @@ def _placed(group: Any, wait: float) -> bool:
             return False
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__
 
 
 def _log_to_stderr() -> None:

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import IO, Any
 
+from ... import __version__
 from ...core.backend import Availability, Backend, Capability, ExecStatus, required_capabilities
 from ...core.errors import (
     BackendUnavailableError,
@@ -91,9 +92,7 @@ class RayBackend(Backend):
             return None
 
     def check(self) -> Availability:
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
+        if not _installed():
             return Availability(
                 False, "the ray package is not installed", "pip install 'corral[ray]'"
             )
@@ -144,6 +143,15 @@ class RayBackend(Backend):
                         backend=self.name,
                         fix=_START_HINT,
                     ) from e
+            joined = ray.get_runtime_context().gcs_address
+            wanted = self.settings.address
+            if wanted != "auto" and "://" not in wanted and joined and joined != wanted:
+                raise BackendUnavailableError(
+                    f"this process is a driver of the Ray cluster at {joined} already, and "
+                    f"[backends.ray] address names {wanted}: a process joins one cluster",
+                    backend=self.name,
+                    fix=f"set [backends.ray] address = {joined!r}, or use another process",
+                )
             self._job = ray.get_runtime_context().get_job_id()
             self._ray = ray
             return ray
@@ -317,7 +325,7 @@ class RayBackend(Backend):
             if impossible:  # on no node, however long we wait
                 raise CapacityError(impossible, backend=self.name, sandbox_id=sandbox_id)
             fit, why = placement.candidates(
-                reports, self.settings.node_backend, need, self.settings.max_per_node
+                reports, self.settings.node_backend, need, self.settings.max_per_node, __version__
             )
             for node in [n for n in fit if not placement.holds(want, totals.get(n, {}))]:
                 fit.remove(node)
@@ -552,6 +560,16 @@ class RayBackend(Backend):
         except BaseException:
             self._agent(node).drop.remote(token)
             raise
+
+
+def _installed() -> bool:
+    """Whether ``import ray`` would work, without importing it (a second or more)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except ValueError:  # in sys.modules as None: an import of it fails
+        return False
 
 
 def _free_resources() -> dict[str, dict[str, float]] | None:

@@ -36,13 +36,21 @@ def candidates(
     wanted: str | None,
     need: Capability,
     max_per_node: int | None,
+    version: str,
 ) -> tuple[list[str], dict[str, str]]:
-    """The nodes that can host the sandbox now, and why each other one cannot."""
+    """The nodes that can host the sandbox now, and why each other one cannot. A node
+    whose agent runs another corral than ``version`` gets no new sandboxes: the two
+    sides of a call must agree on what they send."""
     fit, why = [], {}
     for node, report in reports.items():
         name = backend_of(report, wanted)
         ok, reason, caps = report.backends.get(name or "", (False, "not installed", 0))
-        if name is None:
+        theirs = getattr(report, "version", "")  # an agent older than the field: ""
+        if theirs != version:
+            why[node] = (
+                f"its agent runs corral {theirs or 'of another release'}, this driver {version}"
+            )
+        elif name is None:
             why[node] = "no corral backend is available on it"
         elif not ok:
             why[node] = f"its {name} backend is not available: {reason}"

@@ -77,9 +77,11 @@ class Reply:
 @attrs.frozen
 class NodeReport:
     """What a node agent says of its node: where it is, which corral backends it can
-    run (available or why not, and what each enforces) and how many sandboxes it holds."""
+    run (available or why not, and what each enforces), how many sandboxes it holds,
+    and which corral it runs."""
 
     node: NodeInfo
     default: str | None
     backends: dict[str, tuple[bool, str, int]]  # name: (available, why not, Capability)
     sandboxes: int
+    version: str = ""  # the node's corral
