@@ -75,6 +75,7 @@ def test_pack_fills_a_node_before_the_next(settings_with, made) -> None:
 
 
 def test_max_per_node_holds_and_a_full_cluster_is_a_capacity_error(settings_with, made) -> None:
+    """C02: across drivers, the node agent counts."""
     settings = settings_with(max_per_node=1, placement_timeout="1s")
     for _ in range(3):
         made.append(corral.create(backend="ray", settings=settings))
@@ -105,6 +106,7 @@ def test_cpus_are_reserved_on_the_node(settings_with, made) -> None:
     ],
 )
 def test_a_spec_no_node_can_host_fails_at_once(settings_with, keywords, ray, named) -> None:
+    """C01."""
     settings = settings_with(placement_timeout="10m", **ray)  # refused without waiting
     with pytest.raises(corral.CapacityError, match=named):
         corral.create(backend="ray", settings=settings, **keywords)
@@ -116,6 +118,7 @@ def test_a_backend_no_node_has_is_refused_clearly(settings_with) -> None:
 
 
 def test_large_output_is_capped_on_the_node(settings_with, made) -> None:
+    """C08: only the cap travels when nobody streams; a stream sees every byte."""
     sb = corral.create(backend="ray", settings=settings_with())
     made.append(sb)
     result = sb.exec(["sh", "-c", "head -c 200000000 /dev/zero"], max_output="1MiB")
@@ -201,40 +204,54 @@ def test_attach_from_another_driver(settings_with, made, folder: Path) -> None:
     assert sb.exec(["echo", "ok"]).text == "ok\n"
 
 
+def _beating(sb: corral.Sandbox) -> bool:
+    """Whether the command that rewrites /tmp/beat a few times a second still runs
+    (a file, as a process probe could miss it: on local, execs that run at the same
+    time may be in pid namespaces of their own)."""
+    first = sb.exec(["sh", "-c", "cat /tmp/beat 2>/dev/null"]).text
+    time.sleep(1)
+    return sb.exec(["sh", "-c", "cat /tmp/beat 2>/dev/null"]).text not in ("", first)
+
+
 def test_a_sigkilled_driver_leaves_nothing_once_lifetimes_pass(settings_with, folder) -> None:
+    """C04: the dead driver's running command is killed on its node once its Ray job is
+    dead; its sandboxes live until their lifetime and then go, reservations included."""
     settings = settings_with()
     other = _driver(
         """
-        sb = corral.create(backend="ray", settings=settings, lifetime="8s")
-        print(sb.id, flush=True)
-        sb.exec(["sh", "-c", "sleep 1000"])
+        busy = corral.create(backend="ray", settings=settings, lifetime="2m")
+        idle = corral.create(backend="ray", settings=settings, lifetime="6s")
+        print(busy.id, idle.id, flush=True)
+        busy.exec(["sh", "-c", "while :; do date +%s%N > /tmp/beat; sleep 0.2; done"])
         """,
         folder,
     )
     assert other.stdout is not None
-    sandbox_id = other.stdout.readline().strip()
-    time.sleep(1)  # its exec is running
-    other.kill()  # SIGKILL: no close, no cleanup
-    other.wait(30)
-    # The exec dies with its driver's job (the sandbox lives on until its lifetime).
-    sb = corral.attach(sandbox_id, backend="ray", settings=settings)
+    busy_id, idle_id = other.stdout.readline().split()
+    busy = corral.attach(busy_id, backend="ray", settings=settings)
     try:
         deadline = time.monotonic() + 30
-        while sb.usage().pids not in (None, 0, 1) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        sleeping = sb.exec(["sh", "-c", "grep -l sleep /proc/[0-9]*/cmdline || true"])
-        assert "cmdline" not in sleeping.text, "the dead driver's command still runs"
-    except corral.SandboxClosedError:
-        pass  # its lifetime ended first: gone with it
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline:
-        if sandbox_id not in {i.id for i in corral.list(backend="ray", settings=settings)}:
-            break
-        time.sleep(1)
-    else:
-        raise AssertionError(f"sandbox {sandbox_id} outlived its lifetime")
-    assert sandbox_id not in _groups()
-    sb.detach()
+        while not _beating(busy) and time.monotonic() < deadline:
+            pass
+        assert _beating(busy)  # the driver's command runs
+        other.kill()  # SIGKILL: no close, no cleanup
+        other.wait(30)
+        deadline = time.monotonic() + 60
+        while _beating(busy) and time.monotonic() < deadline:
+            pass
+        assert not _beating(busy), "the dead driver's command still runs"
+        deadline = time.monotonic() + 40
+        while idle_id in _listed(settings) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert idle_id not in _listed(settings), "a sandbox outlived its lifetime"
+        assert idle_id not in _groups()
+    finally:
+        busy.close()
+    assert busy_id not in _groups()
+
+
+def _listed(settings: corral.Settings) -> set[str]:
+    return {i.id for i in corral.list(backend="ray", settings=settings)}
 
 
 def _groups() -> set[str]:
@@ -319,6 +336,7 @@ def test_aio_and_pool(settings_with) -> None:
 
 
 def test_a_node_killed_mid_batch(settings_with, made) -> None:
+    """C03."""
     victim = ExtraNode("corral_victim")
     try:
         pinned = settings_with(resources={"corral_victim": 1}, call_timeout="20s")
@@ -376,6 +394,7 @@ def _node_side(node: str) -> list[str]:
 def test_an_agent_that_restarts_keeps_what_is_reserved_and_removes_the_rest(
     settings_with, made
 ) -> None:
+    """C05."""
     settings = settings_with(max_per_node=None)
     kept = corral.create(backend="ray", settings=settings)
     stray = corral.create(backend="ray", settings=settings)
@@ -407,6 +426,7 @@ def test_an_agent_that_restarts_keeps_what_is_reserved_and_removes_the_rest(
 
 
 def test_a_node_whose_backend_is_broken_gets_no_sandboxes(settings_with, made) -> None:
+    """C06."""
     broken = ExtraNode(
         "corral_broken",
         env={"CORRAL_BACKENDS__DOCKER__URL": "unix:///nonexistent/docker.sock"},
@@ -468,10 +488,14 @@ AFTER_RESTART = """
 """
 
 
-def test_the_head_restarting(folder: Path) -> None:
-    """Without GCS fault tolerance a head that dies ends its cluster: the driver's next
-    call fails, retryable and soon, and a new head serves new drivers; what the old
-    cluster made is gone once its lifetime passed."""
+def test_the_head_restarting(settings_with, made, folder: Path) -> None:
+    """C07: without GCS fault tolerance a head that dies ends its cluster: the driver's
+    next call fails, retryable and soon, and a new head serves new drivers; what the old
+    cluster made is gone once its lifetime passed. C09: the two clusters share this
+    machine (its engines, the local backend's folder), and neither touches the other's
+    sandboxes (the other cluster's agents reconcile at their start)."""
+    neighbour = corral.create(backend="ray", settings=settings_with())
+    made.append(neighbour)
     head = OwnHead()
     head.start()
     driver = None
@@ -499,6 +523,7 @@ def test_the_head_restarting(folder: Path) -> None:
             timeout=120,
         )
         assert again.stdout.split() == ["again", "swept"], again.stderr[-2000:]
+        assert neighbour.exec(["echo", "untouched"]).text == "untouched\n"
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()

@@ -47,6 +47,7 @@ LEAVING = [
 ]
 
 
+@pytest.mark.through_ray
 def test_every_file_call_refuses_a_path_that_leaves_the_sandbox(sandbox, tmp_path):
     sb = sandbox()
     for path in LEAVING:
@@ -63,6 +64,7 @@ def test_every_file_call_refuses_a_path_that_leaves_the_sandbox(sandbox, tmp_pat
     assert sb.read_file("/workspace/ok") == b"fine"
 
 
+@pytest.mark.through_ray
 def test_t43_shadow_is_never_read_through_dot_dot(sandbox):
     sb = sandbox()
     with pytest.raises(corral.PathSecurityError, match=r"'\.\.'"):
@@ -71,10 +73,11 @@ def test_t43_shadow_is_never_read_through_dot_dot(sandbox):
     assert sb.read_file("/workspace/./x") == b"x"
 
 
-def test_t44_absolute_paths_outside_the_writable_roots(sandbox, backend):
+@pytest.mark.through_ray
+def test_t44_absolute_paths_outside_the_writable_roots(sandbox, kind):
     sb = sandbox()
     targets = ["/etc/passwd", "/bin/sh"]
-    if backend == "local":
+    if kind == "local":
         targets.append(os.path.expanduser("~/.bashrc"))  # os.path.join would have lost root
     for target in targets:
         with pytest.raises(corral.PathSecurityError):
@@ -85,6 +88,7 @@ def test_t44_absolute_paths_outside_the_writable_roots(sandbox, backend):
     assert sb.exec(["cat", "/tmp/x"]).text == "tmp is writable"
 
 
+@pytest.mark.through_ray
 def test_t54_nul_in_any_path_is_refused_the_same_way_everywhere(sandbox, tmp_path):
     sb = sandbox()
     (tmp_path / "src").mkdir()
@@ -170,6 +174,7 @@ PAST_PATH_MAX = (
 )
 
 
+@pytest.mark.through_ray
 def test_t48_a_hostile_folder_is_refused_and_leaves_nothing(sandbox, shared_tmp):
     sb = sandbox()
     landing = shared_tmp / "landing"
@@ -188,6 +193,7 @@ def test_t48_a_hostile_folder_is_refused_and_leaves_nothing(sandbox, shared_tmp)
     assert (got / "0-good").read_text() == "good\n"
 
 
+@pytest.mark.through_ray
 def test_t48_names_past_path_max_never_land_on_the_host(sandbox, shared_tmp):
     sb = sandbox()
     planted = sh(sb, PAST_PATH_MAX)
@@ -206,6 +212,7 @@ def test_t48_names_past_path_max_never_land_on_the_host(sandbox, shared_tmp):
     assert deepest < 4096
 
 
+@pytest.mark.through_ray
 def test_t48_a_hardlink_never_becomes_a_link_on_the_host(sandbox, shared_tmp):
     sb = sandbox()
     sh(sb, "cd /workspace && mkdir out && echo shared > out/a && ln out/a out/b")
@@ -222,6 +229,7 @@ def test_t48_a_hardlink_never_becomes_a_link_on_the_host(sandbox, shared_tmp):
         assert (got / name).stat().st_nlink == 1
 
 
+@pytest.mark.through_ray
 def test_t48_setuid_bits_never_reach_the_host(sandbox, shared_tmp):
     sb = sandbox()
     sh(sb, "cd /workspace && mkdir out && echo run > out/tool && chmod 6755 out/tool")
@@ -232,6 +240,7 @@ def test_t48_setuid_bits_never_reach_the_host(sandbox, shared_tmp):
     assert (got / "tool").read_text() == "run\n"
 
 
+@pytest.mark.through_ray
 def test_t48_reading_a_fifo_neither_hangs_nor_follows(sandbox):
     sb = sandbox()
     sb.exec(["mkfifo", "/workspace/fifo"])
@@ -251,6 +260,7 @@ def _bytes_read_by_this_process() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
+@pytest.mark.through_ray
 def test_t50_a_sparse_giant_is_refused_at_its_header(sandbox, shared_tmp):
     """4 GiB of holes: refused by the per-file cap before it is read, so neither the
     host's disk nor this process ever holds it (rchar counts every byte read)."""
@@ -268,6 +278,7 @@ def test_t50_a_sparse_giant_is_refused_at_its_header(sandbox, shared_tmp):
     assert sb.read_file("/workspace/sparse") == bytes(1024**2)
 
 
+@pytest.mark.through_ray
 def test_t50_too_many_members_stops_the_download(sandbox, shared_tmp):
     sb = sandbox()
     sh(sb, "mkdir /workspace/many && cd /workspace/many && for i in $(seq 300); do : > f$i; done")
@@ -280,6 +291,7 @@ def test_t50_too_many_members_stops_the_download(sandbox, shared_tmp):
     assert len(list(got.iterdir())) == 300
 
 
+@pytest.mark.through_ray
 def test_t50_the_total_byte_cap_holds_across_files(sandbox, shared_tmp):
     sb = sandbox()
     sh(
@@ -302,6 +314,7 @@ def test_t50_the_total_byte_cap_holds_across_files(sandbox, shared_tmp):
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18")
 
 
+@pytest.mark.through_ray
 def test_t51_uploads_are_plain_tars_of_files_and_folders(sandbox, tmp_path, monkeypatch):
     sb = sandbox()
     sent: list[bytes] = []
@@ -335,6 +348,7 @@ def test_t51_uploads_are_plain_tars_of_files_and_folders(sandbox, tmp_path, monk
     assert modes.split() == ["755", "755"]
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("user", ["1000:1000", "2000:3000"])
 def test_t52_uploaded_files_belong_to_the_sandbox_user(sandbox, tmp_path, user):
     sb = sandbox(user=user)

@@ -73,6 +73,7 @@ WRITES = [
 ]
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("user", [None, "0:0"], ids=["sandbox-user", "root-without-caps"])
 def test_t57_read_only_repo_is_read_only_through_its_submounts(sandbox, repo_with_submount, user):
     repo = repo_with_submount
@@ -95,6 +96,7 @@ def test_t57_read_only_repo_is_read_only_through_its_submounts(sandbox, repo_wit
     assert sh(sb, "echo w >> /workspace/ok && cat /workspace/ok").text == "okw\n"
 
 
+@pytest.mark.through_ray
 def test_t57_a_read_write_mount_stays_writable_below_too(sandbox, repo_with_submount):
     """The read-only binds over submounts are only for read-only mounts."""
     sb = sandbox(
@@ -121,6 +123,7 @@ def writable_repo(mount_root: Path) -> Path:
     return repo
 
 
+@pytest.mark.through_ray
 def test_t58_auto_exec_files_left_in_the_repo_run_nothing_on_the_host(
     sandbox, writable_repo, shared_tmp, backend
 ):
@@ -152,6 +155,7 @@ def test_t58_auto_exec_files_left_in_the_repo_run_nothing_on_the_host(
     assert (writable_repo / ".git" / "hooks" / "post-checkout").is_file()  # left for the user
 
 
+@pytest.mark.through_ray
 def test_t59_links_planted_in_a_mount_are_never_followed_by_the_host(
     sandbox, writable_repo, canary, shared_tmp
 ):
@@ -193,6 +197,7 @@ def test_t59_links_planted_in_a_mount_are_never_followed_by_the_host(
 # -- T60, T61: propagation, new mounts, relabelling --------------------------------------
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("user", [None, "0:0"], ids=["sandbox-user", "root-without-caps"])
 def test_t60_no_new_mounts_and_no_new_mount_namespaces(sandbox, user):
     sb = sandbox()
@@ -211,11 +216,12 @@ def test_t60_no_new_mounts_and_no_new_mount_namespaces(sandbox, user):
 
 
 @ENGINES_ONLY
-def test_t60_every_mount_is_private_by_inspect(sandbox, backend, raw_client_of, mount_root):
+@pytest.mark.through_ray
+def test_t60_every_mount_is_private_by_inspect(sandbox, kind, raw_client_of, mount_root):
     folder = mount_root / "data"
     folder.mkdir()
     sb = sandbox(mounts=[corral.Mount(str(folder), "/data"), corral.Tmpfs("/scratch")])
-    client = raw_client_of(backend)
+    client = raw_client_of(kind)
     try:
         mounts = client.inspect_container(f"corral-{sb.id}")["Mounts"]
     finally:
@@ -233,14 +239,15 @@ def test_t60_every_mount_is_private_by_inspect(sandbox, backend, raw_client_of, 
 
 
 @ENGINES_ONLY
-def test_t61_corral_never_asks_the_engine_to_relabel(sandbox, backend, raw_client_of, mount_root):
+@pytest.mark.through_ray
+def test_t61_corral_never_asks_the_engine_to_relabel(sandbox, kind, raw_client_of, mount_root):
     """No :z or :Z on any mount (there is no SELinux here to see a relabel, so the
     request itself is what is checked); the system folders a relabel would break are
     refused as sources before any engine call."""
     folder = mount_root / "labelled"
     folder.mkdir()
     sb = sandbox(mounts=[corral.Mount(str(folder), "/labelled")])
-    client = raw_client_of(backend)
+    client = raw_client_of(kind)
     try:
         info = client.inspect_container(f"corral-{sb.id}")
     finally:
@@ -254,6 +261,7 @@ def test_t61_corral_never_asks_the_engine_to_relabel(sandbox, backend, raw_clien
     assert sb.exec(["ls", "/labelled"]).exit_code == 0  # the twin
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize("source", ["/home", "/usr", "/", "~"])
 def test_t61_system_and_home_folders_are_refused_as_sources(sandbox, source):
     with pytest.raises(corral.PolicyError, match=r"system|home"):
