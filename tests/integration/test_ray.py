@@ -247,6 +247,7 @@ def test_a_sigkilled_driver_leaves_nothing_once_lifetimes_pass(settings_with, fo
         assert idle_id not in _groups()
     finally:
         busy.close()
+        other.stdout.close()
     assert busy_id not in _groups()
 
 
@@ -525,6 +526,10 @@ def test_the_head_restarting(settings_with, made, folder: Path) -> None:
         assert again.stdout.split() == ["again", "swept"], again.stderr[-2000:]
         assert neighbour.exec(["echo", "untouched"]).text == "untouched\n"
     finally:
-        if driver is not None and driver.poll() is None:
-            driver.kill()
+        if driver is not None:
+            if driver.poll() is None:
+                driver.kill()
+            driver.wait(30)
+            if driver.stdout is not None:
+                driver.stdout.close()
         head.kill()

@@ -251,3 +251,17 @@ def test_an_unknown_error_class_comes_back_as_internal() -> None:
 
     with pytest.raises(corral.InternalError, match="odd"):
         wire.raise_failure(wire.failure(PluginsOwn("odd")))
+
+
+# -- no cluster -------------------------------------------------------------------------
+
+
+def test_no_cluster_is_unavailable_with_the_fix(tmp_path) -> None:
+    # A loopback port nothing listens on: the check connects nowhere else.
+    settings = corral.load_settings(
+        {"backends": {"ray": {"address": "127.0.0.1:9"}}}, cwd=tmp_path, environ={}
+    )
+    with pytest.raises(corral.BackendUnavailableError) as caught:
+        corral.create(backend="ray", settings=settings)
+    assert "127.0.0.1:9" in str(caught.value)
+    assert caught.value.fix is not None and "ray start --head" in caught.value.fix
