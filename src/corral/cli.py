@@ -80,10 +80,14 @@ def _span(seconds: float) -> str:
 
 
 def _ago(timestamp: float, now: float) -> str:
+    if timestamp <= 0:  # not known (a cluster sandbox whose node is lost)
+        return "-"
     return f"{_span(now - timestamp)} ago"
 
 
 def _until(timestamp: float, now: float) -> str:
+    if timestamp <= 0:
+        return "-"
     return f"in {_span(timestamp - now)}" if timestamp > now else f"expired {_ago(timestamp, now)}"
 
 

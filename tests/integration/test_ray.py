@@ -336,9 +336,13 @@ def test_aio_and_pool(settings_with) -> None:
 # -- faults -----------------------------------------------------------------------------
 
 
-def test_a_node_killed_mid_batch(settings_with, made) -> None:
-    """C03."""
-    victim = ExtraNode("corral_victim")
+def test_a_node_killed_mid_batch(settings_with, made, shared_tmp: Path) -> None:
+    """C03. The victim keeps its local sandboxes in a folder of its own, as a machine
+    of its own would: nothing else of the cluster sees them until the machine's next
+    node starts."""
+    machine = {"CORRAL_BACKENDS__LOCAL__STATE_DIR": str(shared_tmp / "victim")}
+    victim = ExtraNode("corral_victim", env=machine)
+    reborn = None
     try:
         pinned = settings_with(resources={"corral_victim": 1}, call_timeout="20s")
         doomed = [corral.create(backend="ray", settings=pinned) for _ in range(3)]
@@ -360,13 +364,18 @@ def test_a_node_killed_mid_batch(settings_with, made) -> None:
         removed = corral.gc(backend="ray", settings=others)
         assert {sb.id for sb in doomed} <= set(removed)
         assert _groups().isdisjoint({sb.id for sb in doomed})
-        # What was left on the machine of the dead node goes when an agent reconciles.
+        assert len(_node_side(victim.id, machine)) == 3  # on its machine, until ...
+        # ... the machine's next node starts: its agent removes what the dead one left.
+        reborn = ExtraNode("corral_reborn", env=machine)
+        corral.list(backend="ray", settings=others)  # starts the new node's agent
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _node_side(victim.id):
+        while time.monotonic() < deadline and _node_side(victim.id, machine):
             time.sleep(1)
-        assert _node_side(victim.id) == []
+        assert _node_side(victim.id, machine) == []
     finally:
         victim.stop()
+        if reborn is not None:
+            reborn.stop()
 
 
 def _first_failure(sb: corral.Sandbox, within: float) -> corral.BackendUnavailableError:
@@ -381,10 +390,10 @@ def _first_failure(sb: corral.Sandbox, within: float) -> corral.BackendUnavailab
     raise AssertionError(f"calls on {sb.id} still succeed {within} s after its node died")
 
 
-def _node_side(node: str) -> list[str]:
-    """The local backend's sandboxes of the nodes' default state folder still labelled
-    with ``node``."""
-    settings = corral.load_settings({}, environ={})
+def _node_side(node: str, environ: dict[str, str]) -> list[str]:
+    """The local sandboxes a machine of the nodes (its settings, from ``environ``) still
+    holds for ``node``."""
+    settings = corral.load_settings({}, environ=environ)
     return [
         i.id
         for i in corral.list(backend="local", settings=settings)

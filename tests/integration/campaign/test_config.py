@@ -91,12 +91,13 @@ def test_t01_out_of_range_exec_timeouts_are_refused_before_running(sandbox, time
     assert sb.exec(["ls", "ran"]).exit_code != 0, "the refused command ran anyway"
 
 
-def test_t01_twin_limits_at_sane_values_are_applied(backend, sandbox, raw_client_of):
+@pytest.mark.through_ray
+def test_t01_twin_limits_at_sane_values_are_applied(kind, sandbox, raw_client_of):
     sb = sandbox(memory="64MiB", cpus=0.5, pids=64, nofile=64, lifetime="5m")
     result = sb.exec(["sh", "-c", "ulimit -n"], timeout=60)
     assert (result.exit_code, result.text) == (0, "64\n")
-    if backend != "local":
-        host = _inspect(raw_client_of, backend, sb)["HostConfig"]
+    if kind != "local":
+        host = _inspect(raw_client_of, kind, sb)["HostConfig"]
         assert (host["Memory"], host["PidsLimit"], host["NanoCpus"]) == (64 * MiB, 64, 5 * 10**8)
 
 
@@ -338,6 +339,7 @@ def test_t05_an_empty_allowlist_denies_every_source(backend, backend_settings, m
     )
 
 
+@pytest.mark.through_ray
 def test_t05_twin_a_project_folder_mounts_read_only(sandbox, mount_root):
     project = mount_root / "project"
     project.mkdir()
@@ -376,13 +378,14 @@ def test_t07_bad_mount_destinations_are_refused(
 
 
 @ENGINES_ONLY
+@pytest.mark.through_ray
 def test_t07_a_destination_that_is_a_symlink_in_the_image_is_refused(
-    backend, backend_settings, mount_root
+    api_backend, backend_settings, mount_root
 ):
     # The test image's /etc/mtab links into /proc: the runtime must not follow it there.
     (mount_root / "mtab").write_text("fake\n")
     error = refused(
-        backend,
+        api_backend,
         backend_settings,
         corral.SandboxError,
         r"/etc/mtab",
@@ -391,6 +394,7 @@ def test_t07_a_destination_that_is_a_symlink_in_the_image_is_refused(
     assert "inside /proc" in str(error)
 
 
+@pytest.mark.through_ray
 def test_t07_twin_ordinary_destinations_work(sandbox, mount_root):
     (mount_root / "f").write_text("bound\n")
     sb = sandbox(mounts=[corral.Mount(str(mount_root), "/srv/data/"), corral.Tmpfs("/scratch")])
@@ -442,24 +446,25 @@ UNENFORCEABLE = [
 ]  # fmt: skip
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize(
     ("keywords", "capability", "field"), UNENFORCEABLE, ids=[f for _, _, f in UNENFORCEABLE]
 )
 def test_t11_a_control_the_backend_cannot_enforce_is_refused(
-    backend, backend_settings, keywords, capability, field
+    api_backend, backend_settings, keywords, capability, field
 ):
-    if capability in _capabilities(backend, backend_settings):
-        with corral.create(backend=backend, settings=backend_settings, **keywords) as sb:
+    if capability in _capabilities(api_backend, backend_settings):
+        with corral.create(backend=api_backend, settings=backend_settings, **keywords) as sb:
             assert sb.exec(["true"]).ok  # enforced here: the case is the twin
         return
     error = refused(
-        backend,
+        api_backend,
         backend_settings,
         corral.CapabilityError,
         rf"{re.escape(field)} needs {capability.name}",
         **keywords,
     )
-    assert error.backend == backend
+    assert error.backend == api_backend
 
 
 @ONLY_LOCAL
@@ -484,6 +489,7 @@ def test_t11_local_without_cgroups_refuses_the_pids_limit(backend, backend_setti
     refused(backend, settings, corral.CapabilityError, r"sandbox\.limits\.pids needs PIDS_LIMIT")
 
 
+@pytest.mark.through_ray
 def test_t11_twin_what_the_backend_enforces_runs(sandbox):
     assert sandbox(pids=32, memory="64MiB").exec(["true"]).ok
 
@@ -513,11 +519,16 @@ def test_t12_twin_an_explicit_shell_inside_the_sandbox_works(sandbox):
 
 
 @ENGINES_ONLY
-def test_a_pids_limit_too_small_for_the_engine_is_refused(backend, backend_settings, sandbox):
+@pytest.mark.through_ray
+def test_a_pids_limit_too_small_for_the_engine_is_refused(api_backend, backend_settings, sandbox):
     # The engine's exec helpers count against the limit: under 16, commands fail to
     # start at random, so the limit is refused up front, naming the field.
     refused(
-        backend, backend_settings, corral.ConfigError, r"sandbox\.limits\.pids.*below 16", pids=8
+        api_backend,
+        backend_settings,
+        corral.ConfigError,
+        r"sandbox\.limits\.pids.*below 16",
+        pids=8,
     )
     # The twin: the least allowed works, exec after exec.
     sb = sandbox(pids=16, memory="64MiB")

@@ -88,6 +88,7 @@ OWN_LOOPBACK = (
 # -- T73 -----------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t73_only_loopback_exists_and_nothing_routes_out(sandbox):
     sb = sandbox()
     devices = sb.exec(["cat", "/proc/net/dev"]).text.splitlines()[2:]
@@ -103,6 +104,7 @@ def test_t73_only_loopback_exists_and_nothing_routes_out(sandbox):
     assert sh(sb, OWN_LOOPBACK, timeout=60).text == "hello\n"  # the twin: its loopback works
 
 
+@pytest.mark.through_ray
 def test_t73_the_hosts_loopback_services_are_out_of_reach(sandbox, host_loopback_service):
     port, accepted = host_loopback_service
     probe = socket.create_connection(("127.0.0.1", port), timeout=5)  # it does answer here
@@ -117,9 +119,10 @@ def test_t73_the_hosts_loopback_services_are_out_of_reach(sandbox, host_loopback
 
 
 @ENGINES_ONLY
-def test_t73_no_network_by_inspect(sandbox, backend, raw_client_of):
+@pytest.mark.through_ray
+def test_t73_no_network_by_inspect(sandbox, kind, raw_client_of):
     sb = sandbox()
-    client = raw_client_of(backend)
+    client = raw_client_of(kind)
     try:
         info = client.inspect_container(f"corral-{sb.id}")
     finally:
@@ -395,6 +398,7 @@ def _host_pid_of(argv: list[str], timeout: float = 20) -> int:
     raise AssertionError(f"no host process runs {argv}")
 
 
+@pytest.mark.through_ray
 def test_t75_one_sandbox_cannot_touch_another(sandbox):
     a, b = sandbox(), sandbox()
     b.write_file("/workspace/secret", b"b's secret")

@@ -76,17 +76,18 @@ def _security(loosening: dict, profile: str, **extra: object) -> dict:
     return {**out, **extra}
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize(("name", "loosening", "field", "capability"), LOOSENINGS, ids=IDS)
 def test_each_loosening_is_refused_without_its_opt_in(
-    backend, backend_settings, allow_all_profile, name, loosening, field, capability
+    api_backend, backend_settings, allow_all_profile, name, loosening, field, capability
 ):
     security = _security(loosening, allow_all_profile)
     message = rf"^sandbox\.security\.{field}: .*add '{name}' to sandbox\.security\.allow_unsafe"
-    refused(backend, backend_settings, corral.PolicyError, message, security=security)
+    refused(api_backend, backend_settings, corral.PolicyError, message, security=security)
     # Opting into another option does not open this one.
     other = "cap_add" if name != "cap_add" else "isolate"
     refused(
-        backend,
+        api_backend,
         backend_settings,
         corral.PolicyError,
         message,
@@ -120,15 +121,24 @@ def _expect_applied(backend: str, name: str, loosening: dict, sb: corral.Sandbox
         assert (pid_ns == host_ns) is (backend == "local")
 
 
+@pytest.mark.through_ray
 @pytest.mark.parametrize(("name", "loosening", "field", "capability"), LOOSENINGS, ids=IDS)
 def test_an_opt_in_is_applied_where_enforceable_and_recorded(
-    backend, backend_settings, allow_all_profile, raw_client_of, name, loosening, field, capability
+    kind,
+    api_backend,
+    backend_settings,
+    allow_all_profile,
+    raw_client_of,
+    name,
+    loosening,
+    field,
+    capability,
 ):
     security = _security(loosening, allow_all_profile, allow_unsafe=[name])
-    have = get_host().backend(backend, backend_settings).capabilities()
+    have = get_host().backend(api_backend, backend_settings).capabilities()
     if capability is not None and capability not in have:
         refused(
-            backend,
+            api_backend,
             backend_settings,
             corral.CapabilityError,
             rf"sandbox\.security\.{field} needs {capability.name}",
@@ -136,24 +146,25 @@ def test_an_opt_in_is_applied_where_enforceable_and_recorded(
         )
         return
     with corral.create(
-        backend=backend, settings=backend_settings, lifetime="5m", security=security
+        backend=api_backend, settings=backend_settings, lifetime="5m", security=security
     ) as sb:
         assert sb.labels["corral.loosened"] == name
-        _expect_applied(backend, name, loosening, sb)
-        again = corral.attach(sb.id, backend=backend, settings=backend_settings)
+        _expect_applied(kind, name, loosening, sb)
+        again = corral.attach(sb.id, backend=api_backend, settings=backend_settings)
         assert again.labels["corral.loosened"] == name
         assert again.spec.security.allow_unsafe == (name,)
         again.detach()
         listed = [
-            i for i in corral.list(backend=backend, settings=backend_settings) if i.id == sb.id
+            i for i in corral.list(backend=api_backend, settings=backend_settings) if i.id == sb.id
         ]
         assert [i.labels.get("corral.loosened") for i in listed] == [name]
-        if backend in ENGINES:
-            assert _engine_labels(raw_client_of, backend, sb.id)["corral.loosened"] == name
+        if kind in ENGINES:
+            assert _engine_labels(raw_client_of, kind, sb.id)["corral.loosened"] == name
 
 
+@pytest.mark.through_ray
 def test_a_sensitive_mount_needs_its_opt_in_and_is_recorded(
-    backend, backend_settings, mount_root, monkeypatch
+    api_backend, backend_settings, mount_root, monkeypatch
 ):
     home = mount_root / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -161,14 +172,14 @@ def test_a_sensitive_mount_needs_its_opt_in_and_is_recorded(
     monkeypatch.setenv("HOME", str(home))
     mounts = [corral.Mount("~/.ssh", "/keys")]
     refused(
-        backend,
+        api_backend,
         backend_settings,
         corral.PolicyError,
         r"^sandbox\.mounts\[0\]\.source: .* holds credentials; .*'sensitive_mounts'",
         mounts=mounts,
     )
     with corral.create(
-        backend=backend,
+        backend=api_backend,
         settings=backend_settings,
         lifetime="5m",
         mounts=mounts,
@@ -176,11 +187,12 @@ def test_a_sensitive_mount_needs_its_opt_in_and_is_recorded(
     ) as sb:
         assert sb.exec(["cat", "/keys/known_hosts"]).text == "example\n"
         assert sb.labels["corral.loosened"] == "sensitive_mounts"
-        again = corral.attach(sb.id, backend=backend, settings=backend_settings)
+        again = corral.attach(sb.id, backend=api_backend, settings=backend_settings)
         assert again.labels["corral.loosened"] == "sensitive_mounts"
         again.detach()
 
 
+@pytest.mark.through_ray
 def test_twin_an_unused_opt_in_loosens_nothing_and_records_nothing(sandbox):
     sb = sandbox(security={"allow_unsafe": ["cap_add", "seccomp"]})
     status = _status(sb)
@@ -189,7 +201,8 @@ def test_twin_an_unused_opt_in_loosens_nothing_and_records_nothing(sandbox):
     assert "corral.loosened" not in sb.labels
 
 
-def test_t04_the_default_sandbox_is_locked_down(backend, sandbox, raw_client_of):
+@pytest.mark.through_ray
+def test_t04_the_default_sandbox_is_locked_down(kind, sandbox, raw_client_of):
     sb = sandbox()
     status = _status(sb)
     assert (int(status["CapEff"], 16), int(status["CapBnd"], 16)) == (0, 0)
@@ -200,10 +213,10 @@ def test_t04_the_default_sandbox_is_locked_down(backend, sandbox, raw_client_of)
     interfaces = sb.exec(["cat", "/proc/net/dev"]).text.splitlines()[2:]
     assert [line.split(":")[0].strip() for line in interfaces] == ["lo"]
     assert "corral.loosened" not in sb.labels
-    if backend not in ENGINES:
+    if kind not in ENGINES:
         return
     assert status["Seccomp"].strip() == "2"  # the engine's default profile
-    client = raw_client_of(backend)
+    client = raw_client_of(kind)
     try:
         inspect = client.inspect_container(f"corral-{sb.id}")
     finally:
@@ -283,14 +296,15 @@ def test_t04_host_network_and_spec_level_engine_options_are_refused(backend, bac
             ).close()
 
 
-def test_t04_backend_settings_have_no_pass_through(backend, backend_settings):
+@pytest.mark.through_ray
+def test_t04_backend_settings_have_no_pass_through(api_backend, backend_settings):
     for option in ("privileged", "host_config", "create_options", "security_opt"):
-        table = {**backend_settings.backends[backend], option: True}
-        settings = attrs.evolve(backend_settings, backends={backend: table})
+        table = {**backend_settings.backends[api_backend], option: True}
+        settings = attrs.evolve(backend_settings, backends={api_backend: table})
         with pytest.raises(
-            corral.ConfigError, match=rf"^backends\.{backend}\.{option}: unknown setting"
+            corral.ConfigError, match=rf"^backends\.{api_backend}\.{option}: unknown setting"
         ):
-            corral.create(backend=backend, settings=settings).close()
+            corral.create(backend=api_backend, settings=settings).close()
 
 
 def test_the_record_cannot_be_forged_or_removed_through_labels(backend, backend_settings):

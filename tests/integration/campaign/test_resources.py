@@ -54,6 +54,7 @@ def engines_only(*names: str) -> pytest.MarkDecorator:
 # -- T33 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t33_a_fork_bomb_hits_the_pids_limit_and_nothing_of_it_survives(sandbox):
     sb = sandbox(memory="64MiB", pids=48)
     neighbour = sandbox(memory="32MiB", pids=FEW_PIDS)
@@ -96,9 +97,10 @@ def _swap_limit(backend: str, sb: corral.Sandbox, raw_client_of: Callable) -> in
     return 32 * MiB if swap == "0" else None
 
 
-def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_client_of):
+@pytest.mark.through_ray
+def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, kind, raw_client_of):
     sb = sandbox(memory="32MiB", pids=FEW_PIDS)
-    assert _swap_limit(backend, sb, raw_client_of) == 32 * MiB, "swap would double the limit"
+    assert _swap_limit(kind, sb, raw_client_of) == 32 * MiB, "swap would double the limit"
     under = sb.exec(["sh", "-c", ALLOCATE.format(size="8M")], timeout=60)
     assert under.ok and under.text == "allocated\n" and not under.oom_killed
     bomb = sb.exec(["sh", "-c", "exec " + ALLOCATE.format(size="256M")], timeout=60)
@@ -112,6 +114,7 @@ def test_t34_a_memory_bomb_is_oom_killed_and_reported_so(sandbox, backend, raw_c
 # -- T35 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
     sb = sandbox(memory="32MiB", pids=FEW_PIDS)
     # The twin: a fresh sandbox's exec that allocates under the limit counts nothing.
@@ -140,6 +143,7 @@ def test_t35_an_oom_kill_belongs_to_the_exec_it_happened_in(sandbox):
 FILL = "dd if=/dev/zero of={path} bs=1M count={mib} 2>&1; echo size=$(wc -c < {path})"
 
 
+@pytest.mark.through_ray
 def test_t36_a_tmpfs_fills_up_at_its_size_not_the_hosts_memory(sandbox):
     sb = sandbox(memory="64MiB", mounts=[corral.Tmpfs("/tmp", size="8MiB")])
     twin = sb.exec(["sh", "-c", FILL.format(path="/tmp/small", mib=2)], timeout=60)
@@ -158,6 +162,7 @@ def test_t36_a_tmpfs_fills_up_at_its_size_not_the_hosts_memory(sandbox):
 
 
 @engines_only("docker", "podman")
+@pytest.mark.through_ray
 def test_t36_the_default_tmp_of_an_engine_sandbox_has_a_size(sandbox):
     sb = sandbox()
     mounts = sb.exec(["cat", "/proc/mounts"]).text
@@ -190,6 +195,7 @@ def test_t36_a_local_sandbox_fills_its_own_capped_folder_not_the_hosts_disk(stat
 # -- T37 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t37_a_read_only_root_refuses_a_fill_at_once(sandbox):
     sb = sandbox()
     fill = sb.exec(["sh", "-c", "dd if=/dev/zero of=/bigfile bs=1M count=1024"], timeout=60)
@@ -201,6 +207,7 @@ def test_t37_a_read_only_root_refuses_a_fill_at_once(sandbox):
     assert small.ok and "size=1048576" in small.text
 
 
+@pytest.mark.through_ray
 def test_t37_a_disk_limit_the_backend_cannot_enforce_is_refused(sandbox):
     # No backend here can cap a writable layer (overlay2 needs xfs with pquota): fail
     # closed, before anything exists (the harness proves nothing was created).
@@ -208,6 +215,7 @@ def test_t37_a_disk_limit_the_backend_cannot_enforce_is_refused(sandbox):
         sandbox(disk="1GiB")
 
 
+@pytest.mark.through_ray
 def test_t37_a_writable_root_is_bounded_per_file_by_the_file_size_limit(sandbox):
     # As root in the sandbox, in a folder of the image (root's, mode 755; Podman makes
     # "/" itself 555, and all capabilities are still dropped).
@@ -227,6 +235,7 @@ def test_t37_a_writable_root_is_bounded_per_file_by_the_file_size_limit(sandbox)
 # -- T38 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t38_a_rw_mount_fill_stops_at_the_file_size_limit_and_stays_inside(sandbox, mount_root):
     repo = mount_root / "repo"
     repo.mkdir()
@@ -244,17 +253,20 @@ def test_t38_a_rw_mount_fill_stops_at_the_file_size_limit_and_stays_inside(sandb
     assert sorted(p.name for p in mount_root.rglob("*")) == ["big", "repo", "small"]
 
 
+@pytest.mark.through_ray
 def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
-    backend, backend_settings, mount_root, settings_of, shared_tmp
+    backend, api_backend, backend_settings, mount_root, settings_of, shared_tmp
 ):
     repo = mount_root / "repo"
     repo.mkdir()
     os.chmod(repo, 0o777)
     rw = [corral.Mount(str(repo), "/repo", read_only=False)]
     # Without the opt-in: refused, naming the mount and the fix, and nothing made.
-    error = refused(backend, backend_settings, corral.PolicyError, "unbounded_rw_mounts", mounts=rw)
+    error = refused(
+        api_backend, backend_settings, corral.PolicyError, "unbounded_rw_mounts", mounts=rw
+    )
     assert "sandbox.mounts[0]" in str(error) and str(repo) in str(error)
-    if backend != "local":
+    if backend in ENGINE_URLS:  # (through ray, this process asks no engine anything)
         # Refused before anything is asked of the engine: through a proxy that records
         # every request, only reads (its ping and version) went by.
         proxy = private_engines.EngineProxy(os.environ[ENGINE_URLS[backend]], shared_tmp)
@@ -268,7 +280,7 @@ def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
     # Opted in, but the mount's filesystem has less free than the reserve: refused.
     greedy = attrs.evolve(backend_settings, rw_mount_reserve="1000TiB")
     error = refused(
-        backend,
+        api_backend,
         greedy,
         corral.ResourceLimitError,
         "rw_mount_reserve",
@@ -278,7 +290,7 @@ def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
     assert "sandbox.mounts[0]" in str(error)
     # Read-only binds, tmpfs and volumes need neither.
     with corral.create(
-        backend=backend,
+        backend=api_backend,
         settings=greedy,
         mounts=[corral.Mount(str(repo), "/ro"), corral.Tmpfs("/scratch", size="1MiB")],
         lifetime="5m",
@@ -287,13 +299,17 @@ def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
         assert "unbounded_rw_mounts" not in plain.info.labels.get("corral.loosened", "")
     # The twin: opted in, the write reaches the host, and the loosening is on record.
     with corral.create(
-        backend=backend, settings=backend_settings, mounts=rw, security=RW_OPT_IN, lifetime="5m"
+        backend=api_backend,
+        settings=backend_settings,
+        mounts=rw,
+        security=RW_OPT_IN,
+        lifetime="5m",
     ) as sb:
         assert sb.exec(["sh", "-c", "echo made > /repo/out"]).ok
         assert (repo / "out").read_text() == "made\n"
         assert sb.info.labels["corral.loosened"] == "unbounded_rw_mounts"
         found = [
-            i for i in corral.list(backend=backend, settings=backend_settings) if i.id == sb.id
+            i for i in corral.list(backend=api_backend, settings=backend_settings) if i.id == sb.id
         ]
         assert found and found[0].labels["corral.loosened"] == "unbounded_rw_mounts"
 
@@ -301,6 +317,7 @@ def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
 # -- T40 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t40_the_cpu_quota_holds_and_usage_reads_while_throttled(sandbox):
     sb = sandbox(cpus=0.5, memory="32MiB", pids=FEW_PIDS)
     neighbour = sandbox(memory="32MiB", pids=FEW_PIDS)
@@ -350,6 +367,7 @@ def test_t41_a_main_process_log_flood_is_not_kept_by_the_engine(sandbox, backend
 # -- T42 ------------------------------------------------------------------------------
 
 
+@pytest.mark.through_ray
 def test_t42_many_sandboxes_at_once_are_distinct_and_all_go_away(sandbox):
     count = 8  # a 2-core shared machine: enough to race, not to overload
     with ThreadPoolExecutor(count) as pool:

@@ -314,50 +314,21 @@ class RayBackend(Backend):
         # The driver's policy let these sources in; a node whose operator set no
         # mount_roots of its own takes them as its roots (its own checks still apply).
         roots = tuple(m.source for m in spec.mounts if isinstance(m, Mount))
+        ask = (sandbox_id, spec, labels, self.settings.node_backend, want)
         deadline = time.monotonic() + self.settings.placement_timeout
-        failed: dict[str, SandboxError] = {}
+        failed: dict[str, SandboxError] = {}  # nodes whose backend failed the create
+        short: set[str] = set()  # resources some node was short of
         fresh = False
-        short: set[str] = set()
         while True:
-            reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
-            totals = self._totals()
-            impossible = placement.too_big(want, totals)
-            if impossible:  # on no node, however long we wait
-                raise CapacityError(impossible, backend=self.name, sandbox_id=sandbox_id)
-            fit, why = placement.candidates(
-                reports, self.settings.node_backend, need, self.settings.max_per_node, __version__
-            )
-            for node in [n for n in fit if not placement.holds(want, totals.get(n, {}))]:
-                fit.remove(node)
-                why[node] = "it has too little of " + ", ".join(want)
-            if not fit and not any("max_per_node" in w for w in why.values()):
-                self._refuse(why, failed)  # no node could take it, however long we wait
-            free = _free_resources()  # None when Ray does not say: then every node is asked
-            ready = [n for n in fit if free is None or placement.holds(want, free.get(n, {}))]
-            if free is not None:
-                short.update(r for n in fit for r in placement.short_of(want, free.get(n, {})))
-            with self._lock:
-                mine = Counter(node for node, _ in self._placed.values())
-            counts = {n: reports[n].sandboxes + mine[n] for n in ready}
-            for node in placement.ordered(ready, counts, self.settings.strategy):
+            for node in self._ranked(want, need, failed, short, fresh):
                 with self._lock:
                     self._placed[sandbox_id] = (node, time.monotonic())
                 try:
                     answer = self._call(
-                        node,
-                        "create",
-                        sandbox_id,
-                        spec,
-                        labels,
-                        self.settings.node_backend,
-                        want,
-                        self.settings.max_per_node,
-                        roots,
-                        _RESERVE_WAIT,
+                        node, "create", *ask, self.settings.max_per_node, roots, _RESERVE_WAIT
                     )
                 except BackendUnavailableError as e:  # that node, not the spec
-                    failed[node] = e
-                    answer = None
+                    failed[node], answer = e, None
                 if isinstance(answer, NodeInfo):
                     with self._lock:
                         self._where[sandbox_id] = node
@@ -369,16 +340,47 @@ class RayBackend(Backend):
                     short.add(answer.resource)
             if time.monotonic() >= deadline:
                 what = " and ".join(sorted(short)) or "room (max_per_node)"
+                reserves = ", ".join(f"{placement.shown(r, a)} {r}" for r, a in want.items())
                 raise CapacityError(
                     f"no node of the Ray cluster had {what} free for this sandbox within "
-                    f"{self.settings.placement_timeout:g} s (it reserves "
-                    + ", ".join(f"{placement.shown(r, a)} {r}" for r, a in want.items())
-                    + ")",
+                    f"{self.settings.placement_timeout:g} s (it reserves {reserves})",
                     backend=self.name,
                     sandbox_id=sandbox_id,
                 )
             time.sleep(0.2)
             fresh = True
+
+    def _ranked(
+        self,
+        want: dict[str, float],
+        need: Capability,
+        failed: dict[str, SandboxError],
+        short: set[str],
+        fresh: bool,
+    ) -> builtins.list[str]:
+        """The nodes to ask, in the strategy's order: those that can host the sandbox and
+        have its resources free now. Raises when no node could ever host it."""
+        reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
+        totals = self._totals()
+        impossible = placement.too_big(want, totals)
+        if impossible:  # on no node, however long we wait
+            raise CapacityError(impossible, backend=self.name)
+        fit, why = placement.candidates(
+            reports, self.settings.node_backend, need, self.settings.max_per_node, __version__
+        )
+        for node in [n for n in fit if not placement.holds(want, totals.get(n, {}))]:
+            fit.remove(node)
+            why[node] = "it has too little of " + ", ".join(want)
+        if not fit and not any("max_per_node" in w for w in why.values()):
+            self._refuse(why, failed)  # no node could take it, however long we wait
+        free = _free_resources()  # None when Ray does not say: then every node is asked
+        ready = [n for n in fit if free is None or placement.holds(want, free.get(n, {}))]
+        if free is not None:
+            short.update(r for n in fit for r in placement.short_of(want, free.get(n, {})))
+        with self._lock:
+            mine = Counter(node for node, _ in self._placed.values())
+        counts = {n: reports[n].sandboxes + mine[n] for n in ready}
+        return placement.ordered(ready, counts, self.settings.strategy)
 
     def _refuse(self, why: dict[str, str], failed: dict[str, SandboxError]) -> None:
         """Raise why no node can host the sandbox: what it asks that no node's backend
@@ -458,33 +460,33 @@ class RayBackend(Backend):
         return info, spec
 
     def list(self) -> builtins.list[SandboxInfo]:
+        """Every node's sandboxes, asked of all agents at once; those of a node that is
+        gone, or whose agent does not answer, from their placement groups as ``lost``."""
         ray = self._connect()
-        nodes = self._alive_nodes()
-        refs = [self._agent(node).list.remote() for node in nodes]
+        refs = {node: self._agent(node).list.remote() for node in self._alive_nodes()}
         found: builtins.list[SandboxInfo] = []
-        for ref in refs:
+        answered = set()
+        for node, ref in refs.items():
             try:
                 answer = ray.get(ref, timeout=self.settings.call_timeout)
             except Exception:
-                continue  # a node going away: its sandboxes show as lost below next time
+                try:  # once more, through the agent's restart when it died on a live node
+                    answer = self._call(node, "list")
+                except BackendUnavailableError:
+                    continue
             if isinstance(answer, wire.Failure):
                 wire.raise_failure(answer)
             found.extend(answer)
+            answered.add(node)
         listed = {info.id for info in found}
         every = {n["NodeID"]: n for n in ray.nodes()}
         for sandbox_id, (node, _) in self._groups().items():
-            if node not in nodes and sandbox_id not in listed:
+            if node not in answered and sandbox_id not in listed:
                 address = every.get(node, {}).get("NodeManagerAddress", "?")
-                found.append(
-                    SandboxInfo(
-                        id=sandbox_id,
-                        backend=self.name,
-                        status=LOST,
-                        created=0.0,
-                        expires=0.0,
-                        node=NodeInfo(node, address),
-                    )
-                )
+                lost = NodeInfo(node, address)
+                # When it was made and until when are the node's to say: unknown here,
+                # so gc releases it at once.
+                found.append(SandboxInfo(sandbox_id, self.name, LOST, 0.0, 0.0, node=lost))
         return found
 
     def alive(self, sandbox_id: str) -> bool:
