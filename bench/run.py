@@ -1,6 +1,7 @@
 """Every benchmark of issue 7 in one run: corral against the raw clients, per backend.
 
     .venv/bin/python bench/run.py [--backends local,docker,podman] [--rounds N] [--quick]
+    .venv/bin/python bench/run.py --only ray [--ray-address HOST:PORT] [--ray-sandboxes N]
 
 First ``import corral`` time, on the machine still quiet. Then per backend (local
 against bwrap by hand, docker against docker-py, podman against podman-py), corral and
@@ -11,6 +12,10 @@ it is installed. Writes
 bench/results/benchmarks.md and benchmarks.json. Everything made carries the run's
 label and is removed at the end, also after an error. Not a test: never asserts on time.
 The engines default to the test suite's (``scripts/engines up``).
+
+Where a Ray cluster is given (``--ray-address``, else $CORRALTEST_RAY_ADDRESS), issue
+14's section follows (bench/ray_cluster.py), with results of its own in
+bench/results/ray_cluster.md and .json; ``--only ray`` runs that section alone.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ sys.path.insert(0, str(HERE))
 import backends  # noqa: E402
 import measure  # noqa: E402
 import probes  # noqa: E402
+import ray_cluster  # noqa: E402
 from backend_local import private_state_dir  # noqa: E402
 from common import Config, Row, markdown, write_results  # noqa: E402
 
@@ -44,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--podman-url", default="unix:///run/corral-test/podman.sock")
     parser.add_argument("--image", default="corral-test/busybox:latest")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--only", choices=["ray"], help="run this section alone")
+    ray_cluster.add_options(parser)
     return parser.parse_args(argv)
 
 
@@ -65,6 +73,19 @@ def usage_rounds(backend: str, plan: measure.Plan) -> measure.Plan:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.only == "ray":
+        if not args.ray_address:
+            raise SystemExit("--only ray: pass --ray-address or set CORRALTEST_RAY_ADDRESS")
+        return ray_cluster.run(ray_cluster.options_of(args))
+    status = _engines(args)
+    if args.ray_address:
+        print(f"== ray cluster at {args.ray_address}", file=sys.stderr, flush=True)
+        status = max(status, ray_cluster.run(ray_cluster.options_of(args)))
+    return status
+
+
+def _engines(args: argparse.Namespace) -> int:
+    """Issue 7's benchmarks: import time, then corral against the raw client per backend."""
     chosen = [b.strip() for b in args.backends.split(",") if b.strip()]
     for name in chosen:
         backends.module(name)  # unknown names and missing clients fail before any work

@@ -246,8 +246,10 @@ def _ray_leftovers(settings: corral.Settings | None, ids: set[str]) -> set[str]:
     listed = {info.id for info in corral.list(backend="ray", settings=settings)}
     reserved = {sandbox_id for sandbox_id, _ in standing_groups(namespace).values()}
     folders = {p.name for p in NODE_LOCAL_ROOT.glob("*")}
-    cgroups = {
-        p.name.removeprefix("corral-") for p in Path("/sys/fs/cgroup").glob("*/corral/corral-*")
+    cgroups = {  # (cgroup v2 alone, or a folder per v1 controller beside it)
+        p.name.removeprefix("corral-")
+        for pattern in ("corral/corral-*", "*/corral/corral-*")
+        for p in Path("/sys/fs/cgroup").glob(pattern)
     }
     return (
         {f"listed: {i}" for i in listed & ids}

@@ -317,7 +317,6 @@ def test_t38_a_rw_mount_needs_its_opt_in_and_a_free_space_reserve(
 # -- T40 ------------------------------------------------------------------------------
 
 
-@pytest.mark.through_ray
 def test_t40_the_cpu_quota_holds_and_usage_reads_while_throttled(sandbox):
     sb = sandbox(cpus=0.5, memory="32MiB", pids=FEW_PIDS)
     neighbour = sandbox(memory="32MiB", pids=FEW_PIDS)

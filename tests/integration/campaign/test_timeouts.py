@@ -143,7 +143,6 @@ echo zombies=$(cat /proc/[0-9]*/status 2>/dev/null | grep -c '^State:.Z' || true
 """
 
 
-@pytest.mark.through_ray
 def test_t29_orphans_are_reaped_so_no_zombie_piles_up(sandbox):
     sb = small(sandbox)
     result = sb.exec(["sh", "-c", ORPHANS], timeout=60)

@@ -270,8 +270,15 @@ class NodeAgent:
                 self._doomed.discard(sandbox_id)
 
     def _reserve(self, sandbox_id: str, bundle: dict[str, float], wait: float) -> Any:
+        """The sandbox's placement group, placed on this node; or Full. A group is made
+        only when the node has the bundle free: Ray (2.60) can keep a bundle's resources
+        reserved for good when its group is removed while being placed, so groups that
+        would only wait and be removed are not made at all."""
         from ray.util.placement_group import placement_group, remove_placement_group
 
+        short = self._short_of(bundle)
+        if short is not None:
+            return wire.Full("no room", short)
         group = placement_group(
             [bundle],
             name=group_name(self.namespace, sandbox_id, self.node.id),

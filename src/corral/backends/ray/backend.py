@@ -42,7 +42,7 @@ __all__ = ["RayBackend"]
 
 _FIRST_WAIT = 0.5  # seconds an exec's first call waits for output or the end
 _POLL_WAIT = 0.5  # ... and each later one (also how soon a cancel is noticed)
-_RESERVE_WAIT = 0.5  # seconds a node waits for its placement group before it says full
+_RESERVE_WAIT = 2.0  # seconds a node with the room free waits for its group to be placed
 _REPORTS_FRESH = 2.0  # seconds the nodes' reports are reused for placement
 _CHUNK = 512 * 1024  # bytes of an archive per call into a node
 _START_HINT = "ray start --head (then `ray start --address=HEAD:6379` on each other node)"
@@ -69,6 +69,7 @@ class RayBackend(Backend):
         self._job = ""
         self._agents: dict[str, Any] = {}
         self._reports: dict[str, wire.NodeReport] = {}
+        self._node_totals: dict[str, dict[str, float]] = {}
         self._reported = 0.0
         # Nodes this driver chose since the reports were read (creates in flight
         # included), by a token of each create, so that spread sees its own choices.
@@ -202,6 +203,7 @@ class RayBackend(Backend):
         began = time.monotonic()  # placements before this are in the reports
         nodes = self._alive_nodes()
         pending = {node: self._agent(node).report.remote() for node in nodes}
+        totals = {n: node["Resources"] for n, node in nodes.items()}
         reports = {}
         for node, ref in pending.items():
             try:
@@ -211,6 +213,7 @@ class RayBackend(Backend):
                     self._agents.pop(node, None)
         with self._lock:
             self._reports, self._reported = reports, time.monotonic()
+            self._node_totals = totals
             self._placed = {k: v for k, v in self._placed.items() if v[1] >= began}
         return reports
 
@@ -320,7 +323,7 @@ class RayBackend(Backend):
         short: set[str] = set()  # resources some node was short of
         fresh = False
         while True:
-            for node in self._ranked(want, need, failed, short, fresh):
+            for node in self._ranked(want, need, failed, fresh):
                 with self._lock:
                     self._placed[sandbox_id] = (node, time.monotonic())
                 try:
@@ -355,11 +358,10 @@ class RayBackend(Backend):
         want: dict[str, float],
         need: Capability,
         failed: dict[str, SandboxError],
-        short: set[str],
         fresh: bool,
     ) -> builtins.list[str]:
-        """The nodes to ask, in the strategy's order: those that can host the sandbox and
-        have its resources free now. Raises when no node could ever host it."""
+        """The nodes to ask, in the strategy's order: those that can host the sandbox
+        (each says whether it has room now). Raises when no node could ever host it."""
         reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
         totals = self._totals()
         impossible = placement.too_big(want, totals)
@@ -373,14 +375,10 @@ class RayBackend(Backend):
             why[node] = "it has too little of " + ", ".join(want)
         if not fit and not any("max_per_node" in w for w in why.values()):
             self._refuse(why, failed)  # no node could take it, however long we wait
-        free = _free_resources()  # None when Ray does not say: then every node is asked
-        ready = [n for n in fit if free is None or placement.holds(want, free.get(n, {}))]
-        if free is not None:
-            short.update(r for n in fit for r in placement.short_of(want, free.get(n, {})))
         with self._lock:
             mine = Counter(node for node, _ in self._placed.values())
-        counts = {n: reports[n].sandboxes + mine[n] for n in ready}
-        return placement.ordered(ready, counts, self.settings.strategy)
+        counts = {n: reports[n].sandboxes + mine[n] for n in fit}
+        return placement.ordered(fit, counts, self.settings.strategy)
 
     def _refuse(self, why: dict[str, str], failed: dict[str, SandboxError]) -> None:
         """Raise why no node can host the sandbox: what it asks that no node's backend
@@ -401,7 +399,9 @@ class RayBackend(Backend):
         )
 
     def _totals(self) -> dict[str, dict[str, float]]:
-        return {n: node["Resources"] for n, node in self._alive_nodes().items()}
+        """What each live node has in all, as read with the reports."""
+        with self._lock:
+            return self._node_totals
 
     def _node_of(self, sandbox_id: str) -> str:
         """The node a sandbox is on: known here, else read from its placement group's
@@ -572,17 +572,6 @@ def _installed() -> bool:
         return importlib.util.find_spec("ray") is not None
     except ValueError:  # in sys.modules as None: an import of it fails
         return False
-
-
-def _free_resources() -> dict[str, dict[str, float]] | None:
-    """What each node has free now, by node id; None where this Ray does not say."""
-    try:
-        from ray._private.state import available_resources_per_node
-
-        free: dict[str, dict[str, float]] = available_resources_per_node()
-        return free
-    except Exception:  # a private call: without it, placement asks every node in turn
-        return None
 
 
 _ACTOR: Any = None
