@@ -246,14 +246,21 @@ class NodeAgent:
             self._reserving += 1
             self._creating.add(sandbox_id)
         try:
-            group = self._reserve(sandbox_id, bundle, wait)
+            group = self._reserve(sandbox_id, bundle)
             if isinstance(group, wire.Full):
                 return group
+            # Made while Ray places the group (a few ms: about what the making takes),
+            # and answered only once it is placed: no command runs in the sandbox
+            # before its resources are held.
             try:
                 self._make(sandbox_id, spec, labels, name, group.id.hex(), mount_roots)
             except BaseException:
                 _remove_group(group.id.hex())
                 raise
+            if not _placed(group, wait):
+                _quietly(functools.partial(self._backend(name).destroy, sandbox_id))
+                _remove_group(group.id.hex())
+                return wire.Full("no room", self._short_of(bundle))
             with self._lock:
                 self._sandboxes[sandbox_id] = _Entry(name, group.id.hex(), _expires(labels))
                 doomed = sandbox_id in self._doomed
@@ -269,26 +276,22 @@ class NodeAgent:
                 self._creating.discard(sandbox_id)
                 self._doomed.discard(sandbox_id)
 
-    def _reserve(self, sandbox_id: str, bundle: dict[str, float], wait: float) -> Any:
-        """The sandbox's placement group, placed on this node; or Full. A group is made
-        only when the node has the bundle free: Ray (2.60) can keep a bundle's resources
-        reserved for good when its group is removed while being placed, so groups that
-        would only wait and be removed are not made at all."""
-        from ray.util.placement_group import placement_group, remove_placement_group
+    def _reserve(self, sandbox_id: str, bundle: dict[str, float]) -> Any:
+        """The sandbox's placement group on this node, asked of Ray; or Full. A group is
+        asked for only when the node has the bundle free: Ray (2.60) can keep a bundle's
+        resources reserved for good when its group is removed while being placed, so
+        groups that would only wait and be removed are not made at all."""
+        from ray.util.placement_group import placement_group
 
         short = self._short_of(bundle)
         if short is not None:
             return wire.Full("no room", short)
-        group = placement_group(
+        return placement_group(
             [bundle],
             name=group_name(self.namespace, sandbox_id, self.node.id),
             lifetime="detached",  # released by destroy, or by a sweep at lifetime's end
             bundle_label_selector=[{"ray.io/node-id": self.node.id}],
         )
-        if _placed(group, wait):
-            return group
-        remove_placement_group(group)
-        return wire.Full("no room", self._short_of(bundle))
 
     def _short_of(self, bundle: dict[str, float]) -> str | None:
         """The first resource of ``bundle`` this node has too little of free now."""
