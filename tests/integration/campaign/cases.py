@@ -29,8 +29,8 @@ ENGINES_ONLY = pytest.mark.parametrize(
 )
 ONLY_LOCAL = pytest.mark.parametrize("backend", [pytest.param("local", marks=pytest.mark.local)])
 # Where the suite's Ray nodes keep the sandboxes of their local backend: its default
-# state folder (scripts/cluster starts them on this machine as this user, and sets no
-# state_dir for them).
+# state folder (scripts/cluster starts them on this machine, as this user and with this
+# environment, TMPDIR included, and sets no state_dir for them).
 NODE_LOCAL_ROOT = Path(tempfile.gettempdir(), f"corral-{os.geteuid()}", "local")
 # How long a killed process may take to be gone (reaping, an engine's clean-up).
 SETTLE = 15.0

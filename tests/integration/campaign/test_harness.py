@@ -1,7 +1,7 @@
 """The campaign harness's leak check can fail: inner pytest runs (pytester, in this
 process) of cases that leave a host process, a file descriptor, a temporary folder, a
 changed canary, a container or a network behind must each be reported, and a clean case
-must not.
+must not; so must a sandbox left through ray, on nodes of each kind.
 
 The inner runs use copies of the real conftest files (the campaign's with a shorter
 settling time, so a reported leak does not wait out ten seconds); what the inner cases
@@ -19,16 +19,20 @@ import signal
 from pathlib import Path
 
 import pytest
+import ray_cluster
 
 import corral
 
 CAMPAIGN = Path(__file__).parent
+KINDS = ("local", "docker", "podman")
 
 INNER_CASES = """
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import pytest
 
 import corral
 
@@ -64,6 +68,13 @@ def test_leaves_a_sandbox(settings_of):
     engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
     sandbox = corral.create(backend=engine, settings=settings_of(engine), lifetime="2m")
     _left("sandbox", sandbox.id)
+    sandbox.detach()
+
+
+@pytest.mark.through_ray
+def test_ray_leaves_a_sandbox(backend, api_backend, backend_settings):
+    sandbox = corral.create(backend=api_backend, settings=backend_settings, lifetime="2m")
+    _left("ray-sandbox", sandbox.id)
     sandbox.detach()
 
 
@@ -123,6 +134,9 @@ def _clean_up(record: Path, settings_of, raw_client_of) -> None:
         elif kind == "sandbox":
             engine = os.environ["CORRALTEST_HARNESS_ENGINE"]
             corral.attach(value, backend=engine, settings=settings_of(engine)).close()
+        elif kind == "ray-sandbox":
+            settings = ray_cluster.ray_settings(record.parent)
+            corral.attach(value, backend="ray", settings=settings).close()
         elif kind == "network":
             client = raw_client_of(os.environ["CORRALTEST_HARNESS_ENGINE"])
             try:
@@ -189,3 +203,26 @@ def test_a_network_left_on_an_engine_is_reported(inner, engine, settings_of, mon
     result.assert_outcomes(passed=1, errors=1)
     report = _teardown_reports(result.stdout.str())["test_leaves_a_network"]
     assert f"{engine} kept ['network:corral-" in report
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(f"ray-{k}", marks=[pytest.mark.ray, getattr(pytest.mark, k)]) for k in KINDS],
+)
+def test_a_sandbox_left_through_ray_is_reported(inner, backend, kind):
+    """Made by a node's agent, not this process: still found, by the cluster's listing and
+    placement groups, and by the engine's labels or the nodes' local state folder. (This
+    case is a ray case itself, so that its own check allows for the driver's connection.)"""
+    ray_cluster.address()  # fails under CI, skips elsewhere, without the cluster
+    markers = "".join(f"\n    {name}" for name in ("through_ray", "ray", *KINDS))
+    inner.makeini(f"[pytest]\nmarkers ={markers}\n")
+    name = "test_ray_leaves_a_sandbox"
+    result = inner.runpytest("-p", "no:cacheprovider", "-k", name, "-m", f"ray and {kind}")
+    result.assert_outcomes(passed=1, errors=1)
+    report = _teardown_reports(result.stdout.str())[f"{name}[{backend}]"]
+    assert "the Ray cluster kept [" in report
+    assert "'listed: " in report and "'placement group: " in report
+    if kind == "local":
+        assert "'local folder: " in report
+    else:
+        assert f"{kind} kept [" in report

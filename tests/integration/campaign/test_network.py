@@ -77,10 +77,14 @@ def host_loopback_service() -> Iterator[tuple[int, list[object]]]:
 
 # Loopback inside the sandbox: a listener and a client, both its own.
 # Retried until the listener is up, then read once it has closed: no sleep to guess how
-# long a loaded machine needs (the fixed 0.5 s wait once lost that race in CI).
+# long a loaded machine needs (the fixed 0.5 s wait once lost that race in CI). The
+# client reads a file, not a pipe: the listener's stdin is empty, so it half-closes at
+# once, and busybox nc quits on that end before sending what `echo |` had not yet
+# written (about one run in twenty).
 OWN_LOOPBACK = (
+    "echo hello > /tmp/hello; "
     "busybox nc -l -p 7777 127.0.0.1 > /tmp/got & listener=$!; i=0; "
-    "until echo hello | busybox nc -w 2 127.0.0.1 7777 2>/dev/null; do "
+    "until busybox nc -w 2 127.0.0.1 7777 < /tmp/hello 2>/dev/null; do "
     "i=$((i+1)); [ $i -ge 100 ] && break; sleep 0.1; done; wait $listener; cat /tmp/got"
 )
 
