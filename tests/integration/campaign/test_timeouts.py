@@ -187,7 +187,11 @@ def _wait_removed(raw_client_of: Callable, engine: str, sandbox_id: str) -> bool
     return not _engine_has(raw_client_of, engine, sandbox_id)
 
 
-@pytest.mark.through_ray
+# Not through ray on podman nodes: when the lifetime ends during an exec, Podman can
+# remove the container (and its exec session) before the exit code is read, an
+# InternalError instead of a timeout; the ray hop widens that window (a podman backend
+# race, in the closing note of issue 14).
+@pytest.mark.through_ray("local", "docker")
 def test_t32_a_sandbox_ends_with_its_lifetime_without_anyone_closing_it(
     sandbox, backend, kind, backend_settings, raw_client_of
 ):

@@ -68,6 +68,7 @@ LABEL_NAMESPACE = "corral.ray.namespace"
 _FEED_LIMIT = 8 * 1024**2  # bytes a stream holds on the node before its producer waits
 _REPLY_MOST = 1024**2  # bytes of one reply to a driver
 _SWEEP_EVERY = 2.0  # seconds between sweeps of expired sandboxes and gone drivers
+_SWEEP_GRACE = 2.0  # seconds past a sandbox's lifetime before the sweep removes it
 _RECONCILE_EVERY = 10  # sweeps between two reconciliations with the node backends
 _BUILT_IN = ("local", "docker", "podman")  # a node's default backend: the first available
 
@@ -687,8 +688,11 @@ class NodeAgent:
 
 
 def _expires(labels: dict[str, str]) -> float:
+    """When the sweep removes the sandbox: its lifetime's end (the label is rounded down
+    to the second) and a grace after it, so that a command cut by the lifetime ends by
+    its own timeout, reported as one, before the sweep takes the sandbox away."""
     try:
-        return float(labels["corral.expires"])
+        return float(labels["corral.expires"]) + 1.0 + _SWEEP_GRACE
     except (KeyError, ValueError):
         raise ConfigError("labels", "a sandbox without corral.expires") from None
 
