@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -349,10 +350,27 @@ def test_a_node_killed_mid_batch(settings_with, made, shared_tmp: Path) -> None:
         made.extend(doomed)
         others = settings_with()
         made.extend(corral.create(backend="ray", settings=others) for _ in range(2))
+        # An exec is running on the node when it dies.
+        running: list[BaseException] = []
+
+        def long_exec() -> None:
+            try:
+                doomed[1].exec(["sleep", "600"])
+            except BaseException as e:
+                running.append(e)
+
+        in_flight = threading.Thread(target=long_exec)
+        in_flight.start()
+        time.sleep(1)
         victim.kill()
-        # Calls on its sandboxes fail, retryable and naming the node, and do not hang.
+        # Calls on its sandboxes fail, retryable and naming the node, and do not hang:
+        # the exec in flight too (well before its node call's own bound, 20 s).
         caught = _first_failure(doomed[0], within=60)
         assert caught.retryable and victim.id[:12] in str(caught)
+        in_flight.join(30)
+        assert not in_flight.is_alive(), "an exec on a dead node hangs"
+        assert isinstance(running[0], corral.BackendUnavailableError), running
+        assert running[0].retryable and victim.id[:12] in str(running[0])
         # The rest of the batch goes on, on the other nodes.
         for _ in range(3):
             sb = corral.create(backend="ray", settings=others)

@@ -151,19 +151,18 @@ class NodeAgent:
     # -- what the node offers -------------------------------------------------------
 
     def _probe(self) -> dict[str, tuple[bool, str, int]]:
+        """Each backend of the node: available (checked once, when made), why not, and
+        what it enforces."""
         found = {}
         for name in self.host.backends():
             if name == "ray":
                 continue
-            availability = self.host.availability(name, self.settings)
-            caps = 0
-            if availability.ok:
-                try:
-                    caps = self.host.backend(name, self.settings).capabilities().value
-                except SandboxError as e:
-                    found[name] = (False, e.message, 0)
-                    continue
-            found[name] = (availability.ok, availability.reason, caps)
+            try:
+                caps = self.host.backend(name, self.settings).capabilities()
+            except SandboxError as e:  # unavailable: the check's reason (and fix)
+                found[name] = (False, e.message, 0)
+                continue
+            found[name] = (True, "", caps.value)
         return found
 
     def _default(self) -> str | None:
@@ -439,11 +438,17 @@ class NodeAgent:
                 end = wire.failure(InternalError(f"exec on node {self.node} failed: {e}"))
             feed.finish(end)
 
+        token = self._serve(feed, job, run, f"corral-exec-{sandbox_id}")
+        return self._exec_reply(token, wait)
+
+    def _serve(self, feed: Feed, job: str, fill: Callable[[], None], name: str) -> str:
+        """A token for ``feed``, whose driver (Ray job ``job``) takes what the thread
+        running ``fill`` puts in it."""
         token = uuid.uuid4().hex
         with self._lock:
             self._feeds[token] = (feed, job)
-        threading.Thread(target=run, name=f"corral-exec-{sandbox_id}", daemon=True).start()
-        return self._exec_reply(token, wait)
+        threading.Thread(target=fill, name=name, daemon=True).start()
+        return token
 
     @answers
     def exec_more(self, token: str, wait: float) -> wire.ExecReply:
@@ -519,10 +524,7 @@ class NodeAgent:
                     close()
             feed.finish(end)
 
-        token = uuid.uuid4().hex
-        with self._lock:
-            self._feeds[token] = (feed, job)
-        threading.Thread(target=run, name=f"corral-get-{sandbox_id}", daemon=True).start()
+        token = self._serve(feed, job, run, f"corral-get-{sandbox_id}")
         return self._reply(token, wait)
 
     @answers
