@@ -170,6 +170,7 @@ class AsyncSandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        idle_timeout: float | str | None = None,
     ) -> ExecResult:
         """Run ``argv`` and wait for its ExecResult; see ``corral.Sandbox.exec``.
 
@@ -186,6 +187,7 @@ class AsyncSandbox:
             user=user,
             stdin=stdin,
             max_output=max_output,
+            idle_timeout=idle_timeout,
             cancel=cancel,
             on_cancel=cancel.set,
         )
@@ -200,6 +202,7 @@ class AsyncSandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        idle_timeout: float | str | None = None,
     ) -> AsyncIterator[OutputChunk | ExecResult]:
         """Like ``exec``, but yields OutputChunks as they come, then the ExecResult.
 
@@ -233,6 +236,7 @@ class AsyncSandbox:
             user=user,
             stdin=stdin,
             max_output=max_output,
+            idle_timeout=idle_timeout,
             on_chunk=on_chunk,
             cancel=cancel,
         )
@@ -378,6 +382,7 @@ async def run(
     timeout: float | str | None = None,
     stdin: bytes | str | None = None,
     max_output: int | str | None = None,
+    idle_timeout: float | str | None = None,
     on_chunk: Callable[[OutputChunk], None] | None = None,
     backend: str | None = None,
     spec: SandboxSpec | None = None,
@@ -400,6 +405,7 @@ async def run(
         timeout=timeout,
         stdin=stdin,
         max_output=max_output,
+        idle_timeout=idle_timeout,
         on_chunk=on_chunk,
         cancel=cancel,
         backend=backend,

@@ -171,7 +171,10 @@ def _flag_values(
         if flag.kind == "pairs":
             value = _pairs(value, flag.names[0])
         elif flag.kind == "switch":
-            value = sys.stdin.buffer.read() if value and option.name == "stdin" else None
+            if option.name == "stdin":
+                value = sys.stdin.buffer.read() if value else None
+            else:
+                value = True if value else None
         values[option.name] = value
     return values
 

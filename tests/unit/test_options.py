@@ -146,7 +146,8 @@ def test_every_option_lands_on_a_field_of_the_model():
         where = Limits if option.path[0] == "limits" else SandboxSpec
         assert option.path[-1] in attrs.fields_dict(where), option
         assert option.path[0] in spec_fields, option
-    request_fields = set(attrs.fields_dict(ExecRequest)) - {"argv"}
+    # tty, name and input are a spawned process's, set by Sandbox.spawn.
+    request_fields = set(attrs.fields_dict(ExecRequest)) - {"argv", "tty", "name", "input"}
     assert {o.path[0] for o in EXEC} == request_fields
     assert all(o.path == () for o in WATCH)
 
@@ -172,6 +173,8 @@ def test_each_keyword_sets_its_field(clean_settings: Settings):
         "security": corral.Security(cap_add=("NET_ADMIN",), allow_unsafe=("cap_add",)),
         "labels": {"team": "a"},
         "healthcheck": {"test": ["true"]},
+        "ports": [8000, "8001"],
+        "auto_resume": True,
     }
     assert set(given) == set(names(CREATE))
     spec = build_spec(clean_settings, None, given)
@@ -189,6 +192,7 @@ def test_each_keyword_sets_its_field(clean_settings: Settings):
     assert attrs.astuple(spec.limits) == (1024**3, 2.0, 9, 99, 98, 5.0, 1024**2, 2 * 1024**2, 180.0)
     assert spec.network.mode == "bridge" and spec.security.cap_add == ("NET_ADMIN",)
     assert spec.healthcheck is not None and spec.healthcheck.test == ("true",)
+    assert (spec.ports, spec.auto_resume) == ((8000, 8001), True)
 
 
 def test_an_unknown_keyword_is_refused_by_name(clean_settings: Settings):
@@ -247,11 +251,14 @@ def test_run_flags_become_create_and_exec_keywords(clean_settings: Settings):
         "network": "bridge",
         "security": {"allow_unsafe": ["cap_add"]},
         "labels": {"team": "a"},
+        "ports": None,
+        "auto_resume": None,
     }
     assert cli._exec_options(args, for_exec=False) == {
         "timeout": "7",
         "stdin": None,
         "max_output": "1k",
+        "idle_timeout": None,
     }
     assert build_spec(clean_settings, None, sandbox).limits.nofile == 99
 
@@ -265,6 +272,7 @@ def test_exec_flags_become_exec_keywords():
         "user": "7",
         "stdin": None,
         "max_output": None,
+        "idle_timeout": None,
     }
 
 

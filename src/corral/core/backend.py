@@ -14,7 +14,16 @@ from .errors import CapabilityError, SandboxError
 
 if TYPE_CHECKING:
     from .output import OutputSink
-    from .results import Health, NodeInfo, ResourceUsage, SandboxInfo
+    from .results import (
+        Change,
+        Health,
+        NodeInfo,
+        ProcessInfo,
+        ProcessRead,
+        ResourceUsage,
+        SandboxInfo,
+        SnapshotInfo,
+    )
     from .spec import ExecRequest, SandboxSpec
 
 __all__ = [
@@ -58,7 +67,15 @@ class Capability(enum.Flag):
     INIT_COMMAND = enum.auto()  # a spec.command run as the sandbox's PID 1
     USER = enum.auto()
     HEALTHCHECK = enum.auto()
-    PAUSE = enum.auto()
+    PAUSE = enum.auto()  # pause and resume: every process frozen, none lost
+    # Long-lived sandboxes (docs/long-lived.md):
+    PROCESSES = enum.auto()  # exec takes ExecRequest.input and name, and exec_signal
+    TTY = enum.auto()  # exec takes ExecRequest.tty, and exec_resize
+    EXTEND = enum.auto()  # a running sandbox's lifetime can be moved (extend)
+    SNAPSHOTS = enum.auto()  # the filesystem captured, and started from (image=snapshot)
+    MEMORY_SNAPSHOTS = enum.auto()  # running processes captured too (CRIU)
+    PORTS = enum.auto()  # a bridged sandbox's ports published on the host's loopback
+    CHANGES = enum.auto()  # what was added, changed and deleted since the sandbox was made
 
 
 def required_capabilities(spec: SandboxSpec) -> dict[Capability, str]:
@@ -108,7 +125,28 @@ def required_capabilities(spec: SandboxSpec) -> dict[Capability, str]:
     for value, cap, field in optional:
         if value:
             need[cap] = field
+    if spec.image and is_snapshot_image(spec.image):
+        # A snapshot is the backend's own (a committed image, a copied folder).
+        del need[C.IMAGES]
+        need[C.SNAPSHOTS] = "sandbox.image (a snapshot)"
+    if spec.ports:
+        need[C.PORTS] = "sandbox.ports"
     return need
+
+
+#: How a snapshot is named where an image name goes: ``corral.create(image=snapshot)``.
+SNAPSHOT_IMAGE = "corral-snapshot"
+
+
+def is_snapshot_image(image: str) -> bool:
+    """Whether ``image`` names one of corral's snapshots (``corral-snapshot:ID``)."""
+    name = image.rsplit("/", 1)[-1]
+    return name.startswith(SNAPSHOT_IMAGE + ":")
+
+
+def snapshot_id_of(image: str) -> str:
+    """The snapshot id in ``corral-snapshot:ID`` (or ``localhost/corral-snapshot:ID``)."""
+    return image.rsplit(":", 1)[-1]
 
 
 def _string_tuple(items: Iterable[str]) -> tuple[str, ...]:
@@ -271,11 +309,110 @@ class Backend(abc.ABC):
 
         return Health(status="none")
 
+    # -- long-lived sandboxes: each needs its Capability, and refuses without it --------
+
+    def _lacks(self, what: str, capability: Capability) -> CapabilityError:
+        return CapabilityError(
+            f"the {self.name} backend cannot {what} ({capability.name})", backend=self.name
+        )
+
     def pause(self, sandbox_id: str) -> None:
-        raise CapabilityError(f"the {self.name} backend cannot pause sandboxes", backend=self.name)
+        """Freeze every process of the sandbox (PAUSE); ``inspect`` says ``paused``."""
+        raise self._lacks("pause sandboxes", Capability.PAUSE)
 
     def resume(self, sandbox_id: str) -> None:
-        raise CapabilityError(f"the {self.name} backend cannot pause sandboxes", backend=self.name)
+        """Thaw what ``pause`` froze (PAUSE). Resuming a running sandbox does nothing."""
+        raise self._lacks("pause sandboxes", Capability.PAUSE)
+
+    def extend(self, sandbox_id: str, expires: float) -> None:
+        """Move the sandbox's end to ``expires`` (a time.time(), EXTEND): ``list`` and
+        ``inspect`` report it, and nothing removes the sandbox before it."""
+        raise self._lacks("extend a sandbox's lifetime", Capability.EXTEND)
+
+    def exec_signal(self, sandbox_id: str, name: str, signum: int) -> None:
+        """Send ``signum`` to the command of the running exec whose request had ``name``
+        (PROCESSES): the command itself, not a shell around it nor its children."""
+        raise self._lacks("signal a running command", Capability.PROCESSES)
+
+    def exec_resize(self, sandbox_id: str, name: str, rows: int, cols: int) -> None:
+        """Set the terminal size of the running ``tty`` exec named ``name`` (TTY)."""
+        raise self._lacks("give commands a terminal", Capability.TTY)
+
+    def port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """The host address (on loopback) where the sandbox's published ``port`` is
+        reached (PORTS); NotFoundError for a port the spec did not publish."""
+        raise self._lacks("publish ports", Capability.PORTS)
+
+    def changes(self, sandbox_id: str) -> builtins.list[Change]:
+        """What was added, changed and deleted under the sandbox's writable paths since it
+        was made from its image or snapshot (CHANGES), sorted by path; file contents
+        are never read."""
+        raise self._lacks("list a sandbox's changes", Capability.CHANGES)
+
+    def snapshot(
+        self, sandbox_id: str, snapshot_id: str, labels: dict[str, str], memory: bool
+    ) -> SnapshotInfo:
+        """Capture the sandbox's filesystem (and, with ``memory``, its processes) as the
+        snapshot ``snapshot_id`` (SNAPSHOTS, MEMORY_SNAPSHOTS), carrying ``labels``
+        (corral.expires among them). ``create`` with ``spec.image`` set to its
+        ``image`` starts a sandbox from it. On failure, leave nothing behind."""
+        raise self._lacks("take snapshots", Capability.SNAPSHOTS)
+
+    def snapshots(self) -> builtins.list[SnapshotInfo]:
+        """Every snapshot of this backend's that carries corral's labels."""
+        return []
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        """Remove a snapshot. Idempotent; ConflictError while a sandbox still uses it."""
+        raise self._lacks("take snapshots", Capability.SNAPSHOTS)
+
+    # -- processes: by default corral's keeper runs them through ``exec`` --------------
+
+    def spawn(self, sandbox_id: str, request: ExecRequest, idle_timeout: float | None) -> ProcessInfo:
+        """Start ``request`` in the background and return at once (PROCESSES).
+
+        This default hands it to corral's keeper (``corral.core.keeper``), a process of
+        the sandbox's own on this host that runs it through this backend's ``exec`` with
+        ``request.input``, keeps its output and result, and outlives the caller. A
+        backend that keeps processes elsewhere (a cluster node's) overrides the five
+        process methods together.
+        """
+        from . import processes
+
+        self._need_processes()
+        return processes.spawn(self, sandbox_id, request, idle_timeout)
+
+    def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        """The sandbox's spawned processes, running or ended (until the sandbox goes)."""
+        from . import processes
+
+        return processes.listing(self, sandbox_id)
+
+    def process_read(
+        self, sandbox_id: str, process_id: str, offset: int, wait: float
+    ) -> ProcessRead:
+        """The process's output from ``offset`` (0: its start), waiting up to ``wait``
+        seconds for some, and its end once it ended."""
+        from . import processes
+
+        return processes.read(self, sandbox_id, process_id, offset, wait)
+
+    def process_control(self, sandbox_id: str, process_id: str, op: str, **args: Any) -> None:
+        """``write`` (data), ``close_stdin``, ``signal`` (signum), ``kill`` or ``resize``
+        (rows, cols) a spawned process."""
+        from . import processes
+
+        processes.control(self, sandbox_id, process_id, op, **args)
+
+    def forget_processes(self, sandbox_id: str) -> None:
+        """Drop what this host keeps of the sandbox's processes (after its destroy)."""
+        from . import processes
+
+        processes.forget(self, sandbox_id)
+
+    def _need_processes(self) -> None:
+        if not self.capabilities() & Capability.PROCESSES:
+            raise self._lacks("run background processes", Capability.PROCESSES)
 
     def close(self) -> None:  # noqa: B027 - optional, most backends hold nothing
         """Release clients and connections; called once when the process is done with it."""

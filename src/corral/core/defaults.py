@@ -26,6 +26,9 @@ def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> Exe
     # the backend (THREATS T26), and never an OOM.
     cpu_timeout = sandbox.spec.limits.cputime is not None and status.signal == signal.SIGXCPU
     return ExecResult(
+        timed_out_by=timed_out_by(
+            status.timed_out, sink, cpu_timeout=cpu_timeout, lifetime_over=time.time() >= sandbox.expires
+        ),
         exit_code=status.exit_code,
         stdout=sink.value("stdout"),
         stderr=sink.value("stderr"),
@@ -51,3 +54,16 @@ def corral_transfer(sandbox: Sandbox, transfer: FileTransfer) -> Transferred:
 @hookimpl(trylast=True)
 def corral_health(sandbox: Sandbox) -> Health:
     return sandbox.backend.health(sandbox.id)
+
+
+def timed_out_by(
+    timed_out: bool, sink: OutputSink, *, cpu_timeout: bool, lifetime_over: bool
+) -> str | None:
+    """Which limit stopped a command (``ExecResult.timed_out_by``)."""
+    if cpu_timeout:
+        return "cputime"
+    if not timed_out:
+        return None
+    if sink.idle:
+        return "idle_timeout"
+    return "lifetime" if lifetime_over else "timeout"

@@ -112,6 +112,8 @@ def create(
     security: Any = None,
     labels: Mapping[str, str] | None = None,
     healthcheck: Any = None,
+    ports: Sequence[int] | None = None,
+    auto_resume: bool | None = None,
     settings: Settings | None = None,
 ) -> Sandbox:
     """Create and start a sandbox; use the result as a context manager.
@@ -139,6 +141,7 @@ def run(
     timeout: float | str | None = None,
     stdin: bytes | str | None = None,
     max_output: int | str | None = None,
+    idle_timeout: float | str | None = None,
     on_chunk: Callable[[OutputChunk], None] | None = None,
     cancel: threading.Event | None = None,
     backend: str | None = None,
@@ -170,7 +173,7 @@ def run(
             "command", "corral.run runs argv as the sandbox's command; pass the command as argv"
         )
     # The command is checked before any hook sees a sandbox made for it.
-    ExecRequest(argv=argv, timeout=timeout, stdin=stdin)  # type: ignore[arg-type]
+    ExecRequest(argv=argv, timeout=timeout, stdin=stdin, idle_timeout=idle_timeout)  # type: ignore[arg-type]
     layer: dict[str, Any] = {**keywords, "image": image}
     sandbox = _open(layer, backend=backend, spec=spec, settings=settings, pending=True)
     with sandbox:
@@ -179,6 +182,7 @@ def run(
             timeout=timeout,
             stdin=stdin,
             max_output=max_output,
+            idle_timeout=idle_timeout,
             on_chunk=on_chunk,
             cancel=cancel,
         )

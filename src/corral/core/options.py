@@ -201,6 +201,21 @@ CREATE: tuple[Option, ...] = (
     Option(
         "healthcheck", "Any", "a command that says whether the sandbox is healthy", ("healthcheck",)
     ),
+    Option(
+        "ports",
+        "Sequence[int] | None",
+        "publish a port of the sandbox on the host's loopback (needs --network bridge; "
+        "repeatable)",
+        ("ports",),
+        flag=_flag("--publish", "-p", kind="list", metavar="PORT"),
+    ),
+    Option(
+        "auto_resume",
+        "bool | None",
+        "resume a paused sandbox when a call needs it running, instead of refusing",
+        ("auto_resume",),
+        flag=_flag("--auto-resume", kind="switch"),
+    ),
 )
 
 # exec's options: the fields of the ExecRequest it makes. ``run`` takes those that
@@ -227,6 +242,13 @@ EXEC: tuple[Option, ...] = (
         "cap on each output stream; past it, output is dropped (4MiB)",
         ("max_output",),
         flag=_flag("--max-output", metavar="SIZE"),
+    ),
+    Option(
+        "idle_timeout",
+        "float | str | None",
+        "stop the command once it printed nothing for T; exit 124",
+        ("idle_timeout",),
+        flag=_flag("--idle-timeout", metavar="T"),
     ),
 )
 
@@ -290,3 +312,5 @@ class SandboxOptions(TypedDict, total=False):
     security: Any
     labels: Mapping[str, str] | None
     healthcheck: Any
+    ports: Sequence[int] | None
+    auto_resume: bool | None

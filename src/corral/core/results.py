@@ -10,12 +10,16 @@ __all__ = [
     "LEFTOVER",
     "LEFTOVER_GRACE",
     "LOST",
+    "Change",
     "ExecResult",
     "Health",
     "NodeInfo",
     "OutputChunk",
+    "ProcessInfo",
+    "ProcessRead",
     "ResourceUsage",
     "SandboxInfo",
+    "SnapshotInfo",
 ]
 
 #: The status of a sandbox of which only a part is left: a bridged sandbox's network,
@@ -60,6 +64,10 @@ class ExecResult:
     truncated: bool = False
     signal: int | None = None
     oom_events: int = 0
+    #: Which limit stopped the command when ``timed_out``: ``"timeout"`` (the call's),
+    #: ``"idle_timeout"`` (no output for that long), ``"lifetime"`` (the sandbox's end)
+    #: or ``"cputime"`` (``limits.cputime``); None otherwise.
+    timed_out_by: str | None = None
 
     @property
     def text(self) -> str:
@@ -142,3 +150,50 @@ class SandboxInfo:
     image: str | None = None
     labels: dict[str, str] = attrs.field(factory=dict)
     node: NodeInfo | None = None
+
+
+@attrs.frozen
+class ProcessInfo:
+    """A spawned process as the backend keeps it: running, or ended with its result."""
+
+    id: str
+    argv: tuple[str, ...]
+    tty: bool
+    started: float
+    running: bool
+    exit_code: int | None = None
+
+
+@attrs.frozen
+class ProcessRead:
+    """One read of a process's output: the chunks from the offset asked, the offset to
+    ask next, and the result once the process ended and every chunk was read."""
+
+    chunks: tuple[OutputChunk, ...]
+    offset: int
+    result: ExecResult | None = None
+
+
+@attrs.frozen
+class Change:
+    """A path under the sandbox's writable folders that was ``added``, ``changed`` or
+    ``deleted`` since the sandbox was made (from its image or snapshot)."""
+
+    path: str
+    kind: Literal["added", "changed", "deleted"]
+
+
+@attrs.frozen
+class SnapshotInfo:
+    """A captured sandbox. ``corral.create(image=snapshot)`` starts from it; ``gc``
+    removes it once ``expires`` passed. ``image`` is the name a backend's create takes."""
+
+    id: str
+    backend: str
+    image: str
+    sandbox_id: str
+    created: float
+    expires: float
+    memory: bool = False
+    size: int | None = None
+    labels: dict[str, str] = attrs.field(factory=dict)

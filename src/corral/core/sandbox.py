@@ -177,12 +177,15 @@ class Sandbox:
         timeout: float | str | None,
         stdin: bytes | str | None,
         max_output: int | str | None,
+        idle_timeout: float | str | None,
         on_chunk: Callable[[OutputChunk], None] | None,
         cancel: threading.Event | None,
     ) -> ExecResult:
         """``corral.run``: the one command of a pending sandbox, through ``corral_exec``."""
-        request = self._request(argv, timeout=timeout, stdin=stdin, max_output=max_output)
-        sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
+        request = self._request(
+            argv, timeout=timeout, stdin=stdin, max_output=max_output, idle_timeout=idle_timeout
+        )
+        sink = self._sink(request, on_chunk=on_chunk, cancel=cancel)
         self._one_shot = request
         try:
             return self._host.hooks.exec(self, request, sink)
@@ -201,6 +204,7 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        idle_timeout: float | str | None = None,
     ) -> ExecRequest:
         """The checked request of one command: exec's options (``options.EXEC``), the
         sandbox's own variables under the command's, a timeout within its lifetime."""
@@ -221,6 +225,7 @@ class Sandbox:
             stdin=stdin,
             timeout=timeout,  # type: ignore[arg-type]
             max_output=self._settings.max_output if max_output is None else max_output,  # type: ignore[arg-type]
+            idle_timeout=idle_timeout,  # type: ignore[arg-type]
         )
         # A command never outlives its sandbox.
         if request.timeout is None or request.timeout > remaining:
@@ -237,6 +242,7 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        idle_timeout: float | str | None = None,
         on_chunk: Callable[[OutputChunk], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> ExecResult:
@@ -251,6 +257,8 @@ class Sandbox:
             user: ``uid[:gid]`` or a name, where the backend supports it.
             stdin: bytes (or text, sent as UTF-8) fed to the command.
             max_output: cap per stream; output past it is dropped, ``truncated`` set.
+            idle_timeout: seconds (or "30s") the command may print nothing; then it is
+                stopped as on ``timeout``, and ``timed_out_by`` says ``idle_timeout``.
             on_chunk: called (from a backend thread) with each OutputChunk as it comes.
             cancel: an event another thread may set to stop the command, as a timeout
                 would (the result then has ``timed_out`` set); used by ``corral.aio``.
@@ -267,9 +275,24 @@ class Sandbox:
             user=user,
             stdin=stdin,
             max_output=max_output,
+            idle_timeout=idle_timeout,
         )
-        sink = OutputSink(request.max_output, on_chunk=on_chunk, cancel=cancel)
+        sink = self._sink(request, on_chunk=on_chunk, cancel=cancel)
         return self._host.hooks.exec(self, request, sink)
+
+    @staticmethod
+    def _sink(
+        request: ExecRequest,
+        *,
+        on_chunk: Callable[[OutputChunk], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> OutputSink:
+        return OutputSink(
+            request.max_output,
+            on_chunk=on_chunk,
+            cancel=cancel,
+            idle_timeout=request.idle_timeout,
+        )
 
     def stream(
         self,
@@ -281,6 +304,7 @@ class Sandbox:
         user: str | None = None,
         stdin: bytes | str | None = None,
         max_output: int | str | None = None,
+        idle_timeout: float | str | None = None,
     ) -> Generator[OutputChunk | ExecResult, None, None]:
         """Like ``exec``, but yields OutputChunks as they come, then the ExecResult.
 
@@ -296,11 +320,12 @@ class Sandbox:
             user=user,
             stdin=stdin,
             max_output=max_output,
+            idle_timeout=idle_timeout,
         )
         # Bounded: a slow consumer slows the command (as a pipe would) instead of
         # letting output pile up in memory.
         events: queue.Queue[Any] = queue.Queue(maxsize=256)
-        sink = OutputSink(request.max_output, on_chunk=events.put)
+        sink = self._sink(request, on_chunk=events.put)
         done = object()
 
         def run() -> None:

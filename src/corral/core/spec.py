@@ -16,6 +16,7 @@ import attrs
 
 from .arglimits import check_command_size, check_string
 from .errors import ConfigError
+from .output import InputFeed
 from .units import parse_duration, parse_size
 
 __all__ = [
@@ -401,6 +402,23 @@ def _mounts(value: Any, name: str) -> tuple[MountLike, ...]:
     return tuple(out)
 
 
+def _ports(value: Any, name: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (int, str)):
+        value = [value]
+    ports: list[int] = []
+    for item in value:
+        try:
+            port = int(item)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"{item!r} is not a port number") from None
+        _check(1 <= port <= 65535 and not isinstance(item, bool), name, f"{item!r} is not a port (1-65535)")
+        _check(port not in ports, name, f"port {port} is listed twice")
+        ports.append(port)
+    return tuple(ports)
+
+
 @attrs.frozen
 class Limits:
     """Resource limits. Every sandbox has them; the defaults are deliberately small."""
@@ -520,9 +538,20 @@ class SandboxSpec:
     security: Security = attrs.field(factory=Security)
     labels: dict[str, str] = attrs.field(factory=dict, converter=_converted(_labels))  # type: ignore[misc]
     healthcheck: Healthcheck | None = None
+    #: Ports of the sandbox published on the host's loopback (a bridged network only);
+    #: ``Sandbox.port(p)`` says where.
+    ports: tuple[int, ...] = attrs.field(factory=tuple, converter=_converted(_ports))  # type: ignore[misc]
+    #: A call that needs the sandbox running resumes a paused one, instead of raising.
+    auto_resume: bool = bool_field(False)
 
     def __attrs_post_init__(self) -> None:
         check_command_size(self.command or (), self.env, "command", "env")
+        _check(
+            not self.ports or self.network.mode != "none",
+            "ports",
+            "publishing ports needs a network: set network = 'bridge' (a sandbox with "
+            "network 'none' has loopback only)",
+        )
 
     def uid_gid(self) -> tuple[int, int] | None:
         """The numeric user and group, when ``user`` is written as numbers."""
@@ -546,6 +575,18 @@ class ExecRequest:
     stdin: bytes | None = attrs.field(default=None, converter=_converted(_stdin))  # type: ignore[misc]
     timeout: float | None = duration_field(None, maximum=30 * 86400)
     max_output: int = size_field("4MiB", minimum=0)
+    #: Stop the command once it wrote nothing for this long. The core enforces it
+    #: (through the sink, on every backend); a backend need not.
+    idle_timeout: float | None = duration_field(None, maximum=30 * 86400)
+    #: Run the command on a pseudo-terminal (Capability.TTY): stdout and stderr are one
+    #: stream, reported as stdout.
+    tty: bool = bool_field(False)
+    #: The caller's name for this exec, for ``exec_signal`` and ``exec_resize`` while it
+    #: runs (a spawned process's id); backends may use it as the exec's marker.
+    name: str | None = str_field()
+    #: Standard input as it comes (a spawned process's; instead of ``stdin``). Never
+    #: shipped anywhere: the keeper that runs the exec holds it.
+    input: InputFeed | None = attrs.field(default=None, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         check_command_size(self.argv, self.env, "argv", "env")
