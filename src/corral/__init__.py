@@ -36,20 +36,25 @@ if TYPE_CHECKING:
         NoSettings,
     )
     from .core.hookspecs import hookimpl, hookspec
-    from .core.lifecycle import attach, create, gc, run
+    from .core.lifecycle import attach, create, gc, run, snapshots
     from .core.lifecycle import list_sandboxes as list
-    from .core.output import OutputSink
+    from .core.output import InputFeed, OutputSink
     from .core.pool import Pool
+    from .core.process import Process
     from .core.results import (
+        Change,
         ExecResult,
         Health,
         NodeInfo,
         OutputChunk,
+        ProcessInfo,
         ResourceUsage,
         SandboxInfo,
+        SnapshotInfo,
     )
     from .core.sandbox import Sandbox, SandboxState
     from .core.settings import Settings, load_settings
+    from .core.snapshot import Snapshot
     from .core.spec import (
         ExecRequest,
         Healthcheck,
@@ -74,6 +79,7 @@ __all__ = [
     "Capability",
     "CapabilityError",
     "CapacityError",
+    "Change",
     "ConfigError",
     "ConflictError",
     "ExecRequest",
@@ -81,6 +87,7 @@ __all__ = [
     "ExecStatus",
     "Health",
     "Healthcheck",
+    "InputFeed",
     "InternalError",
     "Limits",
     "Mount",
@@ -94,6 +101,8 @@ __all__ = [
     "PluginError",
     "PolicyError",
     "Pool",
+    "Process",
+    "ProcessInfo",
     "ResourceLimitError",
     "ResourceUsage",
     "Sandbox",
@@ -104,6 +113,8 @@ __all__ = [
     "SandboxState",
     "Security",
     "Settings",
+    "Snapshot",
+    "SnapshotInfo",
     "TimeoutError",
     "Tmpfs",
     "Volume",
@@ -115,6 +126,7 @@ __all__ = [
     "list",
     "load_settings",
     "run",
+    "snapshots",
 ]
 
 
@@ -128,9 +140,12 @@ _LAZY: dict[str, tuple[str, str]] = {
     **{n: ("backend", n) for n in ("ExecStatus", "NoSettings")},
     "hookimpl": ("hookspecs", "hookimpl"),
     "hookspec": ("hookspecs", "hookspec"),
-    **{n: ("lifecycle", n) for n in ("attach", "create", "gc", "run")},
+    **{n: ("lifecycle", n) for n in ("attach", "create", "gc", "run", "snapshots")},
     "list": ("lifecycle", "list_sandboxes"),
-    "OutputSink": ("output", "OutputSink"),
+    **{n: ("output", n) for n in ("InputFeed", "OutputSink")},
+    "Process": ("process", "Process"),
+    "Snapshot": ("snapshot", "Snapshot"),
+    **{n: ("results", n) for n in ("Change", "ProcessInfo", "SnapshotInfo")},
     "Pool": ("pool", "Pool"),
     **{n: ("results", n) for n in ("ExecResult", "Health", "OutputChunk", "ResourceUsage")},
     "SandboxInfo": ("results", "SandboxInfo"),

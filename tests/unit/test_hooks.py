@@ -41,6 +41,7 @@ HOOKS_IN_ORDER = [
     "corral_sandbox_creating",
     "corral_sandbox_created",
     "corral_exec",
+    "corral_process_spawned",
     "corral_transfer",
     "corral_transfer",
     "corral_usage",
@@ -157,6 +158,12 @@ class Recorder:
         self._record("corral_usage_sampled", sandbox=sandbox, usage=usage)
 
     @corral.hookimpl
+    def corral_process_spawned(
+        self, sandbox: corral.Sandbox, request: corral.ExecRequest, process_id: str
+    ) -> None:
+        self._record("corral_process_spawned", request=request, process_id=process_id)
+
+    @corral.hookimpl
     def corral_sandbox_destroying(self, sandbox: corral.Sandbox) -> None:
         self._record("corral_sandbox_destroying", sandbox=sandbox, closed=sandbox.closed)
 
@@ -174,6 +181,9 @@ def test_every_hook_is_called_in_order(
     global_host.register(recorder, "recorder")
     sandbox = make(env={"GREETING": "hello"})
     result = sandbox.exec(["sh", "-c", 'echo "$GREETING"; echo oops >&2; exit 3'])
+    process = sandbox.spawn(["sh", "-c", 'read -r line; echo "got $line"'])
+    process.write("hi\n")
+    assert process.wait().stdout == b"got hi\n"
     sandbox.write_file("/note.txt", b"noted")
     assert sandbox.read_file("/note.txt") == b"noted"
     usage = sandbox.usage()
@@ -189,6 +199,7 @@ def test_every_hook_is_called_in_order(
     assert calls["corral_sandbox_creating"]["sandbox_id"] == sandbox.id
     assert calls["corral_sandbox_created"]["sandbox"] is sandbox
     assert calls["corral_exec"]["request"].argv[0] == "sh"
+    assert calls["corral_process_spawned"]["process_id"] == process.id
     assert calls["corral_usage_sampled"]["usage"] is usage
     transfers = [c["transfer"] for n, c in recorder.calls if n == "corral_transfer"]
     assert [(t.operation, t.path, t.direction) for t in transfers] == [
@@ -621,6 +632,10 @@ class BrokenObserver:
     def corral_usage_sampled(self, sandbox: Any, usage: Any) -> None:
         raise RuntimeError("exporter broke")
 
+    @corral.hookimpl
+    def corral_process_spawned(self, sandbox: Any, request: Any, process_id: str) -> None:
+        raise RuntimeError("spawn observer broke")
+
 
 def test_a_raising_observer_does_not_break_close_or_usage(
     global_host: PluginHost,
@@ -632,12 +647,15 @@ def test_a_raising_observer_does_not_break_close_or_usage(
     sandbox = make()
     assert sandbox.usage() == corral.ResourceUsage()
     with caplog.at_level(logging.ERROR, logger="corral"):
+        process = sandbox.spawn(["echo", "spawned"])
+        assert process.wait().stdout == b"spawned\n"
         sandbox.close()
     assert sandbox.closed
     assert existing(settings) == []
     logged = caplog.text
     assert "plugin 'broken' failed in corral_sandbox_destroyed" in logged
     assert "plugin 'broken' failed in corral_sandbox_destroying" in logged
+    assert "plugin 'broken' failed in corral_process_spawned" in logged
     with pytest.raises(corral.SandboxClosedError):
         sandbox.exec(["true"])
 

@@ -368,7 +368,9 @@ class Backend(abc.ABC):
 
     # -- processes: by default corral's keeper runs them through ``exec`` --------------
 
-    def spawn(self, sandbox_id: str, request: ExecRequest, idle_timeout: float | None) -> ProcessInfo:
+    def spawn(
+        self, sandbox_id: str, request: ExecRequest, idle_timeout: float | None
+    ) -> ProcessInfo:
         """Start ``request`` in the background and return at once (PROCESSES).
 
         This default hands it to corral's keeper (``corral.core.keeper``), a process of

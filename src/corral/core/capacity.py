@@ -18,7 +18,7 @@ from .errors import CapacityError
 if TYPE_CHECKING:
     from .settings import Settings
 
-__all__ = ["claim", "held", "release"]
+__all__ = ["claim", "extend", "held", "release"]
 
 
 class _Slots:
@@ -63,6 +63,11 @@ class _Slots:
             if self.expires.pop(sandbox_id, None) is not None:
                 # Every waiter looks: each may have come with a cap of its own.
                 self.cond.notify_all()
+
+    def extend(self, sandbox_id: str, expires: float) -> None:
+        with self.cond:
+            if sandbox_id in self.expires:
+                self.expires[sandbox_id] = expires
 
     def held(self) -> int:
         with self.cond:
@@ -111,6 +116,11 @@ def claim(backend: str, sandbox_id: str, expires: float, settings: Settings) -> 
 def release(backend: str, sandbox_id: str) -> None:
     """Give back the slot of ``sandbox_id``; nothing when it holds none. Never raises."""
     _slots(backend).release(sandbox_id)
+
+
+def extend(backend: str, sandbox_id: str, expires: float) -> None:
+    """Move the end of ``sandbox_id``'s slot (``Sandbox.extend``): it counts until then."""
+    _slots(backend).extend(sandbox_id, expires)
 
 
 def held(backend: str) -> int:

@@ -27,7 +27,10 @@ def corral_exec(sandbox: Sandbox, request: ExecRequest, sink: OutputSink) -> Exe
     cpu_timeout = sandbox.spec.limits.cputime is not None and status.signal == signal.SIGXCPU
     return ExecResult(
         timed_out_by=timed_out_by(
-            status.timed_out, sink, cpu_timeout=cpu_timeout, lifetime_over=time.time() >= sandbox.expires
+            status.timed_out,
+            sink,
+            cpu_timeout=cpu_timeout,
+            lifetime_over=time.time() >= sandbox.expires,
         ),
         exit_code=status.exit_code,
         stdout=sink.value("stdout"),

@@ -195,3 +195,17 @@ class InternalError(SandboxError):
     """A failure inside corral or a backend that no other category describes."""
 
     category = "internal"
+
+
+def rebuilt(kind: str, fields: dict[str, object]) -> SandboxError:
+    """A SandboxError made again from its class's name and its fields (``vars``), as
+    another process raised it: the same class where corral has it, InternalError for a
+    plugin's own. Plain pickling loses the fields of errors whose constructor takes
+    other arguments than the message (ConfigError's field)."""
+    cls = globals().get(kind)
+    if not (isinstance(cls, type) and issubclass(cls, SandboxError)):
+        cls = InternalError
+    error = cls.__new__(cls)
+    Exception.__init__(error, fields.get("message", ""))
+    error.__dict__.update(fields)
+    return error

@@ -60,6 +60,7 @@ RULES: dict[str, Rule] = {
     "corral_usage_sampled": Rule.OBSERVE,
     "corral_sandbox_destroying": Rule.OBSERVE,
     "corral_sandbox_destroyed": Rule.OBSERVE,
+    "corral_process_spawned": Rule.OBSERVE,
 }
 
 
@@ -197,6 +198,11 @@ class Hooks:
 
     def sandbox_destroying(self, sandbox: Sandbox) -> None:
         self._call("corral_sandbox_destroying", sandbox=sandbox)
+
+    def process_spawned(self, sandbox: Sandbox, request: ExecRequest, process_id: str) -> None:
+        self._call(
+            "corral_process_spawned", sandbox=sandbox, request=request, process_id=process_id
+        )
 
     def sandbox_destroyed(self, sandbox_id: str, backend: str, error: BaseException | None) -> None:
         self._call("corral_sandbox_destroyed", sandbox_id=sandbox_id, backend=backend, error=error)

@@ -286,6 +286,30 @@ def corral_sandbox_destroyed(sandbox_id: str, backend: str, error: BaseException
     """
 
 
+@hookspec
+def corral_process_spawned(sandbox: Sandbox, request: ExecRequest, process_id: str) -> None:
+    """Notification: ``Sandbox.spawn`` started a background process.
+
+    Called once per process, after the backend started it; how it ends is read from
+    its ``Process``, which outlives the program that spawned it.
+
+    Args:
+        sandbox: the sandbox.
+        request: the validated request (argv, env, workdir, user, tty, timeouts).
+        process_id: the process's id (``Sandbox.process(process_id)``).
+
+    May raise: no (observer rule): what it raises is logged and dropped.
+
+    Added in 0.2.
+
+    Example::
+
+        @corral.hookimpl
+        def corral_process_spawned(sandbox, request, process_id):
+            log.info("%s started %s", sandbox.id, request.argv)
+    """
+
+
 # -- dispatch --------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ from .spec import ExecRequest, MountLike, SandboxSpec
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from .snapshot import Snapshot
+
 __all__ = [
     "attach",
     "build_spec",
@@ -198,6 +200,12 @@ def _open(
 ) -> Sandbox:
     """A checked sandbox and its hooks; made by the backend now, or (``pending``, for
     ``run``) when first used."""
+    from .snapshot import Snapshot
+
+    image = keywords.get("image")
+    if isinstance(image, Snapshot):  # started from a snapshot: on the backend that took it
+        keywords = {**keywords, "image": image.image}
+        backend = backend or image.backend.name
     settings = load_settings() if settings is None else settings
     final = build_spec(settings, spec, keywords)
     host = get_host()
@@ -309,7 +317,8 @@ def gc(
     chosen = get_host().backend(select_backend_name(backend, settings), settings)
     now = time.time()
     removed = []
-    for info in chosen.list():
+    listed = chosen.list()
+    for info in listed:
         stale = info.status == LEFTOVER and info.created <= now - LEFTOVER_GRACE
         if everything or info.expires <= now or stale:
             try:
@@ -317,4 +326,28 @@ def gc(
                 removed.append(info.id)
             except SandboxError:
                 log.exception("could not remove sandbox %s", info.id)
+    # What this host keeps of sandboxes that are gone: their processes' folders.
+    from . import processes
+
+    remaining = {info.id for info in listed} - set(removed)
+    for sandbox_id in processes.kept_sandboxes(chosen):
+        if sandbox_id not in remaining:
+            chosen.forget_processes(sandbox_id)
+    # Snapshots past their own lifetime; one a sandbox still starts from waits (conflict).
+    for snap in chosen.snapshots():
+        if everything or snap.expires <= now:
+            try:
+                chosen.remove_snapshot(snap.id)
+                removed.append(snap.id)
+            except SandboxError as e:
+                log.info("snapshot %s stays for now: %s", snap.id, e)
     return removed
+
+
+def snapshots(*, backend: str | None = None, settings: Settings | None = None) -> list[Snapshot]:
+    """Every snapshot corral took on the backend (found by corral's labels)."""
+    from .snapshot import Snapshot
+
+    settings = load_settings() if settings is None else settings
+    chosen = get_host().backend(select_backend_name(backend, settings), settings)
+    return [Snapshot(info, chosen) for info in chosen.snapshots()]

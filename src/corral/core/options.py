@@ -204,8 +204,7 @@ CREATE: tuple[Option, ...] = (
     Option(
         "ports",
         "Sequence[int] | None",
-        "publish a port of the sandbox on the host's loopback (needs --network bridge; "
-        "repeatable)",
+        "publish a port of the sandbox on the host's loopback (needs --network bridge; repeatable)",
         ("ports",),
         flag=_flag("--publish", "-p", kind="list", metavar="PORT"),
     ),

@@ -17,10 +17,16 @@ import attrs
 from . import archive, capacity
 from ._log import log
 from .backend import Backend, ExecStatus
-from .errors import ConfigError, SandboxClosedError
+from .errors import (
+    CapabilityError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    SandboxClosedError,
+)
 from .output import OutputSink
 from .plugins import PluginHost
-from .results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+from .results import Change, ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
 from .settings import Settings
 from .spec import ExecRequest, SandboxSpec
 from .transfer import FileTransfer, Transferred
@@ -28,6 +34,9 @@ from .transfer import FileTransfer, Transferred
 # deferred: pathlib costs ~5 ms at `import corral`; only an annotation here.
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from .process import Process
+    from .snapshot import Snapshot
 
 __all__ = ["Sandbox", "SandboxState"]
 
@@ -95,6 +104,9 @@ class Sandbox:
         # so that a close() waits for a create in flight instead of racing it.
         self._lock = threading.RLock()
         self._one_shot: ExecRequest | None = None  # run()'s request, while it runs
+        # Paused through this handle (or found paused by attach): calls that need the
+        # sandbox running resume it (spec.auto_resume) or say why they cannot run.
+        self._paused = info.status == "paused"
         self._finalizer = weakref.finalize(self, _warn_unclosed, sandbox_id)
 
     # -- identity ----------------------------------------------------------------------
@@ -140,6 +152,22 @@ class Sandbox:
             raise SandboxClosedError(
                 "this sandbox is closed", backend=self.backend_name, sandbox_id=self.id
             )
+
+    def _running_for(self, what: str) -> None:
+        """Open, made, and not paused: a paused sandbox is resumed (``auto_resume``), or
+        the call is refused, naming it, before anything reaches the backend."""
+        self._ready()
+        if not self._paused:
+            return
+        if self.spec.auto_resume:
+            self.resume()
+            return
+        raise ConflictError(
+            f"this sandbox is paused: {what} needs it running",
+            backend=self.backend_name,
+            sandbox_id=self.id,
+            fix="call resume() first, or create the sandbox with auto_resume=True",
+        )
 
     def _ready(self) -> None:
         """Open, and made by the backend (a pending sandbox is made on first use)."""
@@ -209,6 +237,8 @@ class Sandbox:
         """The checked request of one command: exec's options (``options.EXEC``), the
         sandbox's own variables under the command's, a timeout within its lifetime."""
         self._check_open()
+        if self._state is not SandboxState.PENDING:
+            self._running_for("a command")
         remaining = self.expires - time.time()
         if remaining <= 0:
             raise SandboxClosedError(
@@ -358,7 +388,7 @@ class Sandbox:
 
     def write_file(self, path: str, data: bytes | str, *, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` (absolute, inside the sandbox), replacing it."""
-        self._ready()
+        self._running_for("write_file")
         path = archive.check_sandbox_path(path)
         if isinstance(data, str):
             data = data.encode()
@@ -368,7 +398,7 @@ class Sandbox:
 
     def read_file(self, path: str, *, max_size: int = 256 * 1024**2) -> bytes:
         """The content of the file at ``path``; refused past ``max_size`` bytes."""
-        self._ready()
+        self._running_for("read_file")
         path = archive.check_sandbox_path(path)
         done = self._transfer(FileTransfer("read_file", path, max_size=max_size))
         return done.data if done.data is not None else b""
@@ -379,7 +409,7 @@ class Sandbox:
         ``upload("./src", "/workspace")`` makes ``/workspace/src``. Symlinks and special
         files in ``source`` are refused rather than followed.
         """
-        self._ready()
+        self._running_for("upload")
         destination = archive.check_sandbox_path(destination, "destination")
         local = archive.check_host_path(source, "source")
         self._transfer(FileTransfer("upload", destination, host_path=str(local)))
@@ -396,7 +426,7 @@ class Sandbox:
         ``destination`` must not exist. Links, devices and anything that would land
         outside ``destination`` are refused, and nothing partial is left behind.
         """
-        self._ready()
+        self._running_for("download")
         source = archive.check_sandbox_path(source, "source")
         target = archive.check_host_path(destination, "destination")
         done = self._transfer(
@@ -417,6 +447,194 @@ class Sandbox:
         """The state of the spec's healthcheck (``none`` without one)."""
         self._ready()
         return self._host.hooks.health(self)
+
+    # -- long-lived sandboxes -----------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """``running`` or ``paused`` (or the backend's word, ``exited`` say), as the
+        backend says now; ``closed`` once this handle closed it."""
+        if self._state is SandboxState.CLOSED:
+            return "closed"
+        self._ready()
+        return self.backend.inspect(self.id)[0].status
+
+    def pause(self) -> None:
+        """Freeze every process of the sandbox: they keep their memory and files and use
+        no CPU until ``resume()``. The lifetime keeps counting (``extend`` moves it)."""
+        self._ready()
+        with self._lock:
+            self.backend.pause(self.id)
+            self._paused = True
+
+    def resume(self) -> None:
+        """Thaw what ``pause()`` froze."""
+        self._ready()
+        with self._lock:
+            self.backend.resume(self.id)
+            self._paused = False
+
+    def extend(self, duration: float | str) -> float:
+        """Move the sandbox's end ``duration`` (seconds, or "30m") later; the new end
+        (a ``time.time()``). A lifetime never passes 30 days from now."""
+        from .spec import Limits
+
+        self._ready()
+        seconds = Limits(lifetime=duration).lifetime  # type: ignore[arg-type]
+        expires = min(self.expires + seconds, time.time() + 30 * 86400)
+        self.backend.extend(self.id, expires)
+        self.info = attrs.evolve(self.info, expires=expires)
+        capacity.extend(self.info.backend, self.id, expires)
+        return expires
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        tty: bool = False,
+        timeout: float | str | None = None,
+        idle_timeout: float | str | None = None,
+        max_output: int | str | None = None,
+    ) -> Process:
+        """Start ``argv`` in the background and return its ``Process`` at once.
+
+        The process outlives this program (``corral.attach(id).process(pid)`` finds it
+        again) and ends with the sandbox, at its ``timeout`` or ``idle_timeout``, or at
+        the sandbox's lifetime (moved by ``extend``). ``stdin``: bytes sent first (more
+        with ``Process.write``). ``tty``: run on a pseudo-terminal (stdout and stderr
+        are then one stream, stdout); ``Process.resize`` sets its size.
+
+        Raises:
+            CapabilityError: the backend cannot run background processes (or
+                terminals, with ``tty``).
+        """
+        from .backend import Capability
+        from .process import Process
+
+        request = self._request(
+            argv,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            max_output=max_output,
+            idle_timeout=idle_timeout,
+        )
+        # The keeper holds the lifetime itself (extend moves it): only the call's own.
+        request = attrs.evolve(request, timeout=timeout, tty=bool(tty))  # type: ignore[arg-type]
+        if tty and not self.backend.capabilities() & Capability.TTY:
+            raise CapabilityError(
+                f"the {self.backend_name} backend cannot give a command a terminal (TTY)",
+                backend=self.backend_name,
+                sandbox_id=self.id,
+            )
+        info = self.backend.spawn(self.id, request, request.idle_timeout)
+        self._host.hooks.process_spawned(self, request, info.id)
+        return Process(self, info)
+
+    def processes(self) -> list[Process]:
+        """The processes spawned in this sandbox (by any program), running or ended."""
+        from .process import Process
+
+        self._ready()
+        return [Process(self, info) for info in self.backend.processes(self.id)]
+
+    def process(self, process_id: str) -> Process:
+        """The spawned process ``process_id``; NotFoundError if the sandbox has none."""
+        for found in self.processes():
+            if found.id == process_id:
+                return found
+        raise NotFoundError(
+            f"no process {process_id!r} in this sandbox",
+            backend=self.backend_name,
+            sandbox_id=self.id,
+        )
+
+    def snapshot(self, *, memory: bool = False, lifetime: float | str | None = None) -> Snapshot:
+        """Capture the sandbox's files (its writable layer and folders) as a Snapshot
+        that ``corral.create(image=snapshot)`` starts from. ``memory``: its running
+        processes too, where the backend can (CapabilityError before anything happens
+        otherwise). The snapshot carries corral's labels and is removed by ``gc`` after
+        ``lifetime`` (default: the sandbox's own lifetime setting)."""
+        import uuid
+
+        from .backend import Capability
+        from .snapshot import Snapshot
+        from .spec import Limits
+
+        self._ready()
+        needed = Capability.SNAPSHOTS | (Capability.MEMORY_SNAPSHOTS if memory else Capability(0))
+        missing = needed & ~self.backend.capabilities()
+        if missing:
+            raise CapabilityError(
+                f"the {self.backend_name} backend cannot take "
+                f"{'memory ' if memory else ''}snapshots ({missing.name})",
+                backend=self.backend_name,
+                sandbox_id=self.id,
+            )
+        seconds = self.spec.limits.lifetime
+        if lifetime is not None:
+            seconds = Limits(lifetime=lifetime).lifetime  # type: ignore[arg-type]
+        snapshot_id = "sn-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        labels = {
+            "corral.managed": "true",
+            "corral.snapshot": snapshot_id,
+            "corral.sandbox": self.id,
+            "corral.backend": self.backend_name,
+            "corral.created": str(int(now)),
+            "corral.expires": str(int(now + seconds)),
+            "corral.memory": "true" if memory else "false",
+        }
+        return Snapshot(self.backend.snapshot(self.id, snapshot_id, labels, memory), self.backend)
+
+    def fork(self, n: int = 1) -> list[Sandbox]:
+        """``n`` new sandboxes, each starting from a snapshot of this one (files as they
+        are now; the same spec). Close them as any other; the snapshot goes at ``gc``
+        once expired."""
+        from .lifecycle import create
+
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError("n", f"{n!r} is not a number of forks (1 or more)")
+        snap = self.snapshot()
+        forks: list[Sandbox] = []
+        try:
+            for _ in range(n):
+                forks.append(
+                    create(
+                        spec=attrs.evolve(self.spec, image=snap.image),
+                        backend=self.backend_name,
+                        settings=self._settings,
+                    )
+                )
+        except BaseException:
+            for made in forks:
+                with contextlib.suppress(Exception):
+                    made.close()
+            raise
+        return forks
+
+    def port(self, port: int) -> tuple[str, int]:
+        """``(host, port)`` where the sandbox's published ``port`` is reached, on the
+        host's loopback (the sandbox was created with ``ports=[...]``)."""
+        self._ready()
+        if port not in self.spec.ports:
+            raise ConfigError(
+                "port",
+                f"port {port} is not published (this sandbox publishes "
+                f"{list(self.spec.ports) or 'none'}; create it with ports=[{port}])",
+            )
+        return self.backend.port(self.id, port)
+
+    def changes(self) -> list[Change]:
+        """What was added, changed and deleted under the sandbox's writable paths since
+        it was made (from its image or snapshot), by path; contents are never read."""
+        self._ready()
+        return self.backend.changes(self.id)
 
     def detach(self) -> None:
         """Stop owning the sandbox: dropping this handle no longer warns, and the sandbox
@@ -444,6 +662,7 @@ class Sandbox:
         try:
             if held:
                 self.backend.destroy(self.id)
+                self.backend.forget_processes(self.id)
         except BaseException as e:
             error = e
             raise

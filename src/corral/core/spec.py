@@ -413,7 +413,11 @@ def _ports(value: Any, name: str) -> tuple[int, ...]:
             port = int(item)
         except (TypeError, ValueError):
             raise ConfigError(name, f"{item!r} is not a port number") from None
-        _check(1 <= port <= 65535 and not isinstance(item, bool), name, f"{item!r} is not a port (1-65535)")
+        _check(
+            1 <= port <= 65535 and not isinstance(item, bool),
+            name,
+            f"{item!r} is not a port (1-65535)",
+        )
         _check(port not in ports, name, f"port {port} is listed twice")
         ports.append(port)
     return tuple(ports)

@@ -235,6 +235,15 @@ class AuditPlugin:
             self._write(trail, "usage", sandbox.id, sandbox.backend_name, **attrs.asdict(usage))
 
     @hookimpl
+    def corral_process_spawned(
+        self, sandbox: Sandbox, request: ExecRequest, process_id: str
+    ) -> None:
+        trail = self._trail_of(sandbox.id)
+        if trail is not None:
+            fields = {"process": process_id, "argv": list(request.argv), "tty": request.tty}
+            self._record(trail, sandbox, "spawn", fields)
+
+    @hookimpl
     def corral_sandbox_destroyed(
         self, sandbox_id: str, backend: str, error: BaseException | None
     ) -> None:

@@ -32,13 +32,7 @@ def failure(error: errors.SandboxError) -> Failure:
 
 
 def raise_failure(answer: Failure) -> Any:
-    cls = getattr(errors, answer.kind, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.SandboxError)):
-        cls = errors.InternalError  # a plugin's own subclass: its fields, corral's class
-    error = cls.__new__(cls)
-    Exception.__init__(error, answer.fields.get("message", ""))
-    error.__dict__.update(answer.fields)
-    raise error
+    raise errors.rebuilt(answer.kind, answer.fields)
 
 
 @attrs.frozen

@@ -33,6 +33,15 @@ _NOT_ENFORCED = (
     | corral.Capability.NO_NEW_PRIVILEGES
     | corral.Capability.IMAGES
     | corral.Capability.INIT_COMMAND
+    # Of the long-lived features it has background processes only (PROCESSES: its
+    # exec takes streamed input and a name to signal by), which corral's keeper runs.
+    | corral.Capability.PAUSE
+    | corral.Capability.TTY
+    | corral.Capability.EXTEND
+    | corral.Capability.SNAPSHOTS
+    | corral.Capability.MEMORY_SNAPSHOTS
+    | corral.Capability.PORTS
+    | corral.Capability.CHANGES
 )
 
 
@@ -48,9 +57,14 @@ def _pump(pipe, stream: str, sink: corral.OutputSink) -> None:
         sink.write(stream, chunk)
 
 
-def _feed(pipe, data: bytes) -> None:
+def _feed(pipe, data: bytes | corral.InputFeed) -> None:
     with contextlib.suppress(BrokenPipeError), pipe:
-        pipe.write(data)
+        if isinstance(data, bytes):
+            pipe.write(data)
+            return
+        while (part := data.read()) != b"":  # a spawned process's input, as it comes
+            pipe.write(part)
+            pipe.flush()
 
 
 class SubprocessTestBackend(corral.Backend):
@@ -62,6 +76,10 @@ class SubprocessTestBackend(corral.Backend):
 
     name = "subprocess-test"
     Settings = Settings
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self._running: dict[str | None, subprocess.Popen] = {}  # exec name: its process
 
     def _root(self) -> Path:
         default = Path(tempfile.gettempdir(), f"corral-subprocess-test-{os.getuid()}")
@@ -98,7 +116,8 @@ class SubprocessTestBackend(corral.Backend):
 
     def exec(self, sandbox_id, request: corral.ExecRequest, sink) -> corral.ExecStatus:
         env = {**request.env, "PATH": os.environ.get("PATH", os.defpath)}
-        stdin = subprocess.DEVNULL if request.stdin is None else subprocess.PIPE
+        given = request.stdin if request.input is None else request.input
+        stdin = subprocess.DEVNULL if given is None else subprocess.PIPE
         try:
             proc = subprocess.Popen(
                 request.argv,
@@ -117,22 +136,35 @@ class SubprocessTestBackend(corral.Backend):
         with proc:
             pipes = ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
             readers = [threading.Thread(target=_pump, args=(p, n, sink)) for p, n in pipes]
+            feeder = None
             if proc.stdin is not None:
-                readers.append(threading.Thread(target=_feed, args=(proc.stdin, request.stdin)))
+                feeder = threading.Thread(target=_feed, args=(proc.stdin, given), daemon=True)
+                feeder.start()
             for reader in readers:
                 reader.start()
+            self._running[request.name] = proc
             while proc.poll() is None and not timed_out:
                 timed_out = sink.cancelled or time.monotonic() >= deadline
                 time.sleep(0.01)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the command and all it left running
             proc.wait()
-            for reader in readers:
+            self._running.pop(request.name, None)
+            if request.input is not None:
+                request.input.close()  # the feeder's read ends
+            for reader in [*readers, *([feeder] if feeder else [])]:
                 reader.join()
         code = proc.returncode
         if code < 0:
             return corral.ExecStatus(exit_code=128 - code, timed_out=timed_out, signal=-code)
         return corral.ExecStatus(exit_code=code, timed_out=timed_out)
+
+    def exec_signal(self, sandbox_id: str, name: str, signum: int) -> None:
+        proc = self._running.get(name)
+        if proc is None:
+            raise corral.ConflictError(f"no running exec {name}", sandbox_id=sandbox_id)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
 
     def put_archive(self, sandbox_id: str, path: str, archive) -> None:
         target = self._host_path(sandbox_id, path)
