@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
-from .errors import TimeoutError
+from .errors import ConfigError, TimeoutError
 from .results import ExecResult, OutputChunk, ProcessInfo
 
 if TYPE_CHECKING:
@@ -97,11 +97,19 @@ class Process:
         self, since: Literal["start", "now"] = "start", *, timeout: float | None = None
     ) -> Iterator[OutputChunk]:
         """The process's output as it comes, until it ends: all of it (``start``, up to
-        the cap), or what it prints from now on (``now``). Leaving the loop leaves the
-        process running. ``timeout``: raise TimeoutError when it is still running then.
+        the cap), or what it prints after this call (``now``). Leaving the loop leaves
+        the process running. ``timeout``: raise TimeoutError when it is still running
+        then.
         """
         self.sandbox._check_open()
-        offset = 0 if since == "start" else -1
+        offset = 0
+        if since == "now":  # taken at the call, not at the first iteration
+            offset = self.sandbox.backend.process_read(self.sandbox.id, self.id, -1, 0).offset
+        elif since != "start":
+            raise ConfigError("since", f"{since!r} is not 'start' or 'now'")
+        return self._chunks(offset, timeout)
+
+    def _chunks(self, offset: int, timeout: float | None) -> Iterator[OutputChunk]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = _WAIT_STEP if deadline is None else min(_WAIT_STEP, deadline - time.monotonic())
