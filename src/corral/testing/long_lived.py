@@ -506,7 +506,9 @@ class PortConformance(ConformanceBase):
     ) -> None:
         if not _has(conformance_backend, Capability.NETWORK_BRIDGE):
             pytest.skip("no bridged network here")
-        make = lambda: conformance_sandbox(network="bridge", ports=[8000])  # noqa: E731
+        def make() -> corral.Sandbox:
+            return conformance_sandbox(network="bridge", ports=[8000])
+
         if not _has(conformance_backend, Capability.PORTS):
             _refused(make, self.backend, conformance_settings)
             return
