@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 
 from corral.core.plugins import PluginHost
-
 from corral.testing.long_lived import (
     ChangeConformance,
     ExtendConformance,
