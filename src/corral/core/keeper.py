@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from .output import InputFeed, OutputSink
 from .results import ExecResult, OutputChunk, ProcessInfo, ProcessRead
 from .spec import ExecRequest
 
-LINGER = 30.0  # seconds a keeper with nothing running waits for the next spawn
+# Seconds a keeper with nothing running waits for the next spawn (tests shorten it).
+LINGER = float(os.environ.get("CORRAL_KEEPER_LINGER", "30"))
 _TICK = 0.1  # how often deadlines are checked
 _READ_LIMIT = 1024 * 1024  # output bytes per read answer
 _WRITE_WAIT = 30.0  # how long a write waits for room in a full stdin
@@ -85,6 +87,26 @@ def read_output(
     except FileNotFoundError:
         return [], offset
     return frames(data, offset, len(data) if limit is None else limit)
+
+
+_SUN_PATH_MAX = 107  # bytes in sockaddr_un's path, less its terminating NUL
+
+
+@contextlib.contextmanager
+def socket_path(folder: Path) -> Iterator[str]:
+    """The address of the keeper's socket in ``folder``, for a bind or a connect. A
+    temp folder may make the path longer than a Unix socket's address holds; then it
+    is reached through a descriptor of the folder (``/proc/self/fd/N/keeper.sock``),
+    which keeps the folder's own permissions in force (an abstract socket would not)."""
+    path = str(folder / "keeper.sock")
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(folder, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/keeper.sock"
+    finally:
+        os.close(fd)
 
 
 def send(sock: socket.socket, message: Any) -> None:
@@ -419,7 +441,8 @@ def main(folder: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path / "keeper.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path / "keeper.sock"))
+    with socket_path(path) as address:
+        listener.bind(address)
     listener.listen(64)
     (path / "keeper.pid").write_text(str(os.getpid()))
     backend_class, settings, sandbox_id = boot

@@ -64,11 +64,12 @@ def _private(path: Path) -> None:
 
 def _call(where: Path, op: str, timeout: float = 60.0, **args: Any) -> Any:
     """One request to the keeper of ``where``; ConnectionError when none listens."""
-    from .keeper import receive, send
+    from .keeper import receive, send, socket_path
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(where / "keeper.sock"))
+        with socket_path(where) as address:
+            sock.connect(address)
         send(sock, (op, args))
         answer = receive(sock)
     if answer[0] == "ok":
@@ -125,9 +126,22 @@ def _ask(backend: Backend, sandbox_id: str, op: str, **args: Any) -> Any:
             return _call(where, op, **args)
         except (FileNotFoundError, ConnectionRefusedError):
             if attempt == 2:
-                raise
+                raise _unreachable(backend, sandbox_id, where) from None
             _start_keeper(backend, sandbox_id, where)
+        except (OSError, ConnectionError) as e:
+            raise _unreachable(backend, sandbox_id, where, e) from e
     raise AssertionError("unreachable")
+
+
+def _unreachable(
+    backend: Backend, sandbox_id: str, where: Path, error: BaseException | None = None
+) -> InternalError:
+    why = f": {error}" if error else ""
+    return InternalError(
+        f"corral's keeper of this sandbox cannot be reached{why} (see {where}/keeper.log)",
+        backend=backend.name,
+        sandbox_id=sandbox_id,
+    )
 
 
 def spawn(
