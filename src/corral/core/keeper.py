@@ -181,6 +181,10 @@ class _Kept:
     def running(self) -> bool:
         return self.result is None and self.error is None
 
+    def wait_ended(self, timeout: float) -> None:
+        with self.sink.changed:
+            self.sink.changed.wait_for(lambda: not self.running, timeout)
+
     def stop(self, why: str) -> None:
         if self.running and self.why is None:
             self.why = why
@@ -267,9 +271,7 @@ class Keeper:
             kept.stop(why)
         deadline = time.monotonic() + 10
         for kept in running:
-            ended = kept  # bound for the lambda: each waits for its own
-            with kept.sink.changed:
-                kept.sink.changed.wait_for(lambda: not ended.running, deadline - time.monotonic())
+            kept.wait_ended(deadline - time.monotonic())
 
     # -- operations (``op_NAME``: what a caller may ask) ---------------------------------
 
