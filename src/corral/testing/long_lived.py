@@ -243,6 +243,25 @@ class ProcessConformance(ConformanceBase):
                 call()
 
 
+    def test_a_sandbox_removed_elsewhere_ends_its_processes_and_refuses_more(
+        self, conformance_sandbox: Make, conformance_settings: Settings
+    ) -> None:
+        sb = conformance_sandbox()
+        if not _has(sb.backend, Capability.PROCESSES):
+            pytest.skip("no PROCESSES: refusal checked by test_a_repl_is_fed_line_by_line")
+        process = sb.spawn(["sh", "-c", "echo up; sleep 60"])
+        _read_until(process, b"up")
+        corral.attach(sb.id, backend=self.backend, settings=conformance_settings).close()
+        try:
+            ended = process.wait(timeout=60)  # its end, or why there is none: no hang
+        except corral.SandboxError as e:
+            assert not isinstance(e, corral.TimeoutError), e
+        else:
+            assert ended.exit_code != 0, ended
+        with pytest.raises(corral.NotFoundError):
+            sb.spawn(["true"])
+
+
 class TerminalConformance(ConformanceBase):
     """Terminals (TTY): ``spawn(tty=True)`` and ``Process.resize``."""
 
