@@ -159,6 +159,10 @@ class Sandbox:
         self._ready()
         if not self._paused:
             return
+        # Another handle may have resumed it: only a refusal costs a look.
+        if self.backend.inspect(self.id)[0].status != "paused":
+            self._paused = False
+            return
         if self.spec.auto_resume:
             self.resume()
             return
