@@ -7,6 +7,7 @@ meanwhile and resumed intact. Real processes throughout."""
 from __future__ import annotations
 
 import posixpath
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,19 +39,23 @@ def _run_tests(sandbox: corral.Sandbox) -> corral.ExecResult:
     suite = sandbox.spawn(
         ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
         workdir=WORK,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
         idle_timeout=60,
     )
     return suite.wait(timeout=300)
 
 
 def test_an_agent_session_explores_snapshots_and_forks_a_project(
-    settings: corral.Settings, mount_root: Path
+    state_dir: Path, mount_root: Path
 ) -> None:
-    if not (mount_root / "project").exists():
-        import shutil
-
-        shutil.copytree(PROJECT, mount_root / "project")
+    shutil.copytree(PROJECT, mount_root / "project", ignore=shutil.ignore_patterns("__pycache__"))
+    settings = corral.load_settings(
+        {
+            "mount_roots": [str(mount_root), _pytest_folder()],
+            "backends": {"local": {"state_dir": str(state_dir)}},
+        },
+        cwd=state_dir,
+        environ={},
+    )
     mounts = [
         corral.Mount(str(mount_root / "project"), "/project"),
         corral.Mount(_pytest_folder(), "/deps"),
@@ -59,7 +64,7 @@ def test_an_agent_session_explores_snapshots_and_forks_a_project(
         backend="local",
         settings=settings,
         mounts=mounts,
-        env={"PYTHONPATH": "/deps"},
+        env={"PYTHONPATH": "/deps", "PYTHONDONTWRITEBYTECODE": "1"},
         memory="1GiB",
     ) as source:
         if not source.backend.capabilities() & corral.Capability.SNAPSHOTS:
@@ -71,13 +76,13 @@ def test_an_agent_session_explores_snapshots_and_forks_a_project(
         repl.write("import textstats\n")
         repl.write("print(textstats.top('b a b c b a', 2))\n")
         assert b"[('b', 3), ('a', 2)]" in _read_until(repl, b"('a', 2)]")
-        assert source.exec(["ls", WORK]).text.split() == ["tests", "textstats.py"]
+        assert source.exec(["ls", WORK]).text.split() == ["pyproject.toml", "tests", "textstats.py"]
         repl.write("exit()\n")
         assert repl.wait(timeout=60).exit_code == 0
 
         baseline = _run_tests(source)
         assert baseline.exit_code == 0, baseline.stdout.decode()
-        passed = baseline.text.strip().splitlines()[-1]
+        assert "17 passed" in baseline.text, baseline.text
 
         attempts = source.fork(3)
         try:
@@ -92,10 +97,9 @@ def test_an_agent_session_explores_snapshots_and_forks_a_project(
                 "def test_digits_are_words():\n    assert words('a 42') == ['a', '42']\n",
             )
             results = [_run_tests(attempt) for attempt in attempts]
-            assert results[0].exit_code == 0 and passed in results[0].text
-            assert results[1].exit_code == 1, results[1].text
-            assert "failed" in results[1].text
-            assert results[2].exit_code == 0 and results[2].text != results[0].text
+            assert results[0].exit_code == 0 and "17 passed" in results[0].text
+            assert results[1].exit_code == 1 and " failed" in results[1].text, results[1].text
+            assert results[2].exit_code == 0 and "18 passed" in results[2].text
 
             changed = {c.path: c.kind for c in attempts[1].changes()}
             assert changed.get(module) == "changed", changed

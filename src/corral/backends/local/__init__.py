@@ -6,6 +6,14 @@ read-only, the sandbox folder as its writable workspace, no capabilities and no
 network unless asked. When corral runs as root, sandboxes run as an unprivileged
 host user (``host_user``), and cgroups cap memory, pids and CPU. Without bubblewrap,
 only ``isolate=False`` (named in ``allow_unsafe``) runs, for trusted commands.
+
+Long-lived sandboxes (docs/long-lived.md): an exec takes its stdin as it comes and a
+name, by which ``exec_signal`` finds its command (terminal.py); a ``tty`` exec runs on
+a pty the host holds, in a bwrap of its own. ``pause`` freezes the sandbox's cgroup
+(v2's freezer). ``extend`` rewrites the metadata, which the sandbox never sees.
+Snapshots are copies of the sandbox's writable folders (snapshots.py), and
+``changes`` compares a manifest taken at create (changes.py). Ports are not
+published: a bridged sandbox shares the host's network.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import functools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -30,29 +39,51 @@ from typing import IO, Any
 import attrs
 import psutil
 
-from ...core.backend import Availability, Backend, BackendInfo, Capability, ExecStatus
+from ...core.backend import (
+    Availability,
+    Backend,
+    BackendInfo,
+    Capability,
+    ExecStatus,
+    is_snapshot_image,
+    snapshot_id_of,
+)
 from ...core.convert import structure, unstructure
 from ...core.errors import (
     CapabilityError,
     ConfigError,
+    ConflictError,
     InternalError,
     NotFoundError,
     PathSecurityError,
     ResourceLimitError,
 )
 from ...core.hookspecs import hookimpl
-from ...core.output import OutputSink
-from ...core.results import LEFTOVER, LEFTOVER_GRACE, ResourceUsage, SandboxInfo
+from ...core.output import InputFeed, OutputSink
+from ...core.results import (
+    LEFTOVER,
+    LEFTOVER_GRACE,
+    Change,
+    ResourceUsage,
+    SandboxInfo,
+    SnapshotInfo,
+)
 from ...core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, parse_user, size_field
 from .. import sweep
-from . import bwrap, child, disk, files
+from . import bwrap, changes, child, disk, files, terminal
 from .agent import AGENT, Agent, AgentGone, NoRoom
 from .cgroups import Cgroup, CgroupLayout
 from .runner import Process
+from .snapshots import SnapshotStore
+from .terminal import Terminal
 
 __all__ = ["LocalBackend", "LocalSettings"]
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# An exec's name is its marker and the name of its files in the run folder.
+_EXEC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_META = "meta.json"
+_BASELINE = "changes.json"  # the manifest changes() compares against (changes.py)
 _SWEEP_EVERY = 1.0  # seconds between two sweeps of expired sandboxes by one program
 # The spec's field behind each rlimit a sandbox's process sets (a core size is 0).
 _LIMIT_FIELDS = {
@@ -126,6 +157,7 @@ class _State:
     agent_lock: threading.Lock = attrs.field(factory=threading.Lock)
     execs: int = 0  # started by this program
     host_tmpfs: bool = False  # its Tmpfs mounts are host tmpfs (corral as root)
+    meta_inode: int = 0  # of the metadata read: extend() replaces the file
 
     @property
     def layout(self) -> bwrap.Layout:
@@ -134,15 +166,46 @@ class _State:
         return bwrap.Layout(f, f"{f}/workspace", f"{f}/tmp", f"{f}/etc", f"{f}/run", tmpfs)
 
     def info(self) -> SandboxInfo:
+        status = "paused" if self.cgroup is not None and self.cgroup.frozen() else "running"
         return SandboxInfo(
-            self.id, "local", "running", self.created, self.expires, None, dict(self.labels)
+            self.id,
+            "local",
+            status,
+            self.created,
+            self.expires,
+            self.spec.image,
+            dict(self.labels),
         )
+
+    def writable_folders(self) -> dict[str, tuple[str, str]]:
+        """The sandbox's own writable host folders (not its bind mounts, the host's),
+        by their name in a snapshot: (its path in the sandbox, the host folder)."""
+        layout = self.layout
+        found = {
+            "workspace" if host == layout.workspace else "tmp": (target, host)
+            for target, host in bwrap.own_binds(self.spec, layout)
+        }
+        for index, mount in enumerate(self.spec.mounts):
+            folder = layout.tmpfs_folder(index)
+            if isinstance(mount, Tmpfs) and folder is not None:
+                found[f"tmpfs-{index}"] = (mount.target, folder)
+        return found
+
+
+@attrs.define
+class _Named:
+    """A running exec that has a name: how to find its command, and its terminal."""
+
+    argv: tuple[str, ...]
+    find: Callable[[], int | None] | None = None  # None until it started
+    launchers: tuple[tuple[str, ...], ...] = ()  # argv prefixes of its own launch
+    terminal: Terminal | None = None
 
 
 _C = Capability
 ALWAYS = (
     _C.MEMORY_LIMIT | _C.NOFILE_LIMIT | _C.NPROC_LIMIT | _C.CPU_TIME_LIMIT | _C.FILE_SIZE_LIMIT
-    | _C.LIFETIME | _C.USER
+    | _C.LIFETIME | _C.USER | _C.PROCESSES | _C.EXTEND | _C.SNAPSHOTS | _C.CHANGES
 )  # fmt: skip
 WITH_BUBBLEWRAP = (
     _C.ISOLATION | _C.NETWORK_NONE | _C.NETWORK_BRIDGE | _C.READ_ONLY_ROOT
@@ -150,6 +213,8 @@ WITH_BUBBLEWRAP = (
 )  # fmt: skip
 WITH_PIDS_CGROUP = _C.PIDS_LIMIT
 WITH_CPU_CGROUP = _C.CPU_LIMIT
+WITH_FREEZER = _C.PAUSE
+WITH_SETSID = _C.TTY
 
 
 class LocalBackend(Backend):
@@ -162,6 +227,8 @@ class LocalBackend(Backend):
         (WITH_BUBBLEWRAP, "when bubblewrap can make namespaces here"),
         (WITH_PIDS_CGROUP, "with a writable pids cgroup (corral as root)"),
         (WITH_CPU_CGROUP, "with a writable cpu cgroup (corral as root)"),
+        (WITH_FREEZER, "with cgroup v2's freezer in a writable cgroup (corral as root)"),
+        (WITH_SETSID, "with util-linux's setsid (/usr/bin/setsid)"),
     )
 
     def __init__(self, settings: LocalSettings) -> None:
@@ -183,6 +250,8 @@ class LocalBackend(Backend):
         self._sweeping = threading.Lock()
         self._tools = child.Tools.find()
         self._pid_namespaces = self._root_user and child.can_make_pid_namespaces()
+        self._snapshots = SnapshotStore(os.path.join(base, "local-snapshots"))
+        self._named: dict[tuple[str, str], _Named] = {}  # running named execs, by sandbox
 
     # -- what this host allows ------------------------------------------------------
 
@@ -227,6 +296,10 @@ class LocalBackend(Backend):
             caps |= WITH_PIDS_CGROUP
         if self._cgroups is not None and self._cgroups.has("cpu"):
             caps |= WITH_CPU_CGROUP
+        if self._cgroups is not None and self._cgroups.can_freeze:
+            caps |= WITH_FREEZER
+        if terminal.available():
+            caps |= WITH_SETSID
         if self._bwrap_problem() is None:
             caps |= WITH_BUBBLEWRAP
         return caps
@@ -245,6 +318,19 @@ class LocalBackend(Backend):
                 "no writable cgroup here (pids and CPU limits need one); run corral as root "
                 "or in a delegated cgroup v2"
             )
+        if missing & Capability.PAUSE:
+            hints.append(
+                "pausing needs cgroup v2's freezer (Linux 5.2) in a cgroup corral can write; "
+                "run corral as root on a host with the unified cgroup hierarchy"
+            )
+        if missing & Capability.TTY:
+            hints.append(f"terminals need util-linux's setsid at {terminal.SETSID}")
+        if missing & Capability.PORTS:
+            hints.append(
+                "a bridged local sandbox shares the host's own network (bwrap --share-net): "
+                "its ports are the host's, on every address, and cannot be published on "
+                "loopback only; use Docker or Podman to publish ports"
+            )
         return "; ".join(hints)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -261,6 +347,12 @@ class LocalBackend(Backend):
         self._check_tmpfs(spec)
         self._check_unisolated_mounts(spec)
         _check_within_own_limits(self._rlimits(spec))
+        from_snapshot = spec.image is not None and is_snapshot_image(spec.image)
+        snapshot = snapshot_id_of(spec.image) if from_snapshot else None  # type: ignore[arg-type]
+        if snapshot is not None and not self._snapshots.exists(snapshot):
+            raise NotFoundError(
+                f"no snapshot {snapshot} on this host's local backend", backend=self.name
+            )
         folder = os.path.join(self.root, sandbox_id)
         self._make_folder(folder)
         state = _State(
@@ -288,6 +380,11 @@ class LocalBackend(Backend):
                 with open(os.path.join(layout.etc, name), "w") as f:
                     f.write(text)
             self._mount_tmpfs(spec, layout)
+            folders = state.writable_folders()
+            if snapshot is not None:
+                targets = {key: host for key, (_, host) in folders.items()}
+                self._snapshots.restore(snapshot, targets, self._owner())
+            changes.save(os.path.join(folder, _BASELINE), changes.manifest(folders.values()))
             if self._cgroups is not None:
                 # Every sandbox runs as one host user, whose process count (RLIMIT_NPROC)
                 # they would all share, so with a pids cgroup there is no nproc rlimit:
@@ -300,8 +397,9 @@ class LocalBackend(Backend):
                     spec.limits.cpus,
                 )
             meta = {"id": sandbox_id, "spec": unstructure(spec), "labels": labels}
-            with open(os.path.join(folder, "meta.json"), "w") as f:
+            with open(os.path.join(folder, _META), "w") as f:
                 f.write(json.dumps(meta))  # dump() writes piece by piece, from Python
+                state.meta_inode = os.fstat(f.fileno()).st_ino
         except BaseException:
             self._remove_folder(folder)
             if state.cgroup is not None:
@@ -401,21 +499,26 @@ class LocalBackend(Backend):
         with self._lock:
             state = self._states.get(sandbox_id)
         if state is not None:
-            if not os.path.exists(os.path.join(state.folder, "meta.json")):
+            try:
+                inode = os.stat(os.path.join(state.folder, _META)).st_ino
+            except FileNotFoundError:
                 if state.agent is not None:
                     state.agent.stop()
                 raise NotFoundError(
                     f"the sandbox's folder {state.folder} is gone (removed from outside)",
                     backend=self.name,
                     sandbox_id=sandbox_id,
-                )
+                ) from None
+            if inode != state.meta_inode:  # extended, by this program or another
+                self._reload_labels(state)
             return state
         if not sandbox_id.isalnum():
             raise NotFoundError(f"{sandbox_id!r} is not a sandbox id", backend=self.name)
         folder = os.path.join(self.root, sandbox_id)
         try:
-            with open(os.path.join(folder, "meta.json")) as f:
+            with open(os.path.join(folder, _META)) as f:
                 meta = json.load(f)
+                inode = os.fstat(f.fileno()).st_ino
         except (OSError, ValueError):
             raise NotFoundError(
                 "no such sandbox", backend=self.name, sandbox_id=sandbox_id
@@ -434,9 +537,22 @@ class LocalBackend(Backend):
             cgroup,
             # (A sandbox made before tmpfs were host mounts has none: bwrap makes them.)
             host_tmpfs=self._root_user and os.path.isdir(os.path.join(folder, "tmpfs")),
+            meta_inode=inode,
         )
         with self._lock:
             return self._states.setdefault(sandbox_id, state)
+
+    def _reload_labels(self, state: _State) -> None:
+        """The labels (and so the end) of a sandbox's metadata, as last written."""
+        try:
+            with open(os.path.join(state.folder, _META)) as f:
+                meta = json.load(f)
+                inode = os.fstat(f.fileno()).st_ino
+        except (OSError, ValueError):
+            return  # removed meanwhile: the next look says so
+        state.labels = meta["labels"]
+        state.expires = float(state.labels["corral.expires"])
+        state.meta_inode = inode
 
     def inspect(self, sandbox_id: str) -> tuple[SandboxInfo, SandboxSpec]:
         state = self._state(sandbox_id)
@@ -527,18 +643,15 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             return
         for name in names:
-            with self._lock:
-                state = self._states.get(name)
-            if state is None:
-                try:
-                    state = self._state(name)
-                except NotFoundError:
-                    leftover = self._leftover(name)
-                    if leftover is not None and leftover.expires <= now:
-                        self.destroy(name)
-                    continue
+            try:
+                state = self._state(name)  # re-read when extended meanwhile
+            except NotFoundError:
+                leftover = self._leftover(name)
+                if leftover is not None and leftover.expires <= now:
+                    self.destroy(name)
+                continue
             if state.expires <= now:
-                self.destroy(name)
+                self.destroy(name)  # paused or not: destroy thaws what it kills
 
     # -- exec -----------------------------------------------------------------------
 
@@ -574,24 +687,29 @@ class LocalBackend(Backend):
     @_translated
     def exec(self, sandbox_id: str, request: ExecRequest, sink: OutputSink) -> ExecStatus:
         state = self._state(sandbox_id)
+        self._refuse_paused(state, "run a command")
         spec = state.spec
         workdir = request.workdir or spec.workdir
         own = _numeric_ids(spec.user, "sandbox.user")  # numbers: create checked them
         ids = own if request.user is None else _numeric_ids(request.user, "user")
         env = self._env(state, request, workdir)
+        if request.tty and "TERM" not in request.env:
+            env["TERM"] = "xterm-256color"
         oom_before = state.cgroup.oom_kills() if state.cgroup else 0
-        with state.agent_lock:
-            first = state.execs == 0
-            state.execs += 1
-        # The agent pays off from a sandbox's second exec: the first gets a bwrap of its
-        # own, which costs less than an agent started for it (a one-shot sandbox, a CLI
-        # call, a pool's sandbox used once); so does a command of another user.
-        if spec.security.isolate and ids == own and not first:
-            status = self._exec_by_agent(state, request, sink, env, workdir)
-        elif spec.security.isolate:
-            status = self._exec_isolated(state, request, sink, env, workdir, ids)
-        else:
-            status = self._exec_unisolated(state, request, sink, env, workdir)
+        with self._registered(state, request) as named:
+            with state.agent_lock:
+                first = state.execs == 0
+                state.execs += 1
+            # The agent pays off from a sandbox's second exec: the first gets a bwrap of
+            # its own, which costs less than an agent started for it (a one-shot
+            # sandbox, a CLI call, a pool's sandbox used once); so does a command of
+            # another user, and one on a terminal (the agent's FIFOs are no terminal).
+            if spec.security.isolate and ids == own and not first and not request.tty:
+                status = self._exec_by_agent(state, request, sink, env, workdir, named)
+            elif spec.security.isolate:
+                status = self._exec_isolated(state, request, sink, env, workdir, ids, named)
+            else:
+                status = self._exec_unisolated(state, request, sink, env, workdir, named)
         # OOM kills counted during this exec only (T35): a child's kill is an event, and
         # the command itself was killed for memory only when it also died of SIGKILL.
         oom_events = max(0, state.cgroup.oom_kills() - oom_before) if state.cgroup else 0
@@ -603,6 +721,34 @@ class LocalBackend(Backend):
             )
         return status
 
+    @contextlib.contextmanager
+    def _registered(self, state: _State, request: ExecRequest) -> Iterator[_Named | None]:
+        """A named exec is known by its name while it runs (exec_signal, exec_resize);
+        its terminal is closed at its end."""
+        if request.name is None:
+            yield None
+            return
+        if not _EXEC_NAME.fullmatch(request.name):
+            raise ConfigError(
+                "name", f"{request.name!r}: an exec's name is letters, digits, '-' and '_'"
+            )
+        key = (state.id, request.name)
+        named = _Named(tuple(request.argv))
+        with self._lock:
+            if key in self._named:
+                raise ConflictError(
+                    f"an exec named {request.name!r} runs already",
+                    backend=self.name,
+                    sandbox_id=state.id,
+                    retryable=False,
+                )
+            self._named[key] = named
+        try:
+            yield named
+        finally:
+            with self._lock:
+                self._named.pop(key, None)
+
     def _exec_by_agent(
         self,
         state: _State,
@@ -610,13 +756,19 @@ class LocalBackend(Backend):
         sink: OutputSink,
         env: dict[str, str],
         workdir: str,
+        named: _Named | None,
     ) -> ExecStatus:
         """The usual exec: forked by the sandbox's agent, which is started when this
         program has none running for it. A command the agent failed to take (killed or
         stopped by the sandbox's own code) goes to a new agent once."""
         cputime = state.spec.limits.cputime
+        name = request.name
         for attempt in range(2):
             agent = self._agent(state)
+            if named is not None and name is not None:
+                named.find = functools.partial(_agent_command, agent, name)
+                # The agent's script forks a subshell (same argv) that execs the command.
+                named.launchers = (("/bin/sh", f"{bwrap.AGENT_DIR}/{name}.sh"),)
             try:
                 return agent.exec(
                     list(request.argv),
@@ -626,6 +778,8 @@ class LocalBackend(Backend):
                     None if cputime is None else math.ceil(cputime),
                     sink,
                     request.timeout,
+                    name=name,
+                    feed=request.input,
                 )
             except AgentGone as e:
                 agent.stop()
@@ -638,7 +792,7 @@ class LocalBackend(Backend):
                     ) from e
             except NoRoom:  # a full sandbox still takes commands, as a container does
                 ids = _numeric_ids(state.spec.user, "sandbox.user")
-                return self._exec_isolated(state, request, sink, env, workdir, ids)
+                return self._exec_isolated(state, request, sink, env, workdir, ids, named)
         raise AssertionError("unreachable")
 
     def _launch(self, state: _State, *, bwrap: bool, agent: bool = False) -> child.Launch:
@@ -721,9 +875,13 @@ class LocalBackend(Backend):
         env: dict[str, str],
         workdir: str,
         ids: tuple[int, int],
+        named: _Named | None = None,
     ) -> ExecStatus:
+        """A bwrap of the exec's own: the command is pid 2 of its pid namespace, and
+        everything it started dies with that namespace's init."""
         spec = state.spec
         launch = self._launch(state, bwrap=True)
+        tty = Terminal() if request.tty else None
         # It says "armed" and waits for "go" before bwrap; or bwrap reports its child on
         # --info-fd and its program waits (child.py).
         info_r, info_w = (None, None) if launch.gated else os.pipe()
@@ -738,29 +896,48 @@ class LocalBackend(Backend):
                 info_w,
                 program=(*(() if launch.gated else bwrap.GATED), "/usr/bin/env", "--"),
                 env=env,
+                new_session=tty is None,  # the terminal's setsid makes the session
             )
+            command = bwrap.after_env(request.argv) if tty is None else tty.program(request.argv)
+            # A terminal's input is the keeper's feed or the request's bytes, on the
+            # terminal; the launch's stdin only says "go".
+            stdin = request.stdin if tty is None else None
             process = Process(
-                [*launch.prefix, *argv, *bwrap.after_env(request.argv)],
+                [*launch.prefix, *argv, *command],
                 env={"PATH": _PATH},
-                stdin=bwrap.GO + (request.stdin or b""),  # fed once it is safe to go
+                stdin=bwrap.GO + (stdin or b""),  # fed once it is safe to go
                 sink=sink,
                 popen_kwargs={
                     "pass_fds": () if info_w is None else (info_w,),
                     "preexec_fn": launch.preexec_fn,
+                    # Out of the caller's session and terminal before bwrap runs.
+                    "start_new_session": tty is not None,
                 },
                 info_fd=info_w,
                 own_pid_namespace=launch.gated,
+                feed=_terminal_feed(request) if tty is not None else request.input,
+                terminal=tty,
             )
         except BaseException:
             if info_r is not None:
                 os.close(info_r)
+            if tty is not None:
+                tty.close()
             raise
         state.running.add(process)
         try:
             process.await_start(info_r, launch.enter)
+            if named is not None:
+                named.terminal = tty
+                named.find = functools.partial(_bwrap_command, process)
             return process.supervise(request.timeout, lambda: None)
         finally:
             state.running.discard(process)
+            if tty is not None:
+                with self._lock:  # never resized once closed (its number reused)
+                    if named is not None:
+                        named.terminal = None
+                    tty.close()
 
     def _exec_unisolated(
         self,
@@ -769,6 +946,7 @@ class LocalBackend(Backend):
         sink: OutputSink,
         env: dict[str, str],
         workdir: str,
+        named: _Named | None = None,
     ) -> ExecStatus:
         layout = state.layout
         marker = uuid.uuid4().hex
@@ -781,7 +959,8 @@ class LocalBackend(Backend):
         }
         cwd = layout.workspace if workdir == state.spec.workdir else workdir
         launch = self._launch(state, bwrap=False)
-        argv = list(request.argv)
+        tty = Terminal() if request.tty else None
+        argv = list(request.argv) if tty is None else tty.program(request.argv)
         if launch.prefix:  # env(1) brings the command's environment in after the root shell
             assignments = [f"{name}={value}" for name, value in env.items()]
             command = bwrap.after_env(argv)
@@ -791,21 +970,36 @@ class LocalBackend(Backend):
             process = Process(
                 argv,
                 env=env,
-                stdin=request.stdin,
+                stdin=request.stdin if tty is None else None,
                 sink=sink,
                 popen_kwargs={
                     "cwd": cwd,
-                    "start_new_session": True,
+                    # On a terminal, setsid makes the session: it would fork to leave
+                    # one that the process leads.
+                    "start_new_session": tty is None,
                     "preexec_fn": launch.preexec_fn,
                 },
+                feed=_terminal_feed(request) if tty is not None else request.input,
+                terminal=tty,
             )
         except FileNotFoundError as e:
+            if tty is not None:
+                tty.close()
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
             return ExecStatus(exit_code=127)
         except PermissionError as e:
+            if tty is not None:
+                tty.close()
             sink.write("stderr", f"corral: {request.argv[0]}: {e.strerror}\n".encode())
             return ExecStatus(exit_code=126)
+        except BaseException:
+            if tty is not None:
+                tty.close()
+            raise
         state.running.add(process)
+        if named is not None:
+            named.terminal = tty
+            named.find = functools.partial(_own_command, process)
 
         def kill_tree() -> None:
             if state.cgroup is not None and not state.running - {process}:
@@ -818,6 +1012,11 @@ class LocalBackend(Backend):
             return process.supervise(request.timeout, kill_tree)
         finally:
             state.running.discard(process)
+            if tty is not None:
+                with self._lock:
+                    if named is not None:
+                        named.terminal = None
+                    tty.close()
 
     # -- files and usage ------------------------------------------------------------
 
@@ -845,11 +1044,13 @@ class LocalBackend(Backend):
     @_translated
     def put_archive(self, sandbox_id: str, path: str, archive: IO[bytes]) -> None:
         state = self._state(sandbox_id)
+        self._refuse_paused(state, "copy files in")
         root, parts = self._host_path(state, path, writing=True)
         files.put_archive(root, parts, path, archive, self._owner())
 
     def get_archive(self, sandbox_id: str, path: str) -> Iterator[bytes]:
         state = self._state(sandbox_id)
+        self._refuse_paused(state, "copy files out")
         root, parts = self._host_path(state, path, writing=False)
         with _host_errors(sandbox_id):
             yield from files.get_archive(root, parts, path)
@@ -889,6 +1090,166 @@ class LocalBackend(Backend):
             pids=count,
             timestamp=time.time(),
         )
+
+    # -- long-lived sandboxes ---------------------------------------------------------
+
+    def _refuse_paused(self, state: _State, what: str) -> None:
+        if state.cgroup is not None and state.cgroup.frozen():
+            raise ConflictError(
+                f"the sandbox is paused: resume it to {what}",
+                backend=self.name,
+                sandbox_id=state.id,
+                retryable=False,
+            )
+
+    def _running_exec(self, sandbox_id: str, name: str) -> _Named:
+        with self._lock:
+            named = self._named.get((sandbox_id, name))
+        if named is None:
+            raise NotFoundError(
+                f"no exec named {name!r} runs in this program",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            )
+        return named
+
+    def exec_signal(self, sandbox_id: str, name: str, signum: int) -> None:
+        named = self._running_exec(sandbox_id, name)
+        find = named.find
+        if find is None:  # registered, not started yet: wait for it as for its launch
+            deadline = time.monotonic() + 5.0
+            while named.find is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            find = named.find
+            if find is None:
+                return
+        pid = terminal.command_pid(find, named.argv, named.launchers)
+        if pid is not None:
+            terminal.send_signal(pid, signum, lambda p: find() == p)
+
+    def exec_resize(self, sandbox_id: str, name: str, rows: int, cols: int) -> None:
+        named = self._running_exec(sandbox_id, name)
+        with self._lock:  # the exec's end closes the terminal under this lock
+            if named.terminal is None:
+                raise ConflictError(
+                    f"the exec {name!r} has no terminal (it was not started with tty)",
+                    backend=self.name,
+                    sandbox_id=sandbox_id,
+                    retryable=False,
+                )
+            try:
+                named.terminal.resize(rows, cols)
+            except ValueError as e:
+                raise ConfigError("size", str(e), backend=self.name) from None
+
+    def _freezable(self, sandbox_id: str) -> Cgroup:
+        state = self._state(sandbox_id)
+        if state.cgroup is None or "unified" not in state.cgroup.folders:
+            raise CapabilityError(
+                f"the local backend cannot pause this sandbox: {self.capability_hint(_C.PAUSE)}",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+            )
+        return state.cgroup
+
+    @_translated
+    def pause(self, sandbox_id: str) -> None:
+        cgroup = self._freezable(sandbox_id)
+        if not cgroup.freeze(True):
+            raise InternalError(
+                "the sandbox did not freeze within 10 s (a process of it waits on the "
+                "kernel); it stays asked to: resume it, or pause again later",
+                backend=self.name,
+                sandbox_id=sandbox_id,
+                retryable=True,
+            )
+
+    @_translated
+    def resume(self, sandbox_id: str) -> None:
+        self._freezable(sandbox_id).freeze(False)
+
+    @_translated
+    def extend(self, sandbox_id: str, expires: float) -> None:
+        """Rewrite the metadata (corral's, where the sandbox cannot reach) with the new
+        end, atomically: a reader sees the old file or the new one, never a part."""
+        state = self._state(sandbox_id)
+        path = os.path.join(state.folder, _META)
+        with self._lock:
+            with open(path) as f:
+                meta = json.load(f)
+            meta["labels"]["corral.expires"] = str(math.ceil(expires))
+            temporary = f"{path}.{uuid.uuid4().hex[:8]}"
+            try:
+                with open(temporary, "x") as f:
+                    f.write(json.dumps(meta))
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+        self._reload_labels(state)
+
+    @_translated
+    def changes(self, sandbox_id: str) -> builtins.list[Change]:
+        state = self._state(sandbox_id)
+        before = changes.load(os.path.join(state.folder, _BASELINE))
+        return changes.compare(before, changes.manifest(state.writable_folders().values()))
+
+    @_translated
+    def snapshot(
+        self, sandbox_id: str, snapshot_id: str, labels: dict[str, str], memory: bool
+    ) -> SnapshotInfo:
+        if memory:
+            raise self._lacks("capture running processes", Capability.MEMORY_SNAPSHOTS)
+        state = self._state(sandbox_id)
+        sources = {key: host for key, (_, host) in state.writable_folders().items()}
+        # Frozen meanwhile where it can be (as `docker commit` pauses), so the copy is
+        # of one moment: a command writing two files is not caught between them.
+        cgroup = state.cgroup
+        freeze = cgroup is not None and "unified" in cgroup.folders and not cgroup.frozen()
+        if freeze:
+            cgroup.freeze(True)  # type: ignore[union-attr]
+        try:
+            return self._snapshots.take(snapshot_id, sources, sandbox_id, labels)
+        finally:
+            if freeze:
+                cgroup.freeze(False)  # type: ignore[union-attr]
+
+    def snapshots(self) -> builtins.list[SnapshotInfo]:
+        return self._snapshots.list()
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        with _host_errors(""):
+            self._snapshots.remove(snapshot_id)
+
+
+def _agent_command(agent: Agent, name: str) -> int | None:
+    """The command of the agent's exec ``name``: the one child of its script's shell."""
+    shell = agent.script_shell(name)
+    kids = sweep.children(shell) if shell is not None else []
+    return kids[0] if len(kids) == 1 else None
+
+
+def _bwrap_command(process: Process) -> int | None:
+    """The command of an exec with a bwrap of its own: pid 2 of its pid namespace."""
+    if process.popen.returncode is not None:
+        return None
+    return terminal.bwrap_program(process.popen.pid)
+
+
+def _own_command(process: Process) -> int | None:
+    """The command of an unisolated exec: the process started, once it exec'd."""
+    return None if process.popen.returncode is not None else process.popen.pid
+
+
+def _terminal_feed(request: ExecRequest) -> InputFeed | None:
+    """What goes to a terminal: the keeper's feed, or the request's bytes (left open,
+    as a terminal is)."""
+    if request.input is not None or not request.stdin:
+        return request.input
+    feed = InputFeed(limit=len(request.stdin) + 1)
+    feed.write(request.stdin)
+    return feed
 
 
 def _check_within_own_limits(limits: child.Limits) -> None:

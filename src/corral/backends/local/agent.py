@@ -36,11 +36,11 @@ from typing import Any
 
 from ...core.backend import ExecStatus
 from ...core.errors import InternalError
-from ...core.output import OutputSink
+from ...core.output import InputFeed, OutputSink
 from .. import sweep
 from .bwrap import AGENT_DIR, GO, after_env
 from .child import Launch
-from .runner import await_start, kill, popen, pump
+from .runner import await_start, feed_input, kill, popen, pump
 
 # The agent itself: each line on its stdin names an exec, whose script runs in the
 # background with the exec's marker in its environment (and so in its children's). It
@@ -57,7 +57,6 @@ _RANK_FIRST_FOR_OOM = (
     f"{{ echo {sweep.EXEC_OOM_SCORE_ADJ} >/proc/self/oom_score_adj; }} 2>/dev/null; "
 )
 START_WITHIN = 30.0  # seconds for the agent to start an exec before it counts as hung
-_FEED_CHUNK = 64 * 1024
 
 
 def exec_script(
@@ -236,6 +235,23 @@ class Agent:
                 return
         sweep.kill_marked(self.pids, name, spare=self._machinery())
 
+    def script_shell(self, name: str) -> int | None:
+        """The host pid of the shell running exec ``name``'s script, whose one child
+        is (or is about to be) the command; None once it ended."""
+        script = ("/bin/sh", f"{AGENT_DIR}/{name}.sh")
+        marker = f"{sweep.MARKER}={name}".encode()
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if tuple(os.fsdecode(p) for p in f.read().split(b"\0")[:-1]) != script:
+                        continue
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        return pid
+            except OSError:
+                continue
+        return None
+
     def exec(
         self,
         argv: list[str],
@@ -245,13 +261,18 @@ class Agent:
         cputime: int | None,
         sink: OutputSink,
         timeout: float | None,
+        name: str | None = None,
+        feed: InputFeed | None = None,
     ) -> ExecStatus:
         """Run one command through the agent. ``AgentGone`` means the command did not
-        run: the agent was not there to take it, or did not start it in time."""
-        name = uuid.uuid4().hex
-        script = exec_script(name, argv, env, workdir, stdin is not None, cputime)
+        run: the agent was not there to take it, or did not start it in time. ``name``
+        is the exec's marker and the name of its files (unique among the sandbox's
+        running execs); ``feed``, standard input as it comes, after ``stdin``."""
+        name = name or uuid.uuid4().hex
+        has_stdin = stdin is not None or feed is not None
+        script = exec_script(name, argv, env, workdir, has_stdin, cputime)
         try:
-            files = _ExecFiles(self._run, name, self._owner, stdin is not None, script)
+            files = _ExecFiles(self._run, name, self._owner, has_stdin, script)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoRoom(str(e)) from e
@@ -264,8 +285,8 @@ class Agent:
                 self._running += 1
             try:
                 self._send(name)
-                if stdin is not None:
-                    feeder = _start_feeder(f"{files.base}.in", stdin, finished)
+                if has_stdin:
+                    feeder = _start_feeder(f"{files.base}.in", stdin, feed, finished)
                 pipes = {files.fds["out"]: "stdout", files.fds["err"]: "stderr"}
                 stopped = pump(sink, pipes, end, timeout)
             finally:
@@ -415,28 +436,22 @@ class _ExecEnd:
         return 137  # killed before it could report: by a stop, an OOM kill, the agent's end
 
 
-def _start_feeder(path: str, data: bytes, finished: threading.Event) -> threading.Thread:
-    """Write stdin once the command opens its FIFO (an open would block until then)."""
+def _start_feeder(
+    path: str, data: bytes | None, feed: InputFeed | None, finished: threading.Event
+) -> threading.Thread:
+    """Write stdin (``data``, then what ``feed`` brings) once the command opens its
+    FIFO (an open would block until then); its end closes the FIFO."""
 
-    def feed() -> None:
+    def run() -> None:
         fd = -1
         while fd < 0 and not finished.is_set():
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:  # ENXIO: no reader yet
                 finished.wait(0.002)
-        if fd < 0:
-            return
-        try:
-            os.set_blocking(fd, True)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:_FEED_CHUNK]) :]
-        except OSError:  # the command stopped reading
-            pass
-        finally:
-            os.close(fd)
+        if fd >= 0:
+            feed_input(fd, data, feed, finished)
 
-    thread = threading.Thread(target=feed, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread

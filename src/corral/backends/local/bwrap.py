@@ -176,10 +176,14 @@ def command_line(
     info_fd: int | None,
     program: Sequence[str] = ("/usr/bin/env", "--"),
     env: dict[str, str] | None = None,
+    new_session: bool = True,
 ) -> list[str]:
     """bwrap's argv up to the command, which follows ``program`` (an exec's by default).
     Every path must be reachable by the user bwrap runs as. With ``env``, the command's
-    environment is that alone, not bwrap's own."""
+    environment is that alone, not bwrap's own. Without ``new_session`` the program
+    must make a session of its own first thing (a terminal's ``setsid -c``), and bwrap
+    must run outside its caller's session: bwrap's setsid keeps a sandbox from the
+    caller's terminal (TIOCSTI, CVE-2017-5226)."""
     args = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
     if env is not None:
         args.append("--clearenv")
@@ -195,7 +199,7 @@ def command_line(
         "--hostname",
         "corral",
         "--die-with-parent",
-        "--new-session",
+        *(["--new-session"] if new_session else []),
         "--cap-drop",
         "ALL",
     ]
@@ -223,12 +227,12 @@ def command_line(
 # env(1) takes every NAME=VALUE before the command for an assignment, even after "--",
 # so a command whose name holds "=" goes to it through sh, which runs a name as it is
 # (and says 127 or 126 as env does).
-_AS_IS = ("/bin/sh", "-c", 'exec "$@"', "sh")
+AS_IS = ("/bin/sh", "-c", 'exec "$@"', "sh")
 
 
 def after_env(argv: Sequence[str]) -> list[str]:
     """``argv`` as env(1) must be given it to run it, never to read it as a setting."""
-    return [*_AS_IS, *argv] if "=" in argv[0] else list(argv)
+    return [*AS_IS, *argv] if "=" in argv[0] else list(argv)
 
 
 # Where the launch chain cannot wait for "go" before bwrap (child.py), bwrap's program

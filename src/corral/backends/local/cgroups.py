@@ -79,6 +79,13 @@ class CgroupLayout:
     def can_kill(self) -> bool:
         return self.unified is not None
 
+    @property
+    def can_freeze(self) -> bool:
+        """Whether sandboxes can be paused: cgroup v2's freezer (Linux 5.2), in the
+        unified hierarchy every sandbox process joins (a v1 freezer hierarchy would
+        cost each exec one more migration, so corral does not use it)."""
+        return self.unified is not None and (self.unified / "cgroup.freeze").is_file()
+
 
 @attrs.define
 class Cgroup:
@@ -164,6 +171,26 @@ class Cgroup:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
 
+    def freeze(self, frozen: bool, within: float = 10.0) -> bool:
+        """Freeze (or thaw) every process of the sandbox, and wait until the kernel
+        says it is done; False when it was not within ``within`` seconds (a process in
+        an uninterruptible sleep holds a freeze back), the freeze staying asked."""
+        unified = self.folders.get("unified")
+        if unified is None:
+            raise OSError(f"the sandbox {self.name} has no cgroup v2 folder to freeze")
+        _write(unified / "cgroup.freeze", "1" if frozen else "0")
+        deadline = time.monotonic() + within
+        while cgroupfs.read_keyed(unified / "cgroup.events").get("frozen") != int(frozen):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def frozen(self) -> bool:
+        """Whether the sandbox is paused (its freeze asked), from any program."""
+        unified = self.folders.get("unified")
+        return unified is not None and cgroupfs.read_int(unified / "cgroup.freeze") == 1
+
     def oom_kills(self) -> int:
         return cgroupfs.oom_kills(self.folders)
 
@@ -174,8 +201,13 @@ class Cgroup:
         return cgroupfs.usage(self.folders)
 
     def remove(self) -> None:
-        """Kill what is left and remove the folders. Idempotent."""
+        """Kill what is left and remove the folders. Idempotent; a frozen cgroup too
+        (a fatal signal ends a v2-frozen process; thawed after, for the v1 fallback)."""
         self.kill()
+        if self.frozen():
+            with contextlib.suppress(OSError):
+                self.freeze(False, within=1.0)
+            self.kill()
         for folder in self.folders.values():
             with contextlib.suppress(FileNotFoundError):
                 for _ in range(20):

@@ -11,16 +11,20 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from ...core.backend import ExecStatus
 from ...core.errors import InternalError
-from ...core.output import OutputSink
+from ...core.output import InputFeed, OutputSink
 from . import child
+
+if TYPE_CHECKING:
+    from .terminal import Terminal
 
 _READ = 64 * 1024
 _POLL = 0.05  # how often a waiting exec looks at its cancel flag
 _DRAIN = 5.0  # seconds to read output still held open after the end (or a stop)
+_FEED_CHUNK = 64 * 1024
 
 
 def _feed(pipe: IO[bytes], data: bytes) -> None:
@@ -28,6 +32,57 @@ def _feed(pipe: IO[bytes], data: bytes) -> None:
         pipe.write(data)
     with contextlib.suppress(BrokenPipeError, OSError):
         pipe.close()
+
+
+def feed_input(
+    fd: int,
+    data: bytes | None,
+    feed: InputFeed | None,
+    finished: threading.Event,
+    *,
+    eof: bytes | None = None,
+) -> None:
+    """Write ``data``, then what ``feed`` brings as it comes, to ``fd`` until the feed's
+    end of file or ``finished`` (the command ended: what is still queued is dropped).
+    The end of file closes ``fd``, or with ``eof`` (a terminal's end-of-file character)
+    writes that and leaves ``fd`` open. Never blocks past ``finished``: a command that
+    stops reading holds the writer only until it ends."""
+    os.set_blocking(fd, False)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+
+    def write_all(chunk: bytes) -> bool:
+        view = memoryview(chunk)
+        while view:
+            if finished.is_set():
+                return False
+            if not poller.poll(_POLL * 1000):
+                continue
+            try:
+                view = view[os.write(fd, view[:_FEED_CHUNK]) :]
+            except BlockingIOError:
+                continue
+            except OSError:  # EPIPE, EIO: nobody reads any more
+                return False
+        return True
+
+    try:
+        if data and not write_all(data):
+            return
+        while feed is not None and not finished.is_set():
+            chunk = feed.read(timeout=_POLL)
+            if chunk is None:
+                continue
+            if not chunk:
+                if eof is not None:
+                    write_all(eof)
+                return
+            if not write_all(chunk):
+                return
+    finally:
+        if eof is None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _read_until(fd: int, deadline: float, complete: Callable[[bytes], bool]) -> bytes:
@@ -154,17 +209,26 @@ class Process:
         popen_kwargs: dict[str, Any],
         info_fd: int | None = None,
         own_pid_namespace: bool = False,
+        feed: InputFeed | None = None,
+        terminal: Terminal | None = None,
     ) -> None:
-        """With ``info_fd``, bwrap's --info-fd (the child's end, closed here)."""
+        """With ``info_fd``, bwrap's --info-fd (the child's end, closed here). ``feed``
+        is standard input as it comes, after ``stdin``. With ``terminal``, the
+        command's output is its stdout (the terminal's slave end, closed here once
+        passed on) and ``feed`` goes to the terminal, while stdin and stderr stay pipes
+        of the launch (its "go", its complaints)."""
         self.sink = sink
         self._stdin = stdin
+        self._feed = feed
+        self._terminal = terminal
         self.child_pid: int | None = None
+        wants_stdin = bool(stdin) or (feed is not None and terminal is None)
         try:
             self.popen = popen(
                 argv,
                 own_pid_namespace=own_pid_namespace,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdin=subprocess.PIPE if wants_stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if terminal is None else terminal.slave,
                 stderr=subprocess.PIPE,
                 env=env,
                 **popen_kwargs,
@@ -172,6 +236,8 @@ class Process:
         finally:
             if info_fd is not None:  # the child's end; the parent must not hold it
                 os.close(info_fd)
+            if terminal is not None:  # only the command holds the slave: its end hangs up
+                terminal.close_slave()
 
     def await_start(self, info_fd: int | None, enter: Callable[[int], None] | None = None) -> None:
         """Learn the pid that ends everything bwrap started (``await_start``)."""
@@ -190,25 +256,41 @@ class Process:
 
     def supervise(self, timeout: float | None, kill_tree: Callable[[], None]) -> ExecStatus:
         """Drain output and wait; on timeout or cancel kill everything, then report."""
-        feeder = None
-        if self._stdin:
-            feeder = threading.Thread(
-                target=_feed, args=(self.popen.stdin, self._stdin), daemon=True
+        finished = threading.Event()
+        feeders = []
+        stdin = self.popen.stdin
+        if stdin is not None and self._terminal is None and self._feed is not None:
+            args: tuple[Any, ...] = (os.dup(stdin.fileno()), self._stdin, self._feed, finished)
+            stdin.close()
+            feeders.append(threading.Thread(target=feed_input, args=args, daemon=True))
+        elif stdin is not None:
+            feeders.append(threading.Thread(target=_feed, args=(stdin, self._stdin), daemon=True))
+        if self._terminal is not None and self._feed is not None:
+            args = (self._terminal.master, None, self._feed, finished)
+            feeders.append(
+                threading.Thread(
+                    target=feed_input, args=args, kwargs={"eof": self._terminal.eof}, daemon=True
+                )
             )
+        for feeder in feeders:
             feeder.start()
+        merged = self._terminal is not None  # a terminal's output is one stream
         pipes = {
-            pipe.fileno(): name
+            pipe.fileno(): "stdout" if merged else name
             for name, pipe in (("stdout", self.popen.stdout), ("stderr", self.popen.stderr))
             if pipe is not None
         }
+        if self._terminal is not None:
+            pipes[self._terminal.master] = "stdout"
         try:
             with _ExitOf(self, kill_tree) as end:
                 timed_out = pump(self.sink, pipes, end, timeout)
         finally:
+            finished.set()
             for pipe in (self.popen.stdout, self.popen.stderr):
                 if pipe is not None:
                     pipe.close()
-        if feeder is not None:
+        for feeder in feeders:
             feeder.join(timeout=5)
         code = self.popen.returncode
         if code < 0:  # killed: reported as a shell does, 128 + the signal's number
