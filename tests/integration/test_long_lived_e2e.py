@@ -21,9 +21,8 @@ WORK = "/workspace/project"
 
 
 def _pytest_folder() -> str:
-    import pytest as found
-
-    return str(Path(found.__file__).resolve().parents[1])
+    """The folder this interpreter imports pytest from, mounted for the sandbox's python."""
+    return str(Path(pytest.__file__).resolve().parents[1])
 
 
 def _read_until(process: corral.Process, text: bytes) -> bytes:
