@@ -7,6 +7,11 @@ inside the sandbox, and the cancellation completes only once it has stopped; the
 sandbox stays usable. Other calls are not interrupted half-way: a cancelled call
 finishes in its thread first, and a sandbox created by a cancelled ``create`` is closed.
 
+A spawned process (``AsyncSandbox.spawn``) is never stopped by a cancel: cancelling a
+task that awaits its ``wait()`` or iterates its ``output()`` (or ``asyncio.timeout``)
+only stops the waiting; the process runs on until it ends or is killed. Those reads
+wait in short steps, so a cancel never leaves a worker thread blocked for long.
+
 Not imported by ``import corral``: ``import corral.aio``.
 """
 
@@ -27,12 +32,24 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .core import lifecycle
 from .core.archive import ArchiveLimits
-from .core.errors import SandboxClosedError
+from .core.errors import SandboxClosedError, TimeoutError
 from .core.pool import Pool as SyncPool
 from .core.pool import PoolStats
-from .core.results import ExecResult, Health, OutputChunk, ResourceUsage, SandboxInfo
+from .core.process import _TO_THE_END, Process
+from .core.results import (
+    Change,
+    ExecResult,
+    Health,
+    OutputChunk,
+    ProcessInfo,
+    ProcessRead,
+    ResourceUsage,
+    SandboxInfo,
+    SnapshotInfo,
+)
 from .core.sandbox import Sandbox
 from .core.settings import Settings
+from .core.snapshot import Snapshot
 from .core.spec import SandboxSpec
 
 if TYPE_CHECKING:
@@ -40,7 +57,18 @@ if TYPE_CHECKING:
 
     from .core.options import SandboxOptions
 
-__all__ = ["AsyncSandbox", "Pool", "attach", "create", "gc", "list", "run"]
+__all__ = [
+    "AsyncProcess",
+    "AsyncSandbox",
+    "AsyncSnapshot",
+    "Pool",
+    "attach",
+    "create",
+    "gc",
+    "list",
+    "run",
+    "snapshots",
+]
 
 T = TypeVar("T")
 
@@ -51,6 +79,9 @@ log = logging.getLogger("corral")
 _MAX_WORKERS = 256
 # How many output chunks a stream holds for a slow consumer before the command waits.
 _STREAM_BUFFER = 64
+# The longest one read of a spawned process's output waits in a worker: a cancelled
+# wait() or output() is over (and its thread free) within this.
+_READ_STEP = 0.25
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -101,6 +132,31 @@ async def _call(
             on_cancel()
         await _settle(future)
         raise
+
+
+async def _call_owning(
+    fn: Callable[..., T], *args: Any, discard: Callable[[T], None], **kwargs: Any
+) -> T:
+    """Await ``fn`` run in a worker thread; if the awaiter is cancelled, what ``fn``
+    made anyway (a process, forks, a snapshot) goes to ``discard``, never left behind."""
+    future = _start(fn, *args, **kwargs)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def discard_made(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                made = done.result()
+                _pool().submit(discard, made).add_done_callback(_log_discard_failure)
+
+        future.add_done_callback(discard_made)
+        await _settle(future)
+        raise
+
+
+def _log_discard_failure(future: Future[Any]) -> None:
+    if future.exception() is not None:
+        log.error("undoing a cancelled call failed", exc_info=future.exception())
 
 
 class AsyncSandbox:
@@ -290,9 +346,251 @@ class AsyncSandbox:
         """Stop owning the sandbox; see ``Sandbox.detach``."""
         self.sync.detach()
 
+    # -- long-lived sandboxes -----------------------------------------------------------
+
+    async def status(self) -> str:
+        """``running`` or ``paused`` (or the backend's word), as the backend says now;
+        ``closed`` once closed. See ``Sandbox.status``."""
+        return await _call(lambda: self.sync.status)
+
+    async def pause(self) -> None:
+        """Freeze every process of the sandbox; see ``Sandbox.pause``."""
+        await _call(self.sync.pause)
+
+    async def resume(self) -> None:
+        """Thaw what ``pause()`` froze; see ``Sandbox.resume``."""
+        await _call(self.sync.resume)
+
+    async def extend(self, duration: float | str) -> float:
+        """Move the sandbox's end ``duration`` later; the new end. See ``Sandbox.extend``."""
+        return await _call(self.sync.extend, duration)
+
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+        stdin: bytes | str | None = None,
+        tty: bool = False,
+        timeout: float | str | None = None,
+        idle_timeout: float | str | None = None,
+        max_output: int | str | None = None,
+    ) -> AsyncProcess:
+        """Start ``argv`` in the background; its ``AsyncProcess`` at once. See
+        ``Sandbox.spawn``. A cancelled spawn kills the process it started anyway (the
+        caller never got its handle)."""
+        process = await _call_owning(
+            self.sync.spawn,
+            argv,
+            env=env,
+            workdir=workdir,
+            user=user,
+            stdin=stdin,
+            tty=tty,
+            timeout=timeout,
+            idle_timeout=idle_timeout,
+            max_output=max_output,
+            discard=Process.kill,
+        )
+        return AsyncProcess(self, process)
+
+    async def processes(self) -> builtins.list[AsyncProcess]:
+        """The processes spawned in this sandbox (by any program), running or ended."""
+        found = await _call(self.sync.processes)
+        return [AsyncProcess(self, process) for process in found]
+
+    async def process(self, process_id: str) -> AsyncProcess:
+        """The spawned process ``process_id``; NotFoundError if the sandbox has none."""
+        return AsyncProcess(self, await _call(self.sync.process, process_id))
+
+    async def snapshot(
+        self, *, memory: bool = False, lifetime: float | str | None = None
+    ) -> AsyncSnapshot:
+        """Capture the sandbox's files; see ``Sandbox.snapshot``. A cancelled snapshot
+        is removed once taken."""
+        snap = await _call_owning(
+            self.sync.snapshot, memory=memory, lifetime=lifetime, discard=Snapshot.remove
+        )
+        return AsyncSnapshot(snap)
+
+    async def fork(self, n: int = 1) -> builtins.list[AsyncSandbox]:
+        """``n`` new sandboxes from a snapshot of this one; see ``Sandbox.fork``. Forks
+        made by a cancelled call are closed."""
+        forks = await _call_owning(self.sync.fork, n, discard=_close_all)
+        return [AsyncSandbox(sandbox) for sandbox in forks]
+
+    async def port(self, port: int) -> tuple[str, int]:
+        """``(host, port)`` where the published ``port`` is reached; see ``Sandbox.port``."""
+        return await _call(self.sync.port, port)
+
+    async def changes(self) -> builtins.list[Change]:
+        """What was added, changed and deleted since the sandbox was made; see
+        ``Sandbox.changes``."""
+        return await _call(self.sync.changes)
+
     async def close(self) -> None:
         """Destroy the sandbox and everything in it. Idempotent; a cancel waits for it."""
         await _call(self.sync.close)
+
+
+def _close_all(sandboxes: builtins.list[Sandbox]) -> None:
+    for sandbox in sandboxes:
+        try:
+            sandbox.close()
+        except Exception:
+            log.exception("closing sandbox %s of a cancelled fork failed", sandbox.id)
+
+
+class AsyncProcess:
+    """A process started by ``AsyncSandbox.spawn``; wraps a ``corral.Process`` (``.sync``).
+
+    Cancelling ``wait()`` or an ``output()`` iteration stops the waiting, never the
+    process: only ``kill()``, ``terminate()`` or ``signal()`` stop it.
+    """
+
+    def __init__(self, sandbox: AsyncSandbox, process: Process) -> None:
+        self.sandbox = sandbox
+        self.sync = process
+        self._result: ExecResult | None = None
+
+    @property
+    def id(self) -> str:
+        return self.sync.id
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self.sync.argv
+
+    @property
+    def tty(self) -> bool:
+        return self.sync.tty
+
+    @property
+    def info(self) -> ProcessInfo:
+        return self.sync.info
+
+    def __repr__(self) -> str:
+        return f"<AsyncProcess {self.id} {' '.join(self.argv)!r} in sandbox {self.sandbox.id}>"
+
+    # -- input and control --------------------------------------------------------------
+
+    async def write(self, data: bytes | str) -> None:
+        """Send ``data`` (text as UTF-8) to its standard input; see ``Process.write``."""
+        await _call(self.sync.write, data)
+
+    async def close_stdin(self) -> None:
+        """End its standard input (it reads end of file)."""
+        await _call(self.sync.close_stdin)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the size of its terminal (spawned with ``tty=True``)."""
+        await _call(self.sync.resize, rows, cols)
+
+    async def signal(self, signum: int) -> None:
+        """Send ``signum`` to the command itself (not to a shell around it)."""
+        await _call(self.sync.signal, signum)
+
+    async def kill(self) -> None:
+        """Kill the process and everything it started."""
+        await _call(self.sync.kill)
+
+    async def terminate(self) -> None:
+        """SIGTERM to the command, which may clean up; ``kill()`` if it must go."""
+        await _call(self.sync.terminate)
+
+    # -- output and end -------------------------------------------------------------------
+
+    def _read(self, offset: int, wait: float) -> ProcessRead:
+        """One bounded read of the output (in a worker thread)."""
+        sandbox = self.sync.sandbox
+        sandbox._check_open()
+        return sandbox.backend.process_read(sandbox.id, self.id, offset, wait)
+
+    async def running(self) -> bool:
+        """Whether the process still runs (asks the sandbox's keeper)."""
+        if self._result is not None:
+            return False
+        read = await _call(self._read, _TO_THE_END, 0.0)
+        if read.result is not None:
+            self._result = read.result
+        return read.result is None
+
+    async def wait(self, timeout: float | None = None) -> ExecResult:
+        """Wait for the end and return how it ended; see ``Process.wait``. ``timeout``:
+        raise ``corral.TimeoutError`` if it still runs then. Neither that nor cancelling
+        the awaiting task stops the process."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._result is None:
+            step = _READ_STEP if deadline is None else min(_READ_STEP, deadline - loop.time())
+            read = await _call(self._read, _TO_THE_END, max(0.0, step))
+            if read.result is not None:
+                self._result = read.result
+            elif deadline is not None and loop.time() >= deadline:
+                raise self._still_running(timeout)
+        return self._result
+
+    async def output(
+        self, since: Literal["start", "now"] = "start", *, timeout: float | None = None
+    ) -> AsyncIterator[OutputChunk]:
+        """Its output as it comes, until it ends: all of it (``start``, up to the cap)
+        or from now on (``now``); see ``Process.output``. Leaving the loop, cancelling
+        it or ``timeout`` (``corral.TimeoutError``) leaves the process running."""
+        loop = asyncio.get_running_loop()
+        offset = 0 if since == "start" else -1
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            step = _READ_STEP if deadline is None else min(_READ_STEP, deadline - loop.time())
+            if step <= 0:
+                raise self._still_running(timeout)
+            read = await _call(self._read, offset, step)
+            for chunk in read.chunks:
+                yield chunk
+            offset = read.offset
+            if read.result is not None:
+                self._result = read.result
+                return
+
+    def _still_running(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"process {self.id} still runs after {timeout}s",
+            backend=self.sandbox.backend_name,
+            sandbox_id=self.sandbox.id,
+        )
+
+
+class AsyncSnapshot:
+    """A captured sandbox for asyncio code; wraps a ``corral.Snapshot`` (``.sync``).
+    ``corral.aio.create(image=snapshot)`` starts a sandbox from it."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.sync = snapshot
+
+    @property
+    def id(self) -> str:
+        return self.sync.id
+
+    @property
+    def image(self) -> str:
+        """What ``create`` takes as its image to start from this snapshot."""
+        return self.sync.image
+
+    @property
+    def expires(self) -> float:
+        return self.sync.expires
+
+    @property
+    def info(self) -> SnapshotInfo:
+        return self.sync.info
+
+    def __repr__(self) -> str:
+        return f"<AsyncSnapshot {self.id} of sandbox {self.info.sandbox_id}>"
+
+    async def remove(self) -> None:
+        """Remove the snapshot (ConflictError while a sandbox still starts from it)."""
+        await _call(self.sync.remove)
 
 
 class _Handover:
@@ -361,12 +659,14 @@ async def create(
     """Create and start a sandbox; the keywords are those of ``corral.create``.
 
     Use the result with ``async with``. If the awaiting task is cancelled, the creation
-    finishes in its thread and the new sandbox is closed, not leaked.
+    finishes in its thread and the new sandbox is closed, not leaked. ``image`` may be
+    an ``AsyncSnapshot`` (or a ``corral.Snapshot``): the sandbox starts from it.
     """
+    start: Any = image.sync if isinstance(image, AsyncSnapshot) else image
     sandbox = await _obtain(
         lifecycle.create,
         Sandbox.close,
-        image,
+        start,
         backend=backend,
         spec=spec,
         settings=settings,
@@ -526,3 +826,11 @@ async def gc(
 ) -> builtins.list[str]:
     """Remove expired sandboxes (all of corral's with ``everything``); see ``corral.gc``."""
     return await _call(lifecycle.gc, backend=backend, settings=settings, everything=everything)
+
+
+async def snapshots(
+    *, backend: str | None = None, settings: Settings | None = None
+) -> builtins.list[AsyncSnapshot]:
+    """Every snapshot corral took on the backend; see ``corral.snapshots``."""
+    found = await _call(lifecycle.snapshots, backend=backend, settings=settings)
+    return [AsyncSnapshot(snap) for snap in found]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -41,6 +42,12 @@ EXIT_USAGE = 2
 
 # The commands that take a command line of their own after "--".
 COMMAND_VERBS = ("run", "exec")
+# The commands that exit with their command's status (corral's own failure is 125).
+STATUS_VERBS = (*COMMAND_VERBS, "shell")
+# What a terminal session keeps of its output (the keeper's cap) unless --max-output
+# says: a session prints far more than a captured command, and past the cap it would
+# go silent.
+SESSION_OUTPUT = "256MiB"
 
 Args = argparse.Namespace
 Command = Callable[[Args], int]
@@ -158,10 +165,15 @@ def _add_flags(
 
 
 def _flag_values(
-    args: Args, table: Sequence[option_table.Option], skip: Sequence[str] = ()
+    args: Args,
+    table: Sequence[option_table.Option],
+    skip: Sequence[str] = (),
+    *,
+    read_stdin: bool = True,
 ) -> dict[str, Any]:
     """The keywords the flags of ``table`` give (None where absent), as ``_add_flags``
-    added them. ``--interactive`` reads our standard input to its end."""
+    added them. ``--interactive`` reads our standard input to its end, unless
+    ``read_stdin`` is False (a terminal session copies it as it comes instead)."""
     values: dict[str, Any] = {}
     for option in table:
         flag = option.flag
@@ -172,18 +184,18 @@ def _flag_values(
             value = _pairs(value, flag.names[0])
         elif flag.kind == "switch":
             if option.name == "stdin":
-                value = sys.stdin.buffer.read() if value else None
+                value = sys.stdin.buffer.read() if value and read_stdin else None
             else:
                 value = True if value else None
         values[option.name] = value
     return values
 
 
-def _exec_options(args: Args, *, for_exec: bool) -> dict[str, Any]:
+def _exec_options(args: Args, *, for_exec: bool, read_stdin: bool = True) -> dict[str, Any]:
     """The keywords of ``Sandbox.exec`` and ``Sandbox.stream`` that the options set;
     for `run`, those the sandbox does not take instead (its env, workdir and user)."""
     skip = () if for_exec else option_table.names(option_table.CREATE)
-    return _flag_values(args, option_table.EXEC, skip)
+    return _flag_values(args, option_table.EXEC, skip, read_stdin=read_stdin)
 
 
 def _sandbox_options(args: Args, settings: corral.Settings) -> dict[str, Any]:
@@ -239,10 +251,18 @@ def _result_json(
     return answer
 
 
-def _run_in(sandbox: corral.Sandbox, args: Args, options: dict[str, Any]) -> int:
+def _run_in(
+    sandbox: corral.Sandbox,
+    args: Args,
+    options: dict[str, Any],
+    ports: dict[int, str] | None = None,
+) -> int:
     if args.json:
         result = sandbox.exec(args.command, **options)
-        _print_json(_result_json(result, backend=sandbox.backend_name, sandbox_id=sandbox.id))
+        answer = _result_json(result, backend=sandbox.backend_name, sandbox_id=sandbox.id)
+        if ports:
+            answer["ports"] = {str(port): address for port, address in ports.items()}
+        _print_json(answer)
     else:
         result = _stream(sandbox, args.command, options)
     return _finish(result, args)
@@ -254,7 +274,32 @@ def _finish(result: corral.ExecResult, args: Args) -> int:
             "output past the max_output setting was dropped "
             "(raise it in corral.toml or with CORRAL_MAX_OUTPUT)"
         )
+    if result.timed_out and not args.json:
+        _say(_stopped_by(result, args))
     return _exit_status(result)
+
+
+def _seconds(value: str | None) -> str | None:
+    """A duration option as we show it back ("2m" -> "120s"); None when not given."""
+    if value is None:
+        return None
+    from corral.core.units import parse_duration
+
+    return f"{parse_duration(value):g}s"
+
+
+def _stopped_by(result: corral.ExecResult, args: Args) -> str:
+    """Which limit stopped the command, in one line (``ExecResult.timed_out_by``)."""
+    why = result.timed_out_by
+    if why == "idle_timeout":
+        idle = _seconds(getattr(args, "idle_timeout", None))
+        return f"stopped: no output for {idle or 'too long'} (idle timeout)"
+    if why == "lifetime":
+        return "stopped: the sandbox's lifetime ended"
+    if why == "cputime":
+        return "stopped: the command used up its CPU time (cputime limit)"
+    timeout = _seconds(getattr(args, "timeout", None))
+    return f"timed out after {timeout}" if timeout else "timed out"
 
 
 def cmd_run(args: Args) -> int:
@@ -264,13 +309,18 @@ def cmd_run(args: Args) -> int:
     for memory, 125 when corral itself failed.
     """
     _check_command(args)
+    terminal = _terminal_of(args)
     settings = corral.load_settings()
-    options = _exec_options(args, for_exec=False)
+    options = _exec_options(args, for_exec=False, read_stdin=terminal is None)
     sandbox_keywords: dict[str, Any] = {
         "backend": args.backend,
         **_sandbox_options(args, settings),
         "settings": settings,
     }
+    if terminal is not None or sandbox_keywords["ports"]:
+        # The sandbox first: the command gets a terminal, or the ports are said
+        # before the command (a server, say) runs.
+        return _run_in_made(args, options, sandbox_keywords, terminal)
     if not args.keep:
         # One call: the sandbox is made, runs the command and is removed however the
         # command ends, Ctrl-C included.
@@ -288,6 +338,43 @@ def cmd_run(args: Args) -> int:
         return _run_in(sandbox, args, options)
     finally:
         _say(f"kept sandbox {sandbox.id}")
+
+
+def _run_in_made(
+    args: Args, options: dict[str, Any], sandbox_keywords: dict[str, Any], terminal: int | None
+) -> int:
+    """`run` in a sandbox made first (a terminal session, published ports), removed
+    after unless --keep."""
+    _progress("creating a sandbox")
+    sandbox = corral.create(**sandbox_keywords)
+    try:
+        ports = _published(sandbox)
+        _say_ports(sandbox, ports, args)
+        if terminal is not None:
+            return _session(sandbox, args.command, options, args, terminal)
+        return _run_in(sandbox, args, options, ports)
+    finally:
+        if args.keep:
+            _detach(sandbox)
+            _say(f"kept sandbox {sandbox.id}")
+        else:
+            sandbox.close()
+
+
+def _published(sandbox: corral.Sandbox) -> dict[int, str]:
+    """Each published port of the sandbox and the ``host:port`` it is reached at."""
+    found = {}
+    for port in sandbox.spec.ports:
+        host, host_port = sandbox.port(port)
+        found[port] = f"{host}:{host_port}"
+    return found
+
+
+def _say_ports(sandbox: corral.Sandbox, ports: dict[int, str], args: Args) -> None:
+    if args.json:
+        return  # said in the JSON answer instead
+    for port, address in ports.items():
+        _say(f"port {port} of sandbox {sandbox.id} is published at {address}")
 
 
 def _allowing(settings: corral.Settings, names: list[str] | None) -> dict[str, Any] | None:
@@ -326,16 +413,203 @@ def _run_streaming(
 
 
 def cmd_exec(args: Args) -> int:
-    """Run a command in an existing sandbox and stream its output; the sandbox stays."""
+    """Run a command in an existing sandbox and stream its output; the sandbox stays.
+
+    With -it, the command gets a terminal and ours is connected to it (raw mode, its
+    size followed), as `docker exec -it`.
+    """
     _check_command(args)
+    terminal = _terminal_of(args)
     settings = corral.load_settings()
-    options = _exec_options(args, for_exec=True)
+    options = _exec_options(args, for_exec=True, read_stdin=terminal is None)
     sandbox = corral.attach(args.id, backend=args.backend, settings=settings)
     _detach(sandbox)
+    if terminal is not None:
+        return _session(sandbox, args.command, options, args, terminal)
     return _run_in(sandbox, args, options)
 
 
+def cmd_shell(args: Args) -> int:
+    """Open a shell in a sandbox on our terminal: its $SHELL, else /bin/sh (exec -it).
+
+    Exits with the shell's status.
+    """
+    args.tty, args.interactive, args.json = True, True, False
+    terminal = _terminal_of(args)
+    assert terminal is not None  # -i is implied, and a missing terminal refused
+    options = _exec_options(args, for_exec=True, read_stdin=False)
+    sandbox = corral.attach(args.id, backend=args.backend, settings=corral.load_settings())
+    _detach(sandbox)
+    shell = sandbox.spec.env.get("SHELL") or "/bin/sh"
+    return _session(sandbox, [shell], options, args, terminal)
+
+
+# -- terminal sessions (-t) ------------------------------------------------------------------
+
+
+def _terminal_of(args: Args) -> int | None:
+    """The file descriptor of our terminal for -t (None without -t); refused, as
+    `docker run -t` does, when there is none: our input with -i, else input or output."""
+    if not getattr(args, "tty", False):
+        return None
+    if args.json:
+        _refuse(args, "--json cannot be used with -t (the output goes to the terminal)")
+    if args.interactive:
+        if not os.isatty(0):
+            needs = (
+                "corral shell needs its standard input to be a terminal"
+                if args.verb == "shell"
+                else "-t needs corral's standard input to be a terminal "
+                "(drop -t to send piped input with -i)"
+            )
+            _refuse(args, f"the input device is not a TTY: {needs}")
+        return 0
+    for fd in (0, 1):
+        if os.isatty(fd):
+            return fd
+    _refuse(args, "-t needs a terminal, and neither our input nor our output is one")
+
+
+def _refuse(args: Args, message: str) -> NoReturn:
+    """A usage error of the command being run (its own exit status)."""
+    parser: _Parser = args.parser
+    parser.error(message)
+
+
+def _session(
+    sandbox: corral.Sandbox,
+    argv: Sequence[str],
+    options: dict[str, Any],
+    args: Args,
+    terminal: int,
+) -> int:
+    """Run ``argv`` on a terminal of the sandbox's, connected to ours: its output to our
+    stdout, and with -i our keys to it (raw mode: Ctrl-C is a byte for the command) and
+    our window size, followed on SIGWINCH. Our terminal is restored however it ends; a
+    command still running when we leave (SIGTERM, a closed terminal) is killed."""
+    import termios
+    import tty
+
+    options = {key: value for key, value in options.items() if key != "stdin"}
+    if options.get("max_output") is None:
+        options["max_output"] = SESSION_OUTPUT
+    process = sandbox.spawn(argv, tty=True, **options)
+    forward = bool(args.interactive)
+    saved = termios.tcgetattr(terminal) if forward else None
+    resize = threading.Event()
+    resize.set()  # the first size goes before any input
+    stop = threading.Event()
+    # Only the main thread may set a handler; elsewhere the first size is all it gets.
+    follow = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGWINCH, lambda *_: resize.set()) if follow else None
+    pump = threading.Thread(
+        target=_pump_terminal,
+        args=(process, terminal, forward, resize, stop),
+        name="corral-terminal",
+        daemon=True,
+    )
+    result = None
+    try:
+        if saved is not None:
+            tty.setraw(terminal, termios.TCSANOW)
+        pump.start()
+        out = sys.stdout.buffer
+        for chunk in process.output():
+            out.write(chunk.data)
+            out.flush()
+        result = process.wait()
+    finally:
+        stop.set()
+        if result is None:  # we leave first: nobody would see the command any more
+            with contextlib.suppress(corral.SandboxError):
+                process.kill()
+        if pump.is_alive():
+            pump.join(timeout=2)
+        if follow:
+            signal.signal(signal.SIGWINCH, previous)
+        if saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(terminal, termios.TCSADRAIN, saved)
+    return _finish(result, args)
+
+
+def _pump_terminal(
+    process: corral.Process,
+    terminal: int,
+    forward: bool,
+    resize: threading.Event,
+    stop: threading.Event,
+) -> None:
+    """In a thread: our window size to the process when it changes (``resize``), and,
+    with ``forward``, our input to it as it comes, once its first size is set (so a
+    command that reads before asking its size sees the right one)."""
+    import select
+
+    sized = False
+    attempts = 0
+    while not stop.is_set():
+        if resize.is_set():
+            resize.clear()
+            try:
+                size = os.get_terminal_size(terminal)
+                process.resize(size.lines, size.columns)
+                sized = True
+            except (corral.NotFoundError, corral.ConflictError):
+                # Its exec may not run yet: again in a moment, for a while.
+                attempts += 1
+                sized = attempts >= 100
+                if not sized:
+                    resize.set()
+            except (corral.SandboxError, OSError):
+                sized = True  # no size to give: the input still goes
+        if not forward or not sized:
+            stop.wait(0.05)
+            continue
+        try:
+            ready, _, _ = select.select([terminal], [], [], 0.1)
+            if not ready:
+                continue
+            data = os.read(terminal, 65536)
+            if not data:  # our terminal is gone
+                process.close_stdin()
+                return
+            process.write(data)
+        except (corral.SandboxError, OSError):
+            return  # the process ended (its output loop says how)
+
+
 # -- sandboxes -------------------------------------------------------------------------------
+
+
+def cmd_create(args: Args) -> int:
+    """Create a sandbox that stays, and print its id.
+
+    corral rm (or the end of its lifetime) removes it. Published ports (-p) are said on
+    stderr with the address each is reached at (in the JSON answer with --json).
+    """
+    settings = corral.load_settings()
+    sandbox = corral.create(
+        backend=args.backend, **_sandbox_options(args, settings), settings=settings
+    )
+    try:
+        ports = _published(sandbox)
+    except BaseException:
+        sandbox.close()  # an id we could not answer with must not stay behind
+        raise
+    _detach(sandbox)
+    if args.json:
+        _print_json(
+            {
+                "sandbox_id": sandbox.id,
+                "backend": sandbox.backend_name,
+                "expires": sandbox.expires,
+                "ports": {str(port): address for port, address in ports.items()},
+            }
+        )
+        return 0
+    print(sandbox.id)
+    _say_ports(sandbox, ports, args)
+    return 0
 
 
 def cmd_ls(args: Args) -> int:
@@ -407,6 +681,96 @@ def cmd_stats(args: Args) -> int:
         if field.name != "timestamp"
     ]
     _print_table(("FIELD", "VALUE"), rows)
+    return 0
+
+
+def _attached(args: Args) -> corral.Sandbox:
+    """A handle on the sandbox ``args.id`` that leaves it as it is."""
+    sandbox = corral.attach(args.id, backend=args.backend, settings=corral.load_settings())
+    _detach(sandbox)
+    return sandbox
+
+
+def _say_status(sandbox: corral.Sandbox, args: Args) -> int:
+    if args.json:
+        _print_json({"sandbox_id": sandbox.id, "status": sandbox.status})
+    else:
+        print(sandbox.id)
+    return 0
+
+
+def cmd_pause(args: Args) -> int:
+    """Freeze every process of a sandbox: memory and files kept, no CPU used."""
+    sandbox = _attached(args)
+    sandbox.pause()
+    return _say_status(sandbox, args)
+
+
+def cmd_resume(args: Args) -> int:
+    """Thaw a sandbox that corral pause froze."""
+    sandbox = _attached(args)
+    sandbox.resume()
+    return _say_status(sandbox, args)
+
+
+def cmd_extend(args: Args) -> int:
+    """Move a sandbox's end later by T (30m, 2h), up to 30 days from now."""
+    sandbox = _attached(args)
+    expires = sandbox.extend(args.duration)
+    if args.json:
+        _print_json({"sandbox_id": sandbox.id, "expires": expires})
+    else:
+        print(f"{sandbox.id} expires {_until(expires, time.time())}")
+    return 0
+
+
+def cmd_ps(args: Args) -> int:
+    """List the processes started in a sandbox in the background, running or ended."""
+    sandbox = _attached(args)
+    found = [process.info for process in sandbox.processes()]
+    if args.json:
+        _print_json([attrs.asdict(info) for info in found])
+        return 0
+    now = time.time()
+    rows = [
+        (
+            info.id,
+            "running" if info.running else f"exited {info.exit_code}",
+            _ago(info.started, now),
+            "yes" if info.tty else "no",
+            " ".join(info.argv),
+        )
+        for info in found
+    ]
+    _print_table(("ID", "STATUS", "STARTED", "TTY", "COMMAND"), rows)
+    return 0
+
+
+def cmd_snapshot(args: Args) -> int:
+    """Capture a sandbox's files, and print the image that new sandboxes start from.
+
+    corral run --image IMAGE (or corral create) starts one from it; corral gc removes
+    it once its lifetime is over.
+    """
+    sandbox = _attached(args)
+    snap = sandbox.snapshot(memory=args.memory, lifetime=args.lifetime)
+    if args.json:
+        _print_json(attrs.asdict(snap.info))
+    else:
+        print(snap.image)
+    return 0
+
+
+def cmd_port(args: Args) -> int:
+    """Show where a sandbox's published ports are reached on this host's loopback."""
+    sandbox = _attached(args)
+    wanted = sandbox.spec.ports if args.port is None else (args.port,)
+    ports = {port: "{}:{}".format(*sandbox.port(port)) for port in wanted}
+    if args.json:
+        _print_json({str(port): address for port, address in ports.items()})
+        return 0
+    for port, address in ports.items():
+        print(f"{port} -> {address}")
     return 0
 
 
@@ -629,7 +993,7 @@ def _add_command(
 ) -> argparse.ArgumentParser:
     # `run` and `exec` fail with 125 even on a usage error, so a script never mistakes
     # corral's failure for the command's own status.
-    status = EXIT_CORRAL_FAILED if name in COMMAND_VERBS else EXIT_USAGE
+    status = EXIT_CORRAL_FAILED if name in STATUS_VERBS else EXIT_USAGE
     parser = commands.add_parser(
         name,
         help=_summary(command),
@@ -639,7 +1003,7 @@ def _add_command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         **kwargs,
     )
-    failure_status = EXIT_CORRAL_FAILED if name in COMMAND_VERBS else EXIT_FAILURE
+    failure_status = EXIT_CORRAL_FAILED if name in STATUS_VERBS else EXIT_FAILURE
     parser.set_defaults(func=command, failure_status=failure_status, parser=parser)
     return parser
 
@@ -650,6 +1014,20 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON object with the result instead of streaming",
     )
+
+
+def _tty_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tty",
+        "-t",
+        action="store_true",
+        help="give the command a terminal; with -i (-it) ours is connected to it in raw "
+        "mode, as docker run -it (needs a terminal)",
+    )
+
+
+def _id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -689,6 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the sandbox afterwards and print its id (to stderr)",
     )
     _add_flags(run, option_table.EXEC, skip=option_table.names(option_table.CREATE))
+    _tty_option(run)
     _json_option(run)
 
     exec_ = _add_command(
@@ -696,7 +1075,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exec_.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
     _add_flags(exec_, option_table.EXEC)
+    _tty_option(exec_)
     _json_option(exec_)
+
+    shell = _add_command(commands, "shell", cmd_shell, [common, backend])
+    _id_argument(shell)
+    _add_flags(shell, option_table.EXEC, skip=("stdin",))
+
+    create = _add_command(commands, "create", cmd_create, [common, backend, as_json])
+    _add_flags(create, option_table.CREATE)
 
     _add_command(commands, "ls", cmd_ls, [common, backend, as_json])
     rm = _add_command(commands, "rm", cmd_rm, [common, backend])
@@ -705,6 +1092,26 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--all", action="store_true", help="remove every sandbox of corral's")
     stats = _add_command(commands, "stats", cmd_stats, [common, backend, as_json])
     stats.add_argument("id", metavar="ID", help="the sandbox (see corral ls)")
+    for name, command in (
+        ("pause", cmd_pause),
+        ("resume", cmd_resume),
+        ("ps", cmd_ps),
+    ):
+        _id_argument(_add_command(commands, name, command, [common, backend, as_json]))
+    extend = _add_command(commands, "extend", cmd_extend, [common, backend, as_json])
+    _id_argument(extend)
+    extend.add_argument("duration", metavar="T", help="how much later (30m, 2h)")
+    snapshot = _add_command(commands, "snapshot", cmd_snapshot, [common, backend, as_json])
+    _id_argument(snapshot)
+    snapshot.add_argument(
+        "--lifetime", metavar="T", help="remove it at gc after T (default: the sandbox's)"
+    )
+    snapshot.add_argument(
+        "--memory", action="store_true", help="capture running processes too, where the backend can"
+    )
+    port = _add_command(commands, "port", cmd_port, [common, backend, as_json])
+    _id_argument(port)
+    port.add_argument("port", metavar="PORT", type=int, nargs="?", help="one port (default: all)")
     _add_command(commands, "backends", cmd_backends, [common, as_json])
     _add_command(commands, "plugins", cmd_plugins, [common, as_json])
     _add_command(commands, "doctor", cmd_doctor, [common])

@@ -215,7 +215,7 @@ def _flags(*tables: tuple[options.Option, ...], skip: tuple[str, ...] = ()) -> s
 
 
 def test_the_command_lines_flags_are_the_tables():
-    own = {"help", "debug", "backend", "json"}
+    own = {"help", "debug", "backend", "json", "tty"}  # tty: -t, a terminal session's
     assert _dests("run") == own | {"keep"} | _flags(CREATE) | _flags(EXEC, skip=names(CREATE))
     assert _dests("exec") == own | _flags(EXEC)
 
