@@ -180,6 +180,10 @@ class Engine(abc.ABC):
     def unpause(self, name: str) -> None: ...
 
     @abc.abstractmethod
+    def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        """Set the terminal size of a running tty exec."""
+
+    @abc.abstractmethod
     def containers(self) -> list[Listed]:
         """Every container of this backend's carrying corral's labels."""
 
@@ -210,10 +214,13 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def exec_create(self, name: str, request: ExecRequest, env: dict[str, str]) -> str:
-        """Create an exec of ``request`` with environment ``env``; its id."""
+        """Create an exec of ``request`` with environment ``env``; its id. Stdin is
+        attached for ``request.stdin`` or ``request.input``, and a terminal given for
+        ``request.tty``."""
 
     @abc.abstractmethod
-    def exec_start(self, exec_id: str) -> Stream: ...
+    def exec_start(self, exec_id: str, tty: bool = False) -> Stream:
+        """The exec's attached stream: multiplexed, or raw for a ``tty`` exec."""
 
     @abc.abstractmethod
     def exec_inspect(self, exec_id: str) -> dict[str, Any]:
@@ -245,3 +252,46 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self, name: str, memory_limit: int) -> ResourceUsage:
         """Usage from the engine's stats API (for an engine not on this host)."""
+
+    # -- snapshots and changes (issue 15) ------------------------------------------
+
+    #: Whether the archive API reads a paused container's tmpfs mounts (Docker's does;
+    #: Podman's reads the container's storage under them then, missing their files).
+    archive_while_paused: ClassVar[bool] = True
+    #: Whether a tmpfs volume of the plan's gets the image's files there (copy_up):
+    #: Docker copies them into its volume at create, then unmounts it, losing them.
+    copies_up_tmpfs: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def commit(
+        self, name: str, labels: dict[str, str], repo: str | None = None, tag: str | None = None
+    ) -> str:
+        """The container's writable layer as an image carrying ``labels`` (untagged
+        without ``repo``), without pausing it (the caller does); the image's id."""
+
+    @abc.abstractmethod
+    def create_holder(self, image: str, name: str, labels: dict[str, str]) -> str:
+        """A container of ``image`` that is never started, to put files into and commit;
+        its id."""
+
+    @abc.abstractmethod
+    def snapshot_images(self, label: str) -> list[Any]:
+        """Every image of this backend's carrying ``label`` (``snapshots.ListedImage``)."""
+
+    @abc.abstractmethod
+    def remove_image(self, ref: str) -> None:
+        """Untag or remove the image. Gone already is fine; ConflictError while a
+        container uses it."""
+
+    def copy_archive(self, source: str, path: str, target: str, target_path: str) -> None:
+        """The tar of ``path`` in container ``source`` unpacked at ``target_path`` in
+        ``target``, engine to engine (here through a temporary file of this host's)."""
+        from .snapshots import spooled_archive
+
+        with spooled_archive(self.get_archive(source, path)) as archive:
+            self.put_archive(target, target_path, archive)
+
+    @abc.abstractmethod
+    def changes(self, name: str) -> list[tuple[str, int]]:
+        """The engine's diff of the container's writable layer: (path, kind), kind 0
+        changed, 1 added, 2 deleted."""

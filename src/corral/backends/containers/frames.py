@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ...core.output import OutputSink
+from ...core.output import InputFeed, OutputSink
 
 _STREAMS = {1: "stdout", 2: "stderr"}
 
@@ -32,15 +32,25 @@ def read_frames(
     deadline: float | None,
     on_timeout: Callable[[], None],
     initial: bytes = b"",
+    *,
+    raw: bool = False,
 ) -> bool:
     """Demultiplex an attached exec stream into ``sink`` until EOF; True if it timed out.
 
     Frames are an 8-byte header (stream, 0, 0, 0, big-endian size) and the payload.
     ``initial`` is what was read from the stream before (with the HTTP upgrade). On
     the deadline or a cancel, ``on_timeout`` kills the command, and reading goes on
-    briefly so the output produced until then is kept.
+    briefly so the output produced until then is kept. A ``raw`` stream (a tty exec's)
+    has no frames: every byte is the terminal's, reported as stdout.
     """
-    buffer = _write_frames(initial, sink)
+
+    def take(buffer: bytes) -> bytes:
+        if raw:
+            sink.write("stdout", buffer)
+            return b""
+        return _write_frames(buffer, sink)
+
+    buffer = take(initial)
     timed_out = False
     grace_end: float | None = None
     while True:
@@ -63,7 +73,7 @@ def read_frames(
             break
         if not chunk:
             break
-        buffer = _write_frames(buffer + chunk, sink)
+        buffer = take(buffer + chunk)
     return timed_out
 
 
@@ -79,6 +89,32 @@ def feed_stdin(sock: socket.socket, data: bytes | None) -> threading.Thread | No
             sock.shutdown(socket.SHUT_WR)
 
     thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def feed_input(
+    sock: socket.socket, feed: InputFeed, ended: threading.Event, *, tty: bool = False
+) -> threading.Thread:
+    """Copy stdin as it comes (a spawned process's) to the attached socket until the
+    feed's end of file, then half-close it so the command sees EOF; stop once the
+    command ended (``ended``). On a terminal, EOF is the terminal's own (Ctrl-D) too:
+    the engines do not pass a half-close on to a tty."""
+
+    def send() -> None:
+        with contextlib.suppress(OSError):
+            while not ended.is_set():
+                data = feed.read(timeout=0.05)
+                if data is None:
+                    continue
+                if not data:
+                    if tty:
+                        sock.sendall(b"\x04")
+                    sock.shutdown(socket.SHUT_WR)
+                    return
+                sock.sendall(data)
+
+    thread = threading.Thread(target=send, name="corral-exec-stdin", daemon=True)
     thread.start()
     return thread
 

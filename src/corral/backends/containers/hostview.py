@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,26 +64,62 @@ class HostView:
         container's cgroup is gone, and a reused pid would be elsewhere) and not frozen."""
         if self.init_pid not in self.pids():
             return False
+        return not self.paused()
+
+    def paused(self) -> bool:
+        """Whether the container's cgroup is frozen (or freezing): the engine's pause."""
         freezer = self._file("freezer", "freezer.state")
         if freezer is not None:
             with contextlib.suppress(OSError):
-                return freezer.read_text().strip() == "THAWED"
+                return freezer.read_text().strip() != "THAWED"
         frozen = self._file("unified", "cgroup.freeze")
         if frozen is not None:
             with contextlib.suppress(OSError):
-                return frozen.read_text().strip() == "0"
-        return True
+                return frozen.read_text().strip() != "0"
+        return False
+
+    def signal_marked(self, pid: int, marker: str, signum: int) -> bool:
+        """Send ``signum`` to ``pid`` if it is still a process of this container carrying
+        ``marker`` (an exec's command, not a pid reused since); whether it was. Checked
+        through a pidfd, so the process signalled is the one checked (on a kernel
+        without pidfds, before 5.3, by pid right after the check)."""
+        try:
+            handle: int | None = os.pidfd_open(pid)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                return False  # gone
+            handle = None
+        try:
+            wanted = f"{sweep.MARKER}={marker}".encode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if pid not in self.pids() or wanted not in environ:
+                return False
+            if handle is None:
+                os.kill(pid, signum)
+            else:
+                signal.pidfd_send_signal(handle, signum)
+            return True
+        except OSError:
+            return False  # it ended meanwhile
+        finally:
+            if handle is not None:
+                os.close(handle)
 
     def spare_keepalive(self) -> None:
         """Take the container's init and its children (``sleep``, or the spec's
         ``timeout``) back to OOM score adjustment 0, below the execs' (the engine gives
         every process of the container sweep.EXEC_OOM_SCORE_ADJ). The init goes first,
-        so that a child it forks meanwhile inherits 0. Exec processes are never its
-        children (the engine's shim or conmon starts them). Without the right to
-        (another user's processes), the keep-alive stays level with the execs."""
-        for pid in [self.init_pid, *sweep.children(self.init_pid)]:
-            with contextlib.suppress(OSError):
-                Path(f"/proc/{pid}/oom_score_adj").write_text("0")
+        so that a child it forks meanwhile inherits 0, and then each generation below
+        (a movable lifetime's shell, its sleep; Podman's own PID 1 adds one more).
+        Exec processes are never its children (the engine's shim or conmon starts
+        them). Without the right to (another user's processes), the keep-alive stays
+        level with the execs."""
+        generation = [self.init_pid]
+        for _ in range(4):
+            for pid in generation:
+                with contextlib.suppress(OSError):
+                    Path(f"/proc/{pid}/oom_score_adj").write_text("0")
+            generation = [child for pid in generation for child in sweep.children(pid)]
 
     def kill_marked(self, marker: str, also: Iterable[int] = ()) -> int:
         """SIGKILL the container's processes carrying ``marker`` (an exec's), and ``also``;

@@ -18,6 +18,10 @@ from ...core.spec import ExecRequest, Mount, SandboxSpec, Tmpfs, Volume, parse_u
 from ...core.units import parse_size
 from .naming import SPEC_LABEL, container_name, network_name
 
+# Where a movable lifetime's timer folder is bound in the container, and its file.
+TIMER_TARGET = "/.corral-lifetime"
+TIMER_FILE = TIMER_TARGET + "/extra"
+
 DEFAULT_MASKED_PATHS = (
     "/proc/asound",
     "/proc/acpi",
@@ -49,8 +53,14 @@ CAPABILITIES = (
     | _C.CPU_LIMIT | _C.PIDS_LIMIT | _C.NOFILE_LIMIT | _C.NPROC_LIMIT | _C.CPU_TIME_LIMIT
     | _C.FILE_SIZE_LIMIT | _C.LIFETIME | _C.READ_ONLY_ROOT | _C.BIND_MOUNTS | _C.TMPFS
     | _C.VOLUMES | _C.CAP_ADD | _C.NO_NEW_PRIVILEGES | _C.MASKED_PATHS | _C.IMAGES
-    | _C.INIT_COMMAND | _C.USER | _C.HEALTHCHECK | _C.PAUSE
+    | _C.INIT_COMMAND | _C.USER | _C.HEALTHCHECK | _C.PAUSE | _C.TTY | _C.PORTS
+    | _C.SNAPSHOTS
 )  # fmt: skip
+# What holds only with an engine on this host: a command's pid is then one of this
+# host's, to signal (PROCESSES), and a host folder can carry a moved lifetime (EXTEND).
+LOCAL_CAPABILITIES = _C.PROCESSES | _C.EXTEND
+# A sandbox's changes are walked from the host, out of its reach (snapshots.py).
+LOCAL_CAPABILITIES |= _C.CHANGES
 
 
 @attrs.frozen
@@ -108,6 +118,11 @@ class ContainerPlan:
     volumes: list[Volume]
     masked_paths: list[str]
     healthcheck: dict[str, Any] | None
+    # Container ports published on the host's 127.0.0.1, each on a port the engine picks.
+    ports: tuple[int, ...] = ()
+    # The host folder of a movable lifetime (``lifetimes.py``), bound read-only at
+    # ``TIMER_TARGET`` for PID 1 to read; None: the lifetime is fixed.
+    lifetime_folder: str | None = None
 
 
 def _seccomp_option(profile: str | None) -> list[str]:
@@ -126,9 +141,15 @@ def _seccomp_option(profile: str | None) -> list[str]:
 
 
 def plan(
-    spec: SandboxSpec, labels: dict[str, str], *, image: str | None, workspace_size: int
+    spec: SandboxSpec,
+    labels: dict[str, str],
+    *,
+    image: str | None,
+    workspace_size: int,
+    lifetime_folder: str | None = None,
 ) -> ContainerPlan:
-    """The container that enforces ``spec``."""
+    """The container that enforces ``spec``; with ``lifetime_folder`` (a sandbox without
+    a command of its own), one whose lifetime ``extend`` can move."""
     image = spec.image or image
     if not image:
         raise ConfigError("sandbox.image", "no image given and the backend has no default_image")
@@ -191,7 +212,11 @@ def plan(
     return ContainerPlan(
         name=container_name(labels["corral.sandbox"]),
         image=image,
-        command=init_command(spec.command, lim.lifetime),
+        command=(
+            movable_init_command(lim.lifetime)
+            if lifetime_folder is not None and spec.command is None
+            else init_command(spec.command, lim.lifetime)
+        ),
         user=numeric_user(spec.user),
         workdir=spec.workdir,
         env=env,
@@ -218,6 +243,8 @@ def plan(
         volumes=[m for m in spec.mounts if isinstance(m, Volume)],
         masked_paths=[*DEFAULT_MASKED_PATHS, *sec.masked_paths],
         healthcheck=hc,
+        ports=tuple(spec.ports),
+        lifetime_folder=lifetime_folder if spec.command is None else None,
     )
 
 
@@ -269,6 +296,22 @@ def init_command(command: tuple[str, ...] | None, lifetime: float) -> list[str]:
     if command is None:
         return ["sleep", seconds]
     return ["timeout", "-s", "KILL", seconds, *command]
+
+
+def movable_init_command(lifetime: float) -> list[str]:
+    """PID 1 of a sandbox whose lifetime ``extend`` can move: it sleeps the lifetime,
+    then as long again as the timer file (the host's, bound read-only) says the end was
+    moved by, read again after each sleep, and ends when it was moved no further. Shell
+    builtins and ``sleep`` only (no clock needed: the host writes seconds past the
+    label's end). An unreadable file ends it, as a missing host folder should. The
+    image needs ``sh`` then (a sandbox with a command of its own does not): without
+    one, the sandbox ends as it starts, as one without ``sleep`` always did."""
+    loop = (
+        'sleep "$1"; slept=0; '
+        f'while read -r extra < "{TIMER_FILE}" && [ "$extra" -gt "$slept" ]; '
+        'do sleep "$((extra - slept))"; slept=$extra; done'
+    )
+    return ["sh", "-c", loop, "corral-lifetime", str(math.ceil(lifetime))]
 
 
 def main_process_plan(

@@ -6,7 +6,7 @@ from typing import Any
 
 from ...core.errors import PolicyError
 from .. import sweep
-from .plan import ContainerPlan
+from .plan import TIMER_TARGET, ContainerPlan
 
 
 def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
@@ -69,5 +69,16 @@ def verify(plan_: ContainerPlan, inspect: dict[str, Any]) -> None:
         found = mounts.get(bind.target)
         if found is None or bool(found.get("RW")) == bind.read_only:
             problems.append(f"mount {bind.target} is {found!r}, wanted read_only={bind.read_only}")
+    bindings = hc.get("PortBindings") or {}
+    for port in plan_.ports:
+        # Published beyond the host's loopback, any host that reaches it reaches in.
+        hosts = [b.get("HostIp") for b in bindings.get(f"{port}/tcp") or []]
+        if not hosts or any(h != "127.0.0.1" for h in hosts):
+            problems.append(f"port {port} is published on {hosts!r}, wanted ['127.0.0.1']")
+    if plan_.lifetime_folder is not None:
+        # Writable, the sandbox could move its own end.
+        found = mounts.get(TIMER_TARGET)
+        if found is None or found.get("RW"):
+            problems.append(f"mount {TIMER_TARGET} is {found!r}, wanted read_only=True")
     if problems:
         raise PolicyError("the engine did not apply the sandbox's settings: " + "; ".join(problems))
