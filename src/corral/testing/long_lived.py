@@ -174,6 +174,15 @@ class ProcessConformance(ConformanceBase):
         time.sleep(1.0)
         assert len(sb.read_file(beat)) == size, "a process of the killed tree lives on"
 
+    def test_a_kill_as_the_process_starts_stops_it(self, conformance_sandbox: Make) -> None:
+        sb = conformance_sandbox()
+        if not _has(sb.backend, Capability.PROCESSES):
+            pytest.skip("no PROCESSES: refusal checked by test_a_repl_is_fed_line_by_line")
+        process = sb.spawn(["sleep", "60"])
+        process.kill()  # before the command may even be there to kill
+        result = process.wait(timeout=30)
+        assert not result.timed_out and result.exit_code != 0, result
+
     def test_output_nobody_reads_is_capped_and_never_blocks(
         self, conformance_sandbox: Make
     ) -> None:

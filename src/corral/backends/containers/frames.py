@@ -26,6 +26,9 @@ def _write_frames(buffer: bytes, sink: OutputSink) -> bytes:
     return buffer
 
 
+_KILL_AGAIN = 0.25  # seconds between kills of a stopped exec whose stream goes on
+
+
 def read_frames(
     sock: socket.socket,
     sink: OutputSink,
@@ -53,12 +56,17 @@ def read_frames(
     buffer = take(initial)
     timed_out = False
     grace_end: float | None = None
+    next_kill = 0.0
     while True:
         now = time.monotonic()
         if not timed_out and (sink.cancelled or (deadline is not None and now >= deadline)):
             timed_out = True
-            on_timeout()
             grace_end = now + 5
+        if timed_out and now >= next_kill:
+            # Again until the stream ends: a cancel that comes as the exec starts can
+            # find its process not yet there, or not yet carrying its marker.
+            on_timeout()
+            next_kill = now + _KILL_AGAIN
         if grace_end is not None and now >= grace_end:
             break
         wait = 0.05
