@@ -16,6 +16,11 @@ The engines default to the test suite's (``scripts/engines up``).
 Where a Ray cluster is given (``--ray-address``, else $CORRALTEST_RAY_ADDRESS), issue
 14's section follows (bench/ray_cluster.py), with results of its own in
 bench/results/ray_cluster.md and .json; ``--only ray`` runs that section alone.
+
+Issue 15's section (bench/long_lived.py: spawn, the echo through a spawned cat, pause
+and resume, snapshot and fork, per backend) runs after the backends' own; its rows go
+into the same results. ``--only long-lived`` runs it alone, into
+bench/results/long_lived.md and .json.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import backends  # noqa: E402
+import long_lived  # noqa: E402
 import measure  # noqa: E402
 import probes  # noqa: E402
 import ray_cluster  # noqa: E402
@@ -50,7 +56,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--podman-url", default="unix:///run/corral-test/podman.sock")
     parser.add_argument("--image", default="corral-test/busybox:latest")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--only", choices=["ray"], help="run this section alone")
+    parser.add_argument("--only", choices=["ray", "long-lived"], help="run this section alone")
     ray_cluster.add_options(parser)
     return parser.parse_args(argv)
 
@@ -107,8 +113,8 @@ def _engines(args: argparse.Namespace) -> int:
         # First, while the machine is as quiet as it will be: the 100-sandbox rounds
         # leave a load average of 15 or more behind them for minutes.
         print("== import time", file=sys.stderr, flush=True)
-        import_rows = probes.import_rows(10 if args.quick else 15)
-        for name in chosen:
+        import_rows = [] if args.only else probes.import_rows(10 if args.quick else 15)
+        for name in [] if args.only else chosen:
             print(f"== {name}", file=sys.stderr, flush=True)
             try:
                 got = backends.module(name).run(config, usage_rounds(name, plan))
@@ -120,6 +126,10 @@ def _engines(args: argparse.Namespace) -> int:
                 ]
             rows += got
             print(markdown(got, ""), file=sys.stderr, flush=True)
+        print("== long-lived sandboxes (issue 15)", file=sys.stderr, flush=True)
+        rows += long_lived.run(config, plan.rounds, chosen)
+        if any(r.name == long_lived.FAILED for r in rows):
+            failed.append("long-lived")
         rows += import_rows
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -136,7 +146,10 @@ def _engines(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
     }
-    path = write_results(Path(args.out), rows, meta)
+    if args.only == "long-lived":
+        path = long_lived.write(Path(args.out), rows, meta)
+    else:
+        path = write_results(Path(args.out), rows, meta)
     print(path.read_text())
     print(f"written: {path} and {path.with_suffix('.json')}", file=sys.stderr)
     return 1 if failed else 0
