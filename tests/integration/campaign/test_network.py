@@ -244,9 +244,12 @@ def test_t74_a_bridged_sandbox_cannot_reach_anothers_address(sandbox, backend, r
         a_ip, b_ip = _address(client, a), _address(client, b)
     _assert_cut_off(a, b, b_ip)
     # The twin of A's own: A reaches a listener of its own on its own address.
+    # The client tries again until the listener is up (a loaded host starts it late),
+    # and the listener's end is awaited, not guessed.
     own = (
-        f"busybox nc -l -p 7778 -w 5 > /tmp/got & sleep 0.5; "
-        f"echo from-a | busybox nc -w 3 {a_ip} 7778; sleep 0.3; cat /tmp/got"
+        f"busybox nc -l -p 7778 -w 5 > /tmp/got & "
+        f"for i in $(seq 50); do echo from-a | busybox nc -w 3 {a_ip} 7778 && break; "
+        f"sleep 0.1; done; wait; cat /tmp/got"
     )
     assert sh(a, own).text == "from-a\n"
 

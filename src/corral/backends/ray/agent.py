@@ -12,10 +12,19 @@ Every call answers a value or a ``wire.Failure``. Nothing of a sandbox lives onl
 here: the node backend's labels say which node and placement group a sandbox belongs
 to, so an agent that restarts finds what its previous run made, keeps what is still
 reserved, and removes the rest (``reconcile``).
+
+Long-lived sandboxes (docs/long-lived.md) are the node backend's as well: a spawned
+process runs under corral's keeper on this node (the node backend's own process
+methods, which start it from here), so it outlives drivers and this agent alike; the
+agent removes a sandbox's processes with the sandbox. Snapshots are this node's (an
+image of its engine, a folder of its local backend): the agent labels each with its
+node, cluster and namespace, as it labels sandboxes, and lists only its own. ``extend``
+moves the sweep's deadline with the sandbox's end.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import io
@@ -41,7 +50,17 @@ from ...core.lifecycle import check_capabilities
 from ...core.output import OutputSink
 from ...core.plugins import get_host
 from ...core.policy import apply_policy
-from ...core.results import Health, NodeInfo, OutputChunk, ResourceUsage, SandboxInfo
+from ...core.results import (
+    Change,
+    Health,
+    NodeInfo,
+    OutputChunk,
+    ProcessInfo,
+    ProcessRead,
+    ResourceUsage,
+    SandboxInfo,
+    SnapshotInfo,
+)
 from ...core.settings import load_settings
 from ...core.spec import ExecRequest, SandboxSpec
 from . import wire
@@ -70,6 +89,7 @@ _REPLY_MOST = 1024**2  # bytes of one reply to a driver
 _SWEEP_EVERY = 2.0  # seconds between sweeps of expired sandboxes and gone drivers
 _SWEEP_GRACE = 2.0  # seconds past a sandbox's lifetime before the sweep removes it
 _RECONCILE_EVERY = 10  # sweeps between two reconciliations with the node backends
+_READ_MOST = 1.0  # seconds one process_read call waits on the node (a thread held)
 _BUILT_IN = ("local", "docker", "podman")  # a node's default backend: the first available
 
 T = TypeVar("T")
@@ -209,10 +229,10 @@ class NodeAgent:
             if (
                 labels.get(LABEL_NODE) == self.node.id
                 and labels.get(LABEL_BACKEND) == name
-                and self._owns(info)
+                and self._owns(labels)
                 and group in standing_groups(self.namespace)
             ):
-                entry = _Entry(name, group, _expires(labels))
+                entry = _Entry(name, group, _sweep_at(info))
                 with self._lock:
                     return self._sandboxes.setdefault(sandbox_id, entry)
         raise NotFoundError(
@@ -321,15 +341,7 @@ class NodeAgent:
         spec = apply_policy(spec, settings)
         self.host.hooks.check_spec(spec, name)
         check_capabilities(chosen, spec)
-        labels = {
-            **labels,
-            "corral.backend": name,  # the node backend's own, which it looks for
-            LABEL_NODE: self.node.id,
-            LABEL_CLUSTER: self.cluster,
-            LABEL_NAMESPACE: self.namespace,
-            LABEL_GROUP: group,
-            LABEL_BACKEND: name,
-        }
+        labels = {**labels, **self._labels(name), LABEL_GROUP: group}
         try:
             chosen.create(sandbox_id, spec, labels)
         except BaseException:
@@ -338,6 +350,16 @@ class NodeAgent:
             except SandboxError:
                 log.exception("cleaning up sandbox %s after a failed create", sandbox_id)
             raise
+
+    def _labels(self, backend: str) -> dict[str, str]:
+        """What marks a sandbox or a snapshot as this node's, made with ``backend``."""
+        return {
+            "corral.backend": backend,  # the node backend's own, which it looks for
+            LABEL_NODE: self.node.id,
+            LABEL_CLUSTER: self.cluster,
+            LABEL_NAMESPACE: self.namespace,
+            LABEL_BACKEND: backend,
+        }
 
     @answers
     def destroy(self, sandbox_id: str) -> None:
@@ -351,7 +373,7 @@ class NodeAgent:
                 entry = self._adopt(sandbox_id)
         if entry is None:
             return  # gone is fine
-        self._backend(entry.backend).destroy(sandbox_id)
+        self._remove(entry.backend, sandbox_id)
         _remove_group(entry.group)
         with self._lock:
             self._sandboxes.pop(sandbox_id, None)
@@ -368,12 +390,11 @@ class NodeAgent:
         found = []
         for name in sorted(names):
             for info in self._backend(name).list():
-                if info.labels.get(LABEL_NODE) == self.node.id and self._owns(info):
+                if info.labels.get(LABEL_NODE) == self.node.id and self._owns(info.labels):
                     found.append(self._ours(info))
         return found
 
-    def _owns(self, info: SandboxInfo) -> bool:
-        labels = info.labels
+    def _owns(self, labels: dict[str, str]) -> bool:
         return (
             labels.get(LABEL_CLUSTER) == self.cluster
             and labels.get(LABEL_NAMESPACE) == self.namespace
@@ -401,6 +422,122 @@ class NodeAgent:
     @answers
     def resume(self, sandbox_id: str) -> None:
         self._of(sandbox_id).resume(sandbox_id)
+
+    def _remove(self, backend: str, sandbox_id: str) -> None:
+        """The sandbox gone from its backend, and then its processes' keeper and folder
+        on this node (the keeper's commands end with the sandbox)."""
+        chosen = self._backend(backend)
+        chosen.destroy(sandbox_id)
+        chosen.forget_processes(sandbox_id)
+
+    # -- long-lived sandboxes: the node backend's own, each refusing without its flag --
+
+    @answers
+    def extend(self, sandbox_id: str, expires: float) -> None:
+        """Move the sandbox's end on its backend, then this agent's sweep with it."""
+        self._of(sandbox_id).extend(sandbox_id, expires)
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+            if entry is not None:
+                entry.expires = expires + 1.0 + _SWEEP_GRACE
+
+    @answers
+    def port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        return self._of(sandbox_id).port(sandbox_id, port)
+
+    @answers
+    def changes(self, sandbox_id: str) -> builtins.list[Change]:
+        return self._of(sandbox_id).changes(sandbox_id)
+
+    @answers
+    def exec_signal(self, sandbox_id: str, name: str, signum: int) -> None:
+        self._of(sandbox_id).exec_signal(sandbox_id, name, signum)
+
+    @answers
+    def exec_resize(self, sandbox_id: str, name: str, rows: int, cols: int) -> None:
+        self._of(sandbox_id).exec_resize(sandbox_id, name, rows, cols)
+
+    # The node backend's default process methods: corral's keeper, started from this
+    # process, runs the sandbox's processes on this node and outlives this agent.
+
+    @answers
+    def spawn(
+        self, sandbox_id: str, request: ExecRequest, idle_timeout: float | None
+    ) -> ProcessInfo:
+        return self._of(sandbox_id).spawn(sandbox_id, request, idle_timeout)
+
+    @answers
+    def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        return self._of(sandbox_id).processes(sandbox_id)
+
+    @answers
+    def process_read(
+        self, sandbox_id: str, process_id: str, offset: int, wait: float
+    ) -> ProcessRead:
+        """At most ``_READ_MOST`` seconds of waiting: a longer wait is the driver's
+        loop of such calls, so no thread of the agent waits long on one."""
+        backend = self._of(sandbox_id)
+        return backend.process_read(sandbox_id, process_id, offset, min(wait, _READ_MOST))
+
+    @answers
+    def process_control(
+        self, sandbox_id: str, process_id: str, op: str, args: dict[str, Any]
+    ) -> None:
+        self._of(sandbox_id).process_control(sandbox_id, process_id, op, **args)
+
+    @answers
+    def forget_processes(self, sandbox_id: str) -> None:
+        self._of(sandbox_id).forget_processes(sandbox_id)
+
+    @answers
+    def snapshot(
+        self, sandbox_id: str, snapshot_id: str, labels: dict[str, str], memory: bool
+    ) -> SnapshotInfo:
+        """The node backend's snapshot, labelled as this node's (only this node can
+        start sandboxes from it)."""
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+        if entry is None:
+            entry = self._adopt(sandbox_id)
+        labels = {**labels, **self._labels(entry.backend)}
+        info = self._backend(entry.backend).snapshot(sandbox_id, snapshot_id, labels, memory)
+        return attrs.evolve(info, backend="ray")
+
+    def _snapshots_here(self, strict: bool) -> builtins.list[tuple[str, SnapshotInfo]]:
+        """This node's snapshots of this cluster's namespace, with the backend of each.
+        A backend that fails to list (an engine busy removing images another program
+        made) leaves out only its own, unless ``strict``."""
+        found = []
+        for name, (ok, _, _) in sorted(self._backends.items()):
+            if not ok:
+                continue
+            try:
+                listed = self._backend(name).snapshots()
+            except SandboxError:
+                if strict:
+                    raise
+                log.exception("node agent %s: listing %s snapshots failed", self.node, name)
+                continue
+            for info in listed:
+                labels = info.labels
+                if (
+                    labels.get(LABEL_NODE) == self.node.id
+                    and labels.get(LABEL_BACKEND) == name
+                    and self._owns(labels)
+                ):
+                    found.append((name, info))
+        return found
+
+    @answers
+    def snapshots(self) -> builtins.list[SnapshotInfo]:
+        return [attrs.evolve(info, backend="ray") for _, info in self._snapshots_here(False)]
+
+    @answers
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        """Remove one of this node's snapshots; one it does not hold is fine (gone)."""
+        for name, info in self._snapshots_here(True):
+            if info.id == snapshot_id:
+                self._backend(name).remove_snapshot(snapshot_id)
 
     # -- exec -------------------------------------------------------------------------
 
@@ -656,15 +793,21 @@ class NodeAgent:
         for name, info in listed:
             node = info.labels.get(LABEL_NODE)
             group = info.labels.get(LABEL_GROUP, "")
-            if node is None or info.labels.get(LABEL_BACKEND) != name or not self._owns(info):
+            if (
+                node is None
+                or info.labels.get(LABEL_BACKEND) != name
+                or not self._owns(info.labels)
+            ):
                 continue  # not a ray sandbox of this cluster's namespace
             if node == self.node.id and group in groups:
                 held.add(info.id)
                 with self._lock:
-                    self._sandboxes.setdefault(info.id, _Entry(name, group, _expires(info.labels)))
+                    entry = self._sandboxes.setdefault(info.id, _Entry(name, group, 0.0))
+                    # An end moved by extend is the backend's to say (labels stay).
+                    entry.expires = max(entry.expires, _sweep_at(info))
             elif node == self.node.id or node not in alive:
                 log.info("node agent %s: removing stray sandbox %s", self.node, info.id)
-                _quietly(functools.partial(self._backend(name).destroy, info.id))
+                _quietly(functools.partial(self._remove, name, info.id))
                 _remove_group(group)
         # Known before the listing began and not in it: removed on the node (its own
         # lifetime), or its group is gone. (One made since may not be listed yet.)
@@ -687,6 +830,12 @@ class NodeAgent:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _sweep_at(info: SandboxInfo) -> float:
+    """When the sweep removes a listed sandbox: by its labels, or by the end its
+    backend reports when later (an ``extend`` moves that one, not the labels)."""
+    return max(_expires(info.labels), info.expires + 1.0 + _SWEEP_GRACE)
 
 
 def _expires(labels: dict[str, str]) -> float:

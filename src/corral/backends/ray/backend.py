@@ -5,11 +5,17 @@ serves the node's sandboxes with the node's own corral backend. This side choose
 node, reserves the sandbox's resources there through its agent, and forwards every
 call; nothing is kept here that another driver could not find again: a sandbox's
 placement group is named after it and its node (``corral.<id>.<node>``).
+
+Long-lived sandboxes are the node's too: background processes run under corral's
+keeper on the sandbox's node (the five process methods go to the node agent, whose
+node backend starts the keeper there), and a snapshot stays on the node that took it
+(its labels name the node), so a sandbox started from one is made on that node.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import logging
 import operator
@@ -23,7 +29,15 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from ... import __version__
-from ...core.backend import Availability, Backend, Capability, ExecStatus, required_capabilities
+from ...core.backend import (
+    Availability,
+    Backend,
+    Capability,
+    ExecStatus,
+    is_snapshot_image,
+    required_capabilities,
+    snapshot_id_of,
+)
 from ...core.errors import (
     BackendUnavailableError,
     CapabilityError,
@@ -32,10 +46,20 @@ from ...core.errors import (
     SandboxError,
 )
 from ...core.output import OutputSink
-from ...core.results import LOST, Health, NodeInfo, ResourceUsage, SandboxInfo
+from ...core.results import (
+    LOST,
+    Change,
+    Health,
+    NodeInfo,
+    ProcessInfo,
+    ProcessRead,
+    ResourceUsage,
+    SandboxInfo,
+    SnapshotInfo,
+)
 from ...core.spec import ExecRequest, Mount, SandboxSpec
 from . import placement, wire
-from .agent import NodeAgent, agent_name, standing_groups
+from .agent import LABEL_BACKEND, LABEL_NODE, NodeAgent, agent_name, standing_groups
 from .settings import RaySettings
 
 __all__ = ["RayBackend"]
@@ -45,6 +69,12 @@ _POLL_WAIT = 0.5  # ... and each later one (also how soon a cancel is noticed)
 _RESERVE_WAIT = 2.0  # seconds a node with the room free waits for its group to be placed
 _REPORTS_FRESH = 2.0  # seconds the nodes' reports are reused for placement
 _CHUNK = 512 * 1024  # bytes of an archive per call into a node
+_READ_STEP = 1.0  # seconds one call for a process's output waits on the node
+# Seconds a process call may take on the node beyond call_timeout: a keeper's start
+# (a spawn), a write waiting for room in the process's stdin (the keeper's 30 s).
+_PROCESS_MARGIN = 35.0
+# Not carried through ray: a memory snapshot is untested across the hop (docs/cluster.md).
+_NOT_THROUGH_RAY = Capability.MEMORY_SNAPSHOTS
 _START_HINT = "ray start --head (then `ray start --address=HEAD:6379` on each other node)"
 
 
@@ -55,7 +85,7 @@ class RayBackend(Backend):
     Settings = RaySettings
     capability_conditions = (
         (
-            functools.reduce(operator.or_, Capability),
+            functools.reduce(operator.or_, Capability) & ~_NOT_THROUGH_RAY,
             "where the backend of the sandbox's node enforces it (a create goes only to "
             "such a node; corral doctor lists each node's)",
         ),
@@ -288,9 +318,11 @@ class RayBackend(Backend):
                 fix="install and start that backend on the nodes, or set "
                 "[backends.ray] node_backend (corral doctor on a node says what is missing)",
             )
-        return have
+        return have & ~_NOT_THROUGH_RAY
 
     def capability_hint(self, missing: Capability) -> str:
+        if missing & _NOT_THROUGH_RAY:
+            return "memory snapshots are not carried through ray (untested across the hop)"
         chosen = self.settings.node_backend or "their default backend"
         return f"no node of the Ray cluster enforces it with {chosen}"
 
@@ -317,13 +349,21 @@ class RayBackend(Backend):
         # The driver's policy let these sources in; a node whose operator set no
         # mount_roots of its own takes them as its roots (its own checks still apply).
         roots = tuple(m.source for m in spec.mounts if isinstance(m, Mount))
-        ask = (sandbox_id, spec, labels, self.settings.node_backend, want)
+        backend, home, started = self.settings.node_backend, None, ""
+        if spec.image and is_snapshot_image(spec.image):
+            # A snapshot is on one node only, with the backend that took it.
+            home, backend = self._snapshot_home(snapshot_id_of(spec.image))
+            started = (
+                f" (it starts from snapshot {snapshot_id_of(spec.image)}, which only node "
+                f"{self._describe(home)} holds)"
+            )
+        ask = (sandbox_id, spec, labels, backend, want)
         deadline = time.monotonic() + self.settings.placement_timeout
         failed: dict[str, SandboxError] = {}  # nodes whose backend failed the create
         short: set[str] = set()  # resources some node was short of
         fresh = False
         while True:
-            for node in self._ranked(want, need, failed, fresh):
+            for node in self._ranked(want, need, failed, fresh, backend, home, started):
                 with self._lock:
                     self._placed[sandbox_id] = (node, time.monotonic())
                 try:
@@ -346,7 +386,7 @@ class RayBackend(Backend):
                 reserves = ", ".join(f"{placement.shown(r, a)} {r}" for r, a in want.items())
                 raise CapacityError(
                     f"no node of the Ray cluster had {what} free for this sandbox within "
-                    f"{self.settings.placement_timeout:g} s (it reserves {reserves})",
+                    f"{self.settings.placement_timeout:g} s (it reserves {reserves}){started}",
                     backend=self.name,
                     sandbox_id=sandbox_id,
                 )
@@ -359,20 +399,28 @@ class RayBackend(Backend):
         need: Capability,
         failed: dict[str, SandboxError],
         fresh: bool,
+        backend: str | None,
+        home: str | None,
+        started: str,
     ) -> builtins.list[str]:
         """The nodes to ask, in the strategy's order: those that can host the sandbox
-        (each says whether it has room now). Raises when no node could ever host it."""
+        (each says whether it has room now); only ``home`` when given (the node holding
+        the snapshot it starts from). Raises when no node could ever host it."""
         reports = {n: r for n, r in self._cluster(fresh).items() if n not in failed}
         totals = self._totals()
         impossible = placement.too_big(want, totals)
         if impossible:  # on no node, however long we wait
             raise CapacityError(impossible, backend=self.name)
         fit, why = placement.candidates(
-            reports, self.settings.node_backend, need, self.settings.max_per_node, __version__
+            reports, backend, need, self.settings.max_per_node, __version__
         )
         for node in [n for n in fit if not placement.holds(want, totals.get(n, {}))]:
             fit.remove(node)
             why[node] = "it has too little of " + ", ".join(want)
+        if home is not None:
+            fit = [n for n in fit if n == home]
+            default = "it left the cluster" if home not in failed else "its create failed"
+            why = {} if fit else {home: why.get(home, default) + started}
         if not fit and not any("max_per_node" in w for w in why.values()):
             self._refuse(why, failed)  # no node could take it, however long we wait
         with self._lock:
@@ -463,21 +511,9 @@ class RayBackend(Backend):
         """Every node's sandboxes, asked of all agents at once; those of a node that is
         gone, or whose agent does not answer, from their placement groups as ``lost``."""
         ray = self._connect()
-        refs = {node: self._agent(node).list.remote() for node in self._alive_nodes()}
-        found: builtins.list[SandboxInfo] = []
-        answered = set()
-        for node, ref in refs.items():
-            try:
-                answer = ray.get(ref, timeout=self.settings.call_timeout)
-            except Exception:
-                try:  # once more, through the agent's restart when it died on a live node
-                    answer = self._call(node, "list")
-                except BackendUnavailableError:
-                    continue
-            if isinstance(answer, wire.Failure):
-                wire.raise_failure(answer)
-            found.extend(answer)
-            answered.add(node)
+        answers = self._everywhere("list")
+        found: builtins.list[SandboxInfo] = [info for answer in answers.values() for info in answer]
+        answered = set(answers)
         listed = {info.id for info in found}
         every = {n["NodeID"]: n for n in ray.nodes()}
         for sandbox_id, (node, _) in self._groups().items():
@@ -508,6 +544,128 @@ class RayBackend(Backend):
 
     def resume(self, sandbox_id: str) -> None:
         self._on(sandbox_id, "resume")
+
+    # -- long-lived sandboxes: each the node backend's, refused there without its flag --
+
+    def extend(self, sandbox_id: str, expires: float) -> None:
+        """On the node backend, and in the node agent's sweep."""
+        self._on(sandbox_id, "extend", expires)
+
+    def port(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """Where the node backend published ``port``: on the node's loopback, so
+        reachable from a driver on the node's own machine only (docs/cluster.md)."""
+        host, published = self._on(sandbox_id, "port", port)
+        return host, published
+
+    def changes(self, sandbox_id: str) -> builtins.list[Change]:
+        changes: builtins.list[Change] = self._on(sandbox_id, "changes")
+        return changes
+
+    def exec_signal(self, sandbox_id: str, name: str, signum: int) -> None:
+        # The keeper runs on the node and signals there; this serves other callers.
+        self._on(sandbox_id, "exec_signal", name, signum)
+
+    def exec_resize(self, sandbox_id: str, name: str, rows: int, cols: int) -> None:
+        self._on(sandbox_id, "exec_resize", name, rows, cols)
+
+    # The five process methods together (Backend.spawn says why): the keeper is the
+    # node's, so that processes run, and are kept, where their sandbox is.
+
+    def spawn(
+        self, sandbox_id: str, request: ExecRequest, idle_timeout: float | None
+    ) -> ProcessInfo:
+        bound = self.settings.call_timeout + _PROCESS_MARGIN
+        info: ProcessInfo = self._on(sandbox_id, "spawn", request, idle_timeout, timeout=bound)
+        return info
+
+    def processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
+        found: builtins.list[ProcessInfo] = self._on(sandbox_id, "processes")
+        return found
+
+    def process_read(
+        self, sandbox_id: str, process_id: str, offset: int, wait: float
+    ) -> ProcessRead:
+        """Calls of at most ``_READ_STEP`` seconds' wait each, until output, the end,
+        or ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            step = max(0.0, min(_READ_STEP, deadline - time.monotonic()))
+            bound = self.settings.call_timeout + step
+            read: ProcessRead = self._on(
+                sandbox_id, "process_read", process_id, offset, step, timeout=bound
+            )
+            if read.chunks or read.result is not None or time.monotonic() >= deadline:
+                return read
+            offset = read.offset  # from "now" (-1): where now was
+
+    def process_control(self, sandbox_id: str, process_id: str, op: str, **args: Any) -> None:
+        bound = self.settings.call_timeout + _PROCESS_MARGIN
+        self._on(sandbox_id, "process_control", process_id, op, args, timeout=bound)
+
+    def forget_processes(self, sandbox_id: str) -> None:
+        """The node forgets a sandbox's processes when it removes the sandbox (a
+        destroy, its sweep): only a sandbox still there is asked about."""
+        try:
+            node = self._node_of(sandbox_id)
+        except NotFoundError:
+            return
+        bound = self.settings.call_timeout + _PROCESS_MARGIN
+        with contextlib.suppress(NotFoundError):  # gone meanwhile: forgotten with it
+            self._call(node, "forget_processes", sandbox_id, timeout=bound)
+
+    def snapshot(
+        self, sandbox_id: str, snapshot_id: str, labels: dict[str, str], memory: bool
+    ) -> SnapshotInfo:
+        """Taken by the node backend, on the sandbox's node (named in its labels)."""
+        if memory and not self.capabilities() & Capability.MEMORY_SNAPSHOTS:
+            raise self._lacks("take memory snapshots", Capability.MEMORY_SNAPSHOTS)
+        info: SnapshotInfo = self._on(sandbox_id, "snapshot", snapshot_id, labels, memory)
+        return info
+
+    def snapshots(self) -> builtins.list[SnapshotInfo]:
+        """Every live node's snapshots, asked of all agents at once."""
+        found: builtins.list[SnapshotInfo] = []
+        for answer in self._everywhere("snapshots").values():
+            found.extend(answer)
+        return sorted(found, key=lambda s: (s.created, s.id))
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        """Asked of every live node (each removes it if it holds it): a node whose
+        listing failed for a moment must not make a removal that did nothing look done.
+        One no live node holds is gone (fine)."""
+        self._everywhere("remove_snapshot", snapshot_id)
+
+    def _snapshot_home(self, snapshot_id: str) -> tuple[str, str]:
+        """The node holding the snapshot and the backend that took it."""
+        for info in self.snapshots():
+            if info.id == snapshot_id:
+                return info.labels[LABEL_NODE], info.labels[LABEL_BACKEND]
+        raise NotFoundError(
+            f"no live node of the Ray cluster holds snapshot {snapshot_id} (removed, or its "
+            "node left the cluster)",
+            backend=self.name,
+            fix="take it again; corral.snapshots(backend='ray') lists the snapshots there are",
+        )
+
+    def _everywhere(self, method: str, *args: Any) -> dict[str, Any]:
+        """Every live node agent's answer to ``method`` (asked at once); a node that does
+        not answer, once more through its agent's restart, else left out."""
+        ray = self._connect()
+        nodes = self._alive_nodes()
+        refs = {node: getattr(self._agent(node), method).remote(*args) for node in nodes}
+        answers = {}
+        for node, ref in refs.items():
+            try:
+                answer = ray.get(ref, timeout=self.settings.call_timeout)
+            except Exception:
+                try:
+                    answer = self._call(node, method, *args)
+                except BackendUnavailableError:
+                    continue
+            if isinstance(answer, wire.Failure):
+                wire.raise_failure(answer)
+            answers[node] = answer
+        return answers
 
     # -- exec and files ---------------------------------------------------------------
 
