@@ -530,7 +530,9 @@ def test_the_head_restarting(settings_with, made, folder: Path) -> None:
     try:
         code = textwrap.dedent(HEAD_DRIVER).replace("ADDRESS", repr(head.address))
         driver = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
             text=True,
         )
         assert driver.stdout is not None
@@ -547,7 +549,9 @@ def test_the_head_restarting(settings_with, made, folder: Path) -> None:
         # which removes the old cluster's once its lifetime passed.
         code = textwrap.dedent(AFTER_RESTART).replace("ADDRESS", repr(head.address))
         again = subprocess.run(
-            [sys.executable, "-c", code, sandbox_id], capture_output=True, text=True,
+            [sys.executable, "-c", code, sandbox_id],
+            capture_output=True,
+            text=True,
             timeout=120,
         )
         assert again.stdout.split() == ["again", "swept"], again.stderr[-2000:]
