@@ -275,7 +275,13 @@ class Keeper:
 
     # -- operations (``op_NAME``: what a caller may ask) ---------------------------------
 
-    def op_spawn(self, process_id: str, request: ExecRequest, expires: float) -> ProcessInfo:
+    def op_spawn(self, process_id: str, request: ExecRequest) -> ProcessInfo:
+        if self._expires is None:  # asked once per keeper; extend's moves are seen later
+            self._expires = self._lifetime_end()
+            if self._expires is None:
+                raise NotFoundError(
+                    "the sandbox is gone", backend=self.backend.name, sandbox_id=self.sandbox_id
+                )
         folder = self.folder / process_id
         folder.mkdir(mode=0o700)
         info = ProcessInfo(
@@ -290,7 +296,6 @@ class Keeper:
         kept = _Kept(info, request, folder, sink, feed, time.monotonic())
         with self._lock:
             self._kept[process_id] = kept
-            self._expires = expires if self._expires is None else max(self._expires, expires)
         run = attrs.evolve(request, stdin=None, input=feed, name=process_id, timeout=_BACKSTOP)
         threading.Thread(
             target=self._run, args=(kept, run), name=f"corral-keeper-{process_id}", daemon=True

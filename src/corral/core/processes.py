@@ -150,10 +150,7 @@ def spawn(
     process_id = "p-" + uuid.uuid4().hex[:12]
     if idle_timeout is not None:
         request = attrs.evolve(request, idle_timeout=idle_timeout)
-    expires = backend.inspect(sandbox_id)[0].expires
-    info: ProcessInfo = _ask(
-        backend, sandbox_id, "spawn", process_id=process_id, request=request, expires=expires
-    )
+    info: ProcessInfo = _ask(backend, sandbox_id, "spawn", process_id=process_id, request=request)
     return info
 
 
