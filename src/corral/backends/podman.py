@@ -740,7 +740,16 @@ class PodmanEngine(Engine):
 
         # One label only: Podman 4.3 matches no image for two (the caller checks the rest).
         wanted = json.dumps({"label": [label]})
-        found = self._json("get", "/images/json", params={"filters": wanted})
+        for attempt in range(5):
+            try:
+                found = self._json("get", "/images/json", params={"filters": wanted})
+                break
+            except _Failed as e:
+                # Podman fails the whole listing when an image goes while it is listed
+                # (another program's removal): asked again, the image is simply gone.
+                if "image not known" not in e.text or attempt == 4:
+                    raise
+                time.sleep(0.05)
         return [
             ListedImage(
                 i["Id"],
