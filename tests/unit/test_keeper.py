@@ -142,3 +142,19 @@ def test_gc_removes_what_a_vanished_sandbox_left(settings: Settings) -> None:
     assert not folder.exists()
     _eventually(lambda: not _alive(pid), "the keeper stopping at gc")
     sb.close()
+
+
+def test_spawns_as_the_keeper_leaves_start_another_and_lose_nothing(
+    sandbox: corral.Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keeper leaves once idle for its linger time; spawns that come just then
+    (here, around a 0.3 s linger) must reach a keeper that runs them, old or new."""
+    monkeypatch.setenv("CORRAL_KEEPER_LINGER", "0.3")
+    pids = set()
+    folder = processes.folder(sandbox.backend, sandbox.id)
+    for i in range(25):
+        assert sandbox.spawn(["echo", str(i)]).wait(timeout=60).stdout == f"{i}\n".encode()
+        pids.add((folder / "keeper.pid").read_text())
+        time.sleep(0.2 + (i % 5) * 0.05)  # around the linger: before, at, after it
+    assert len(pids) > 1, "no keeper left in between: the check proved nothing"
+    assert len(sandbox.processes()) == 25

@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import pickle
+import shutil
 import socket
 import struct
 import sys
@@ -53,6 +54,9 @@ _WRITE_WAIT = 30.0  # how long a write waits for room in a full stdin
 # The longest an exec may run as the backend sees it: the keeper's own deadlines end
 # it (the lifetime, moved by extend), so the backend's must never come first.
 _BACKSTOP = 30 * 86400.0
+
+# What a keeper that decided to leave answers a spawn: the caller starts another.
+LEAVING = "corral's keeper of this sandbox is leaving"
 
 STREAMS = {"stdout": b"O", "stderr": b"E"}
 _NAMES = {v: k for k, v in STREAMS.items()}
@@ -252,10 +256,11 @@ class Keeper:
                 if self._expires is None or time.time() >= self._expires:
                     for kept in running:
                         kept.stop("lifetime")
-            if running:
-                self._idle_since = now
-            elif now - self._idle_since >= LINGER:
-                self._done.set()
+            with self._lock:  # decided as a spawn registers: one or the other first
+                if any(k.running for k in self._kept.values()):
+                    self._idle_since = now
+                elif now - self._idle_since >= LINGER:
+                    self._done.set()
 
     def _lifetime_end(self) -> float | None:
         """The sandbox's end as the backend says now (``extend`` moves it); None: gone."""
@@ -283,7 +288,8 @@ class Keeper:
                     "the sandbox is gone", backend=self.backend.name, sandbox_id=self.sandbox_id
                 )
         folder = self.folder / process_id
-        folder.mkdir(mode=0o700)
+        # Asked again after a keeper that left before answering made it: it ran nothing.
+        folder.mkdir(mode=0o700, exist_ok=True)
         info = ProcessInfo(
             id=process_id, argv=request.argv, tty=request.tty, started=time.time(), running=True
         )
@@ -295,7 +301,12 @@ class Keeper:
         sink = _FileSink(folder / "output", request.max_output, request.idle_timeout)
         kept = _Kept(info, request, folder, sink, feed, time.monotonic())
         with self._lock:
+            if self._done.is_set():  # leaving: the caller starts a new keeper
+                sink.close()
+                shutil.rmtree(folder, ignore_errors=True)  # for the same id, asked again
+                raise ConflictError(LEAVING, backend=self.backend.name, sandbox_id=self.sandbox_id)
             self._kept[process_id] = kept
+            self._idle_since = time.monotonic()
         run = attrs.evolve(request, stdin=None, input=feed, name=process_id, timeout=_BACKSTOP)
         threading.Thread(
             target=self._run, args=(kept, run), name=f"corral-keeper-{process_id}", daemon=True

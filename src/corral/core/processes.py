@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from .errors import InternalError, NotFoundError, SandboxError, rebuilt
+from .errors import ConflictError, InternalError, NotFoundError, SandboxError, rebuilt
 from .results import ProcessInfo, ProcessRead
 
 if TYPE_CHECKING:
@@ -119,18 +119,33 @@ def _start_keeper(backend: Backend, sandbox_id: str, where: Path) -> None:
 
 
 def _ask(backend: Backend, sandbox_id: str, op: str, **args: Any) -> Any:
-    """A request to the sandbox's keeper, started first where none runs."""
+    """A request to the sandbox's keeper, started first where none runs, or again where
+    the one there is leaving (it leaves once idle, and may be going as we ask)."""
+    from .keeper import LEAVING
+
     where = folder(backend, sandbox_id)
     for attempt in range(3):
         try:
             return _call(where, op, **args)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionError) as e:
+            # None listens, or one closed without an answer as it left.
             if attempt == 2:
-                raise _unreachable(backend, sandbox_id, where) from None
-            _start_keeper(backend, sandbox_id, where)
-        except (OSError, ConnectionError) as e:
+                raise _unreachable(backend, sandbox_id, where, e) from e
+        except ConflictError as e:
+            if e.message != LEAVING or attempt == 2:
+                raise
+        except OSError as e:
             raise _unreachable(backend, sandbox_id, where, e) from e
+        _await_gone(where)
+        _start_keeper(backend, sandbox_id, where)
     raise AssertionError("unreachable")
+
+
+def _await_gone(where: Path) -> None:
+    """Until a leaving keeper let go of the folder's lock (it does within seconds)."""
+    deadline = time.monotonic() + 15
+    while _keeper_alive(where) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _unreachable(
@@ -204,8 +219,10 @@ def read(
             where.parent, "read", timeout=wait + 30, process_id=process_id, offset=offset, wait=wait
         )
         return answer
-    except (FileNotFoundError, ConnectionRefusedError, NotFoundError):
+    except (FileNotFoundError, ConnectionError, NotFoundError):
         pass  # no keeper (it left after the end), or one that never ran this process
+    except OSError as e:
+        raise _unreachable(backend, sandbox_id, where.parent, e) from e
     from .keeper import read_output, result_of
 
     record = _record(where)
@@ -231,9 +248,13 @@ def control(backend: Backend, sandbox_id: str, process_id: str, op: str, **args:
         raise ValueError(f"no such process operation: {op}")
     try:
         _call(where.parent, op, process_id=process_id, **args)
-    except (FileNotFoundError, ConnectionRefusedError):
-        from .errors import ConflictError
-
+    except NotFoundError:  # a later keeper, that never ran it: it ended under another
+        raise ConflictError(
+            f"process {process_id} has ended", backend=backend.name, sandbox_id=sandbox_id
+        ) from None
+    except OSError as e:
+        if not isinstance(e, (FileNotFoundError, ConnectionError)):
+            raise _unreachable(backend, sandbox_id, where.parent, e) from e
         raise ConflictError(
             f"process {process_id} has ended", backend=backend.name, sandbox_id=sandbox_id
         ) from None
@@ -246,9 +267,7 @@ def forget(backend: Backend, sandbox_id: str) -> None:
         return
     with contextlib.suppress(OSError, SandboxError, ConnectionError):
         _call(where, "shutdown", timeout=5)
-    deadline = time.monotonic() + 15
-    while _keeper_alive(where) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _await_gone(where)
     shutil.rmtree(where, ignore_errors=True)
 
 
