@@ -133,6 +133,8 @@ class SubprocessTestBackend(corral.Backend):
             return corral.ExecStatus(exit_code=127)
         deadline = time.monotonic() + (request.timeout or float("inf"))
         timed_out = False
+        # Known by name before any output can reach a reader, who may signal at once.
+        self._running[request.name] = proc
         with proc:
             pipes = ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
             readers = [threading.Thread(target=_pump, args=(p, n, sink)) for p, n in pipes]
@@ -142,7 +144,6 @@ class SubprocessTestBackend(corral.Backend):
                 feeder.start()
             for reader in readers:
                 reader.start()
-            self._running[request.name] = proc
             while proc.poll() is None and not timed_out:
                 timed_out = sink.cancelled or time.monotonic() >= deadline
                 time.sleep(0.01)
