@@ -8,28 +8,10 @@ from __future__ import annotations
 import pytest
 
 from corral.core.plugins import PluginHost
-from corral.testing.long_lived import (
-    ChangeConformance,
-    ExtendConformance,
-    IdleTimeoutConformance,
-    PauseConformance,
-    PortConformance,
-    ProcessConformance,
-    SnapshotConformance,
-    TerminalConformance,
-)
+from corral.testing.long_lived import LongLivedConformance
 
 
-class TestPluginBackend(
-    ProcessConformance,
-    TerminalConformance,
-    IdleTimeoutConformance,
-    PauseConformance,
-    ExtendConformance,
-    SnapshotConformance,
-    PortConformance,
-    ChangeConformance,
-):
+class TestPluginBackend(LongLivedConformance):
     backend = "subprocess-test"
     settings = {"sandbox": {"security": {"isolate": False, "allow_unsafe": ["isolate"]}}}
 

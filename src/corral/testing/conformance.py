@@ -48,6 +48,7 @@ from .long_lived import (
     ChangeConformance,
     ExtendConformance,
     IdleTimeoutConformance,
+    LongLivedConformance,
     PauseConformance,
     PortConformance,
     ProcessConformance,
@@ -61,6 +62,7 @@ __all__ = [
     "ConformanceBase",
     "ExtendConformance",
     "IdleTimeoutConformance",
+    "LongLivedConformance",
     "PauseConformance",
     "PortConformance",
     "ProcessConformance",
@@ -70,16 +72,7 @@ __all__ = [
 ]
 
 
-class BackendConformance(
-    ProcessConformance,
-    TerminalConformance,
-    IdleTimeoutConformance,
-    PauseConformance,
-    ExtendConformance,
-    SnapshotConformance,
-    PortConformance,
-    ChangeConformance,
-):
+class BackendConformance(LongLivedConformance):
     """The conformance suite. Subclass it as ``Test...`` and set ``backend``.
 
     It holds a backend to the whole contract: the checks below, and those of each class

@@ -29,6 +29,7 @@ __all__ = [
     "ChangeConformance",
     "ExtendConformance",
     "IdleTimeoutConformance",
+    "LongLivedConformance",
     "PauseConformance",
     "PortConformance",
     "ProcessConformance",
@@ -605,3 +606,17 @@ class ChangeConformance(ConformanceBase):
             expected.update({f"{w}/edit": "changed", f"{w}/gone": "deleted"})
         assert changes == expected
         assert sorted(sb.changes(), key=lambda c: c.path) == sb.changes()
+
+
+class LongLivedConformance(
+    ProcessConformance,
+    TerminalConformance,
+    IdleTimeoutConformance,
+    PauseConformance,
+    ExtendConformance,
+    SnapshotConformance,
+    PortConformance,
+    ChangeConformance,
+):
+    """Every class above: what ``BackendConformance`` holds a backend to beyond its own
+    checks, and what a backend's tests may inherit alone."""
