@@ -158,3 +158,8 @@ def test_spawns_as_the_keeper_leaves_start_another_and_lose_nothing(
         time.sleep(0.2 + (i % 5) * 0.05)  # around the linger: before, at, after it
     assert len(pids) > 1, "no keeper left in between: the check proved nothing"
     assert len(sandbox.processes()) == 25
+
+
+def test_a_bad_extend_names_its_argument(sandbox: corral.Sandbox) -> None:
+    with pytest.raises(corral.ConfigError, match=r"^duration: 'soon' is not a duration"):
+        sandbox.extend("soon")

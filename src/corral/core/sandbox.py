@@ -484,7 +484,10 @@ class Sandbox:
         from .spec import Limits
 
         self._ready()
-        seconds = Limits(lifetime=duration).lifetime  # type: ignore[arg-type]
+        try:
+            seconds = Limits(lifetime=duration).lifetime  # type: ignore[arg-type]
+        except ConfigError as e:  # named as the caller wrote it
+            raise ConfigError("duration", e.reason) from None
         expires = min(self.expires + seconds, time.time() + 30 * 86400)
         self.backend.extend(self.id, expires)
         self.info = attrs.evolve(self.info, expires=expires)
